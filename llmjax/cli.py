@@ -1,0 +1,51 @@
+"""The `llmjax` command line: one subcommand per stage of a model's life.
+
+Each subcommand lives in `llmjax/commands/<name>.py` and exposes
+`register(subparsers)`; modules are imported lazily so `llmjax --help` stays fast.
+"""
+
+import argparse
+import importlib
+import sys
+
+from llmjax.errors import UserError
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "tokenizer": ("llmjax.commands.tokenizer", "train or inspect a SentencePiece tokenizer"),
+    "data": ("llmjax.commands.data", "build TFDS datasets and inspect the packed pipeline"),
+    "train": ("llmjax.commands.train", "train a model from gin configs"),
+    "generate": ("llmjax.commands.generate", "sample from a trained checkpoint"),
+}
+
+
+def build_parser(argv):
+  parser = argparse.ArgumentParser(prog="llmjax", description=__doc__.splitlines()[0])
+  subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+  wanted = argv[0] if argv and argv[0] in COMMANDS else None
+  for name, (module, help_text) in COMMANDS.items():
+    if wanted is None or wanted == name:
+      # Import only the module that runs (or all of them for `--help`).
+      if wanted is None:
+        subparsers.add_parser(name, help=help_text)
+      else:
+        importlib.import_module(module).register(subparsers, name, help_text)
+  return parser
+
+
+def main(argv=None):
+  argv = sys.argv[1:] if argv is None else list(argv)
+  parser = build_parser(argv)
+  args = parser.parse_args(argv)
+  if not getattr(args, "func", None):
+    parser.print_help()
+    return 0 if not argv else 2
+  try:
+    return args.func(args) or 0
+  except UserError as e:
+    print(f"llmjax {args.command}: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,1 @@
+"""TFDS builders that need no TensorFlow (array_record files)."""

@@ -1,0 +1,1 @@
+"""Helpers for tests: tiny configs, fake batches, numeric asserts."""

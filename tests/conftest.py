@@ -1,0 +1,8 @@
+"""Test-wide set-up: 8 simulated CPU devices (for sharding tests) and a quiet, offline TFDS."""
+
+import os
+
+# Must happen before jax is imported anywhere.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TFDS_DISABLE_GCS", "1")  # never reach for GCS metadata in tests
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
