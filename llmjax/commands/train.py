@@ -1,0 +1,29 @@
+"""`llmjax train --gin_file=F [--gin_file=...] [--gin_param=K=V ...] --workdir=W`."""
+
+import sys
+
+
+def register(subparsers, name, help_text):
+  p = subparsers.add_parser(name, help=help_text, description=__doc__)
+  p.add_argument("--gin_file", action="append", default=[], required=True,
+                 help="gin config file (repeatable; later files override earlier ones)")
+  p.add_argument("--gin_param", action="append", default=[],
+                 help="a single binding, e.g. TrainConfig.num_steps=100 (repeatable)")
+  p.add_argument("--workdir", required=True, help="where checkpoints, logs and plots go")
+  p.add_argument("--no_sample", action="store_true", help="skip the sample at the end")
+  p.set_defaults(func=run)
+
+
+def run(args):
+  from llmjax.train import main
+
+  result = main.run(args.gin_file, args.gin_param, args.workdir)
+  if args.no_sample:
+    return 0
+  from llmjax.commands import generate
+  cfg = result.config
+  print(f"\n--- sample (prompt {cfg.sample_prompt!r}, {cfg.sample_tokens} tokens) ---")
+  generate.sample_and_print(result.model, result.state.params, result.tokenizer, cfg.sample_prompt,
+                            max_new_tokens=cfg.sample_tokens,
+                            temperature=cfg.sample_temperature, seed=cfg.seed, stream=sys.stdout)
+  return 0

@@ -1,0 +1,68 @@
+"""AdamW with global-norm clipping and a weight-decay mask (Loshchilov & Hutter, 2019).
+
+By default weight decay applies to matrices only: norms' `scale`, every `bias` and the
+token/position `embedding` tables are skipped, as in GPT-2/nanoGPT and most LLM recipes.
+"""
+
+import dataclasses
+import re
+
+import jax
+import optax
+
+from llmjax.optim import schedules
+
+# Parameter-path patterns (joined with '/') that get no weight decay by default.
+DEFAULT_NO_DECAY = (r"(^|/)bias$", r"(^|/)scale$", r"embedding")
+
+
+def _path_str(path):
+  parts = []
+  for k in path:
+    key = getattr(k, "key", getattr(k, "name", getattr(k, "idx", None)))
+    parts.append(str(key))
+  return "/".join(parts)
+
+
+def decay_mask(params, no_decay=DEFAULT_NO_DECAY):
+  """Pytree of bools: True where weight decay applies (path matches none of `no_decay`)."""
+  patterns = [re.compile(p) for p in no_decay]
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: not any(p.search(_path_str(path)) for p in patterns), params)
+
+
+def adamw(learning_rate, *, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
+          weight_decay: float = 0.1, clip_norm: float | None = 1.0,
+          no_decay=DEFAULT_NO_DECAY) -> optax.GradientTransformation:
+  """`learning_rate` is a float or an optax schedule (see `schedules.make_schedule`)."""
+  parts = []
+  if clip_norm:
+    parts.append(optax.clip_by_global_norm(clip_norm))
+  parts.append(optax.scale_by_adam(b1=b1, b2=b2, eps=eps))
+  if weight_decay:
+    parts.append(optax.add_decayed_weights(weight_decay, mask=lambda p: decay_mask(p, no_decay)))
+  parts.append(optax.scale_by_learning_rate(learning_rate))
+  return optax.chain(*parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """AdamW + schedule hyper-parameters (what gin binds for the optimizer)."""
+
+  peak_lr: float = 1e-3
+  warmup_steps: int = 100
+  decay: str = "cosine"           # cosine | linear | constant
+  end_lr_ratio: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  clip_norm: float | None = 1.0
+
+  def make(self, total_steps: int):
+    """Returns (optax transformation, learning-rate schedule)."""
+    schedule = schedules.make_schedule(self.peak_lr, total_steps, self.warmup_steps,
+                                       self.decay, self.end_lr_ratio)
+    tx = adamw(schedule, b1=self.b1, b2=self.b2, eps=self.eps,
+               weight_decay=self.weight_decay, clip_norm=self.clip_norm)
+    return tx, schedule

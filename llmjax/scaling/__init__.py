@@ -1,0 +1,1 @@
+"""Compute and memory accounting, scaling-law fits."""

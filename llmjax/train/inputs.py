@@ -1,0 +1,58 @@
+"""The run's text side: which tokenizer, which data, built once per workdir.
+
+The tokenizer is resolved in this order: the copy inside the workdir (a resumed run keeps
+the tokenizer it started with), an explicit `.model` path, or a new SentencePiece model
+trained on the training split of the run's dataset and saved into the workdir.
+"""
+
+import dataclasses
+import os
+import shutil
+import time
+
+from llmjax.errors import UserError
+
+TOKENIZER_FILE = "tokenizer.model"
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerSpec:
+  """How a run gets its tokenizer (what gin binds as `TokenizerSpec.*`)."""
+
+  path: str | None = None         # an existing SentencePiece .model; None = train one
+  model_type: str = "bpe"         # bpe | unigram | char
+  vocab_size: int = 4000
+  num_sentinels: int | None = None
+  character_coverage: float = 1.0
+  byte_fallback: bool = False
+  whitespace_exact: bool = True   # markdown and code keep their spaces and newlines
+  max_train_docs: int | None = None
+
+
+def resolve_tokenizer(spec: TokenizerSpec, workdir: str, dataset: str, data_dir=None,
+                      text_key=None, log=print):
+  from llmjax.data import datasets
+  from llmjax.data import tokenizer as tokenizer_lib
+
+  local = os.path.join(workdir, TOKENIZER_FILE)
+  if os.path.exists(local):
+    return tokenizer_lib.Tokenizer.load(local)
+  if spec.path:
+    if not os.path.exists(spec.path):
+      raise UserError(f"tokenizer file {spec.path} does not exist; fix TokenizerSpec.path or "
+                      "set it to None to train one on the run's dataset.")
+    shutil.copyfile(spec.path, local + ".tmp")
+    os.replace(local + ".tmp", local)
+    return tokenizer_lib.Tokenizer.load(local)
+  start = time.time()
+  texts = datasets.iter_texts(dataset, "train", data_dir=data_dir, text_key=text_key)
+  if spec.max_train_docs:
+    texts = (t for i, t in zip(range(spec.max_train_docs), texts))
+  tok = tokenizer_lib.train_tokenizer(
+      texts, os.path.join(workdir, "tokenizer"), model_type=spec.model_type,
+      vocab_size=spec.vocab_size, num_sentinels=spec.num_sentinels,
+      character_coverage=spec.character_coverage, byte_fallback=spec.byte_fallback,
+      whitespace_exact=spec.whitespace_exact)
+  log(f"trained a {spec.model_type} tokenizer with {tok.vocab_size} pieces on {dataset} "
+      f"in {time.time() - start:.1f}s -> {local}")
+  return tok

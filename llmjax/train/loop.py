@@ -1,0 +1,298 @@
+"""The training loop, linear as the recipe reads:
+
+mesh -> tokenizer and data -> abstract init -> sharded init -> restore -> jit once (donated
+state) -> loop with logging, eval, checkpoints, NaN/Inf checks and preemption handling.
+"""
+
+import dataclasses
+import os
+import signal
+import time
+from typing import NamedTuple
+
+import jax
+import numpy as np
+from flax import linen as nn
+
+from llmjax.checkpoint import manager as ckpt_lib
+from llmjax.errors import UserError
+from llmjax.models.config import TransformerConfig
+from llmjax.models.transformer import Transformer
+from llmjax.objectives import losses
+from llmjax.objectives.lm import CausalLM
+from llmjax.optim.optimizers import OptimizerConfig
+from llmjax.scaling import counts
+from llmjax.sharding import mesh as mesh_lib
+from llmjax.sharding import rules as rules_lib
+from llmjax.train import inputs, metrics as metrics_lib, step as step_lib
+from llmjax.train.state import TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Loop knobs (what gin binds as `TrainConfig.*`)."""
+
+  num_steps: int = 1000
+  log_every: int = 50
+  eval_every: int = 250
+  eval_batches: int = 20
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 3
+  seed: int = 0
+  grad_accum_steps: int = 1
+  on_nonfinite: str = "halt"      # halt | skip: what a NaN/Inf loss or gradient does
+  mesh_data: int = -1             # mesh sizes; -1 takes the remaining devices
+  mesh_fsdp: int = 1
+  mesh_tensor: int = 1
+  rules: str = "dp"               # dp | fsdp | fsdp_tp
+  pad_vocab_to_multiple: int = 1  # model vocab = tokenizer vocab rounded up to this
+  peak_flops: float = 256e9       # per device, for MFU (2-core AVX-512 CPU fp32 peak)
+  sample_prompt: str = "ROMEO"
+  sample_tokens: int = 200
+  sample_temperature: float = 0.8
+  progress_bar: bool = True
+
+
+class TrainResult(NamedTuple):
+  state: TrainState
+  model: Transformer
+  tokenizer: object
+  config: TrainConfig
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.requested = False
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. inside a test runner thread)
+      self._old = None
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def restore(self):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def _check_workdir(workdir):
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_probe")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f"workdir {workdir} is not writable ({e.strerror}); pass a --workdir "
+                    "you can write to.") from e
+
+
+def _init_state(model, tx, cfg, mesh, rules, seq_len):
+  """Abstract init -> logical specs -> mesh shardings -> jitted init with out_shardings."""
+
+  def init(rng):
+    params_rng, state_rng = jax.random.split(rng)
+    tokens = jax.numpy.zeros((1, seq_len), jax.numpy.int32)
+    boxed = model.init({"params": params_rng}, tokens)["params"]
+    params = nn.meta.unbox(boxed)
+    return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
+                      opt_state=tx.init(params), rng=jax.random.key_data(state_rng))
+
+  rng = jax.random.PRNGKey(cfg.seed)
+  boxed_abstract = jax.eval_shape(
+      lambda r: model.init({"params": r}, jax.numpy.zeros((1, seq_len), jax.numpy.int32)),
+      rng)["params"]
+  logical = TrainState(
+      step=nn.PartitionSpec(), params=nn.get_partition_spec(boxed_abstract),
+      opt_state=nn.get_partition_spec(jax.eval_shape(tx.init, boxed_abstract)),
+      rng=nn.PartitionSpec())
+  shardings = nn.logical_to_mesh_sharding(logical, mesh, rules)
+  with mesh, nn.logical_axis_rules(rules):
+    state = jax.jit(init, out_shardings=shardings)(rng)
+  return state, shardings
+
+
+def _evaluate(eval_step, params, make_eval_iter, num_batches, put):
+  total = None
+  for i, batch in enumerate(make_eval_iter()):
+    if i >= num_batches:
+      break
+    sums = eval_step(params, put(batch))
+    total = sums if total is None else jax.tree.map(lambda a, b: a + b, total, sums)
+  if total is None:
+    return {}
+  summary = losses.summarize(jax.device_get(total))
+  return {f"eval_{k}": v for k, v in summary.items()}
+
+
+def _batch_putter(mesh, rules):
+  """Host-local numpy batch [B_local, L] -> global jax.Array sharded along BATCH."""
+  from llmjax.sharding import axes
+  sharding = nn.logical_to_mesh_sharding(nn.PartitionSpec(axes.BATCH, None), mesh, rules)
+
+  def put(batch):
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in batch.items()}
+
+  return put, sharding
+
+
+def _build_data(data_cfg, tokenizer, objective, cfg):
+  from llmjax.data import pipeline
+  if data_cfg.batch_size % cfg.grad_accum_steps:
+    raise UserError(f"batch_size={data_cfg.batch_size} is not divisible by grad_accum_steps="
+                    f"{cfg.grad_accum_steps}; change one of them.")
+  train_iter = pipeline.make_pipeline(data_cfg, tokenizer, objective.feature_fn)
+  eval_cfg = dataclasses.replace(data_cfg, split="validation", shuffle=False, num_epochs=1)
+  make_eval_iter = lambda: pipeline.make_pipeline(eval_cfg, tokenizer, objective.feature_fn)
+  return train_iter, make_eval_iter
+
+
+def _restore(ckpt, state, shardings, train_iter, model_cfg, log):
+  if ckpt.latest_step() is None:
+    return state
+  abstract = ckpt_lib.abstract_like(state, shardings)
+  state, data_state, meta = ckpt.restore(abstract)
+  saved = meta.get("model_config", {})
+  if saved and saved != dataclasses.asdict(model_cfg):
+    diff = {k: (saved.get(k), v) for k, v in dataclasses.asdict(model_cfg).items()
+            if saved.get(k) != v}
+    raise UserError(f"the checkpoint in {ckpt.directory} was trained with a different model "
+                    f"config (field: (checkpoint, now) = {diff}); use a new --workdir or "
+                    "restore the original config.")
+  train_iter.set_state(data_state)
+  log(f"resumed from step {int(state.step)} in {ckpt.directory}")
+  return state
+
+
+def train(workdir: str, *, model: TransformerConfig, data, tokenizer: inputs.TokenizerSpec,
+          optimizer: OptimizerConfig = OptimizerConfig(), objective=CausalLM(),
+          config: TrainConfig = TrainConfig(), operative_config: str = "", log=print):
+  """Trains `model` on `data` in `workdir`, resuming from its latest checkpoint if any.
+
+  Returns a TrainResult (final state, the network, the tokenizer, the loop config). Writes metrics.jsonl, TensorBoard events, checkpoints,
+  the tokenizer, and loss_curve.png into `workdir`.
+  """
+  _check_workdir(workdir)
+  if config.on_nonfinite not in ("halt", "skip"):
+    raise UserError(f"TrainConfig.on_nonfinite={config.on_nonfinite!r}; use 'halt' or 'skip'.")
+  mesh = mesh_lib.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor)
+  rules = rules_lib.get_rules(config.rules)
+  tok = inputs.resolve_tokenizer(tokenizer, workdir, data.dataset, data.data_dir,
+                                 data.text_key, log=log)
+  multiple = config.pad_vocab_to_multiple
+  model_cfg = model.replace(vocab_size=-(-tok.vocab_size // multiple) * multiple)
+  if data.seq_len > model_cfg.max_len and model_cfg.position == "learned":
+    raise UserError(f"data seq_len={data.seq_len} exceeds the model's max_len="
+                    f"{model_cfg.max_len}; lower DataConfig.seq_len or raise max_len.")
+  net = Transformer(model_cfg)
+  train_iter, make_eval_iter = _build_data(data, tok, objective, config)
+  tx, schedule = optimizer.make(config.num_steps)
+  state, shardings = _init_state(net, tx, config, mesh, rules, data.seq_len)
+  num_params = counts.count_params(state.params)
+  log(f"model: {num_params:,} parameters on a {dict(mesh.shape)} mesh ({config.rules})")
+
+  if operative_config and jax.process_index() == 0:
+    with open(os.path.join(workdir, "operative_config.gin"), "w") as f:
+      f.write(operative_config)
+  ckpt = ckpt_lib.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                                    save_every=config.checkpoint_every,
+                                    keep=config.keep_checkpoints)
+  state = _restore(ckpt, state, shardings, train_iter, model_cfg, log)
+  meta = {"model_config": dataclasses.asdict(model_cfg), "operative_config": operative_config,
+          "tokenizer": ckpt_lib.encode_bytes(tok.serialized()), "num_params": num_params}
+
+  put, batch_sharding = _batch_putter(mesh, rules)
+  with mesh, nn.logical_axis_rules(rules):
+    train_step = jax.jit(
+        step_lib.make_train_step(net, objective, tx, schedule,
+                                 grad_accum_steps=config.grad_accum_steps),
+        in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+        donate_argnums=0)
+    eval_step = jax.jit(step_lib.make_eval_step(net, objective))
+    flops = counts.train_flops_per_token(num_params, model_cfg.num_layers,
+                                         model_cfg.embed_dim, data.seq_len)
+    tokens_per_step = data.batch_size * data.seq_len
+    state = _run(state, train_step, eval_step, train_iter, make_eval_iter, put, ckpt, meta,
+                 config, workdir, flops * tokens_per_step / (config.peak_flops *
+                                                            jax.device_count()),
+                 tokens_per_step, log)
+  ckpt.close()
+  if jax.process_index() == 0:
+    path = metrics_lib.plot_loss_curve(workdir)
+    if path:
+      log(f"loss curve: {path}")
+  return TrainResult(state, net, tok, config)
+
+
+def _run(state, train_step, eval_step, train_iter, make_eval_iter, put, ckpt, meta, cfg,
+         workdir, mfu_per_step_per_s, tokens_per_step, log):
+  """The step loop. Metrics are fetched one step late, so the host never waits on the
+  step it just dispatched; a NaN/Inf update has already been dropped inside the step."""
+  from tqdm.auto import tqdm
+
+  is_main = jax.process_index() == 0
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+  preempt = _Preemption()
+  start_step = int(state.step)
+  bar = tqdm(total=cfg.num_steps, initial=start_step, disable=not (cfg.progress_bar and is_main),
+             dynamic_ncols=True, desc="train")
+  window, pending, skipped = [], None, 0
+  window_start = time.time()
+
+  def settle(step, metrics):
+    nonlocal skipped
+    metrics = jax.device_get(metrics)
+    if metrics["nonfinite"]:
+      skipped += 1
+      if cfg.on_nonfinite == "halt":
+        last = ckpt.latest_step()
+        raise FloatingPointError(
+            f"non-finite loss or gradient at step {step} (loss={metrics['loss']}, grad_norm="
+            f"{metrics['grad_norm']}); the update was not applied. Last good checkpoint: "
+            f"{'step ' + str(last) if last is not None else 'none'} in {ckpt.directory}. "
+            "Lower the learning rate or set TrainConfig.on_nonfinite='skip'.")
+    window.append(metrics)
+
+  try:
+    for step in range(start_step, cfg.num_steps):
+      batch = put(next(train_iter))
+      state, metrics = train_step(state, batch)
+      if pending is not None:
+        settle(*pending)
+      pending = (step + 1, metrics)
+      done = step + 1
+      if done % cfg.log_every == 0 or done == cfg.num_steps:
+        settle(*pending)
+        pending = None
+        elapsed = max(time.time() - window_start, 1e-9)
+        record = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+        record.update(step_time=elapsed / len(window),
+                      tokens_per_s=tokens_per_step * len(window) / elapsed,
+                      mfu=mfu_per_step_per_s * len(window) / elapsed, nonfinite_total=skipped)
+        writer.write(done, record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        window, window_start = [], time.time()
+      if done % cfg.eval_every == 0 or done == cfg.num_steps:
+        ev = _evaluate(eval_step, state.params, make_eval_iter, cfg.eval_batches, put)
+        if ev:
+          writer.write(done, ev)
+          bar.write(f"step {done}: eval_loss {ev['eval_loss']:.4f} "
+                    f"(ppl {ev['eval_perplexity']:.2f})")
+        window_start = time.time()  # keep eval time out of tokens/s
+      bar.update(1)
+      ckpt.save(done, state, train_iter.get_state(), meta, force=done == cfg.num_steps)
+      if preempt.requested:
+        ckpt.save(done, state, train_iter.get_state(), meta, force=True)
+        ckpt.wait()
+        log(f"SIGTERM: saved checkpoint at step {done} in {ckpt.directory}; exiting. "
+            "Run the same command again to resume.")
+        break
+  finally:
+    bar.close()
+    writer.close()
+    preempt.restore()
+  return state

@@ -1,0 +1,87 @@
+"""The gin entry point for training: `llmjax train --gin_file=F --gin_param=K=V --workdir=W`.
+
+This is the only place (with other entry points) that imports gin. Gin binds the frozen
+config dataclasses and the entry function's arguments, never module internals:
+
+  train.model = @TransformerConfig()      TransformerConfig.num_layers = 6
+  train.data = @DataConfig()              DataConfig.seq_len = 256
+  train.tokenizer = @TokenizerSpec()      TrainConfig.num_steps = 2000 ...
+"""
+
+import os
+
+import gin
+
+from llmjax.errors import UserError
+
+GIN_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+                        "gin_configs")
+_REGISTERED = False
+
+
+def register_configurables():
+  """Makes the config dataclasses and small factories visible to gin (idempotent)."""
+  global _REGISTERED
+  if _REGISTERED:
+    return
+  from llmjax.data.pipeline import DataConfig
+  from llmjax.models import presets
+  from llmjax.models.config import TransformerConfig
+  from llmjax.objectives.lm import CausalLM
+  from llmjax.optim.optimizers import OptimizerConfig
+  from llmjax.train.inputs import TokenizerSpec
+  from llmjax.train.loop import TrainConfig
+
+  for cls in (TransformerConfig, DataConfig, TokenizerSpec, OptimizerConfig, TrainConfig,
+              CausalLM):
+    gin.external_configurable(cls, module="llmjax")
+  gin.external_configurable(presets.get_preset, module="llmjax")
+  _REGISTERED = True
+
+
+def parse_gin(gin_files, gin_params):
+  """Parses gin files (paths, or paths relative to gin_configs/) and `K=V` overrides.
+
+  Every problem (missing file, unknown configurable or parameter, a value that does not
+  parse) becomes one UserError naming it.
+  """
+  register_configurables()
+  gin.clear_config()
+  if os.path.isdir(GIN_ROOT):
+    gin.add_config_file_search_path(GIN_ROOT)
+  for path in gin_files:
+    if not os.path.exists(path) and not os.path.exists(os.path.join(GIN_ROOT, path)):
+      raise UserError(f"gin file {path} not found (looked in the current directory and in "
+                      f"{GIN_ROOT}); check the --gin_file path.")
+  try:
+    gin.parse_config_files_and_bindings(gin_files, gin_params, finalize_config=False)
+  except (ValueError, SyntaxError, NameError, KeyError, TypeError) as e:
+    raise UserError(f"bad gin config: {e}\nCheck the binding's spelling against the "
+                    "config dataclasses (TransformerConfig, DataConfig, TokenizerSpec, "
+                    "OptimizerConfig, TrainConfig) and the value's type.") from e
+
+
+@gin.configurable(module="llmjax")
+def train(workdir=gin.REQUIRED, model=gin.REQUIRED, data=gin.REQUIRED, tokenizer=gin.REQUIRED,
+          optimizer=None, objective=None, config=None):
+  """The configurable training entry: builds what gin says and runs `loop.train`."""
+  from llmjax.objectives.lm import CausalLM
+  from llmjax.optim.optimizers import OptimizerConfig
+  from llmjax.train import loop
+
+  return loop.train(workdir, model=model, data=data, tokenizer=tokenizer,
+                    optimizer=optimizer or OptimizerConfig(), objective=objective or CausalLM(),
+                    config=config or loop.TrainConfig(),
+                    operative_config=gin.operative_config_str())
+
+
+def run(gin_files, gin_params, workdir):
+  """Parses the config and trains; returns `loop.TrainResult`."""
+  parse_gin(gin_files, list(gin_params) + [f"train.workdir = {workdir!r}"])
+  try:
+    return train()  # pylint: disable=no-value-for-parameter (gin supplies them)
+  except RuntimeError as e:
+    if "Required bindings" not in str(e):
+      raise
+    raise UserError(f"{e}\nAdd the missing bindings to a --gin_file or as --gin_param.") from e
+

@@ -1,0 +1,78 @@
+"""Where training numbers go: `metrics.jsonl`, TensorBoard event files (tensorboardX, no
+TensorFlow needed) and a loss-curve PNG at the end."""
+
+import json
+import math
+import os
+
+import numpy as np
+
+
+def _to_python(value):
+  value = np.asarray(value)
+  return value.item() if value.ndim == 0 else value.tolist()
+
+
+class MetricsWriter:
+  """Appends one JSON object per record to `workdir/metrics.jsonl` and mirrors scalars to
+  TensorBoard under `workdir/tensorboard/` (only on process 0)."""
+
+  def __init__(self, workdir, *, enabled: bool = True):
+    self.workdir = workdir
+    self.enabled = enabled
+    self._tb = None
+    if enabled:
+      from tensorboardX import SummaryWriter  # lazy: keeps import time low elsewhere
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+
+  def write(self, step: int, metrics: dict):
+    if not self.enabled:
+      return
+    record = {"step": int(step)}
+    record.update({k: _to_python(v) for k, v in metrics.items()})
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+    for k, v in record.items():
+      if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+        self._tb.add_scalar(k, v, step)
+
+  def close(self):
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def read_metrics(workdir):
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_loss_curve(workdir, filename="loss_curve.png"):
+  """Plots train `loss` and `eval_loss` against step from metrics.jsonl; returns the path."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  records = read_metrics(workdir)
+  train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+  evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+  if not train and not evals:
+    return None
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for points, label in ((train, "train loss"), (evals, "validation loss")):
+    if points:
+      xs, ys = zip(*sorted(dict(points).items()))  # last record per step wins on resume
+      ax.plot(xs, ys, label=label, marker="o" if label.startswith("val") else None)
+  ax.set_xlabel("step")
+  ax.set_ylabel("cross-entropy (nats/token)")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  path = os.path.join(workdir, filename)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
