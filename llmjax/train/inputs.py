@@ -21,7 +21,7 @@ class TokenizerSpec:
 
   path: str | None = None         # an existing SentencePiece .model; None = train one
   model_type: str = "bpe"         # bpe | unigram | char
-  vocab_size: int = 4000
+  vocab_size: int | None = 4000  # None: the type's default (char: every character)
   num_sentinels: int | None = None
   character_coverage: float = 1.0
   byte_fallback: bool = False

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 from flax import linen as nn
+from jax.sharding import PartitionSpec
 
 from llmjax.checkpoint import manager as ckpt_lib
 from llmjax.errors import UserError
@@ -106,9 +107,9 @@ def _init_state(model, tx, cfg, mesh, rules, seq_len):
       lambda r: model.init({"params": r}, jax.numpy.zeros((1, seq_len), jax.numpy.int32)),
       rng)["params"]
   logical = TrainState(
-      step=nn.PartitionSpec(), params=nn.get_partition_spec(boxed_abstract),
+      step=PartitionSpec(), params=nn.get_partition_spec(boxed_abstract),
       opt_state=nn.get_partition_spec(jax.eval_shape(tx.init, boxed_abstract)),
-      rng=nn.PartitionSpec())
+      rng=PartitionSpec())
   shardings = nn.logical_to_mesh_sharding(logical, mesh, rules)
   with mesh, nn.logical_axis_rules(rules):
     state = jax.jit(init, out_shardings=shardings)(rng)
@@ -131,7 +132,7 @@ def _evaluate(eval_step, params, make_eval_iter, num_batches, put):
 def _batch_putter(mesh, rules):
   """Host-local numpy batch [B_local, L] -> global jax.Array sharded along BATCH."""
   from llmjax.sharding import axes
-  sharding = nn.logical_to_mesh_sharding(nn.PartitionSpec(axes.BATCH, None), mesh, rules)
+  sharding = nn.logical_to_mesh_sharding(PartitionSpec(axes.BATCH, None), mesh, rules)
 
   def put(batch):
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))

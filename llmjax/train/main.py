@@ -8,6 +8,7 @@ config dataclasses and the entry function's arguments, never module internals:
   train.tokenizer = @TokenizerSpec()      TrainConfig.num_steps = 2000 ...
 """
 
+import logging
 import os
 
 import gin
@@ -53,12 +54,26 @@ def parse_gin(gin_files, gin_params):
     if not os.path.exists(path) and not os.path.exists(os.path.join(GIN_ROOT, path)):
       raise UserError(f"gin file {path} not found (looked in the current directory and in "
                       f"{GIN_ROOT}); check the --gin_file path.")
+  quiet = _DropMessages("Path not found")  # gin probes each search path and logs misses
+  logging.getLogger().addFilter(quiet)
   try:
     gin.parse_config_files_and_bindings(gin_files, gin_params, finalize_config=False)
   except (ValueError, SyntaxError, NameError, KeyError, TypeError) as e:
     raise UserError(f"bad gin config: {e}\nCheck the binding's spelling against the "
                     "config dataclasses (TransformerConfig, DataConfig, TokenizerSpec, "
                     "OptimizerConfig, TrainConfig) and the value's type.") from e
+  finally:
+    logging.getLogger().removeFilter(quiet)
+
+
+class _DropMessages(logging.Filter):
+
+  def __init__(self, prefix):
+    super().__init__()
+    self.prefix = prefix
+
+  def filter(self, record):
+    return not str(record.msg).startswith(self.prefix)
 
 
 @gin.configurable(module="llmjax")
