@@ -33,7 +33,9 @@ from llmjax.train.state import TrainState
 class TrainConfig:
   """Loop knobs (what gin binds as `TrainConfig.*`)."""
 
-  num_steps: int = 1000
+  num_steps: int = 1000           # the schedule's length: where the run ends
+  stop_at_step: int | None = None # stop (with a checkpoint) earlier in this invocation;
+                                  # re-running resumes as if never interrupted
   log_every: int = 50
   eval_every: int = 250
   eval_batches: int = 20
@@ -242,7 +244,7 @@ def _run(state, train_step, eval_step, train_iter, make_eval_iter, put, ckpt, me
   bar = tqdm(total=cfg.num_steps, initial=start_step, disable=not (cfg.progress_bar and is_main),
              dynamic_ncols=True, desc="train")
   window, pending, skipped = [], None, 0
-  window_start = time.time()
+  window_start, timed_steps = time.time(), 0
 
   def settle(step, metrics):
     nonlocal skipped
@@ -259,9 +261,15 @@ def _run(state, train_step, eval_step, train_iter, make_eval_iter, put, ckpt, me
     window.append(metrics)
 
   try:
-    for step in range(start_step, cfg.num_steps):
+    end = min(cfg.num_steps, cfg.stop_at_step or cfg.num_steps)
+    for step in range(start_step, end):
       batch = put(next(train_iter))
       state, metrics = train_step(state, batch)
+      timed_steps += 1
+      if step == start_step:  # the first call compiles: keep that out of tokens/s
+        jax.block_until_ready(metrics)
+        bar.write(f"compiled and ran the first step in {time.time() - window_start:.1f}s")
+        window_start, timed_steps = time.time(), 0
       if pending is not None:
         settle(*pending)
       pending = (step + 1, metrics)
@@ -271,21 +279,24 @@ def _run(state, train_step, eval_step, train_iter, make_eval_iter, put, ckpt, me
         pending = None
         elapsed = max(time.time() - window_start, 1e-9)
         record = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-        record.update(step_time=elapsed / len(window),
-                      tokens_per_s=tokens_per_step * len(window) / elapsed,
-                      mfu=mfu_per_step_per_s * len(window) / elapsed, nonfinite_total=skipped)
+        if timed_steps:
+          record.update(step_time=elapsed / timed_steps,
+                        tokens_per_s=tokens_per_step * timed_steps / elapsed,
+                        mfu=mfu_per_step_per_s * timed_steps / elapsed)
+        record["nonfinite_total"] = skipped
         writer.write(done, record)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        window, window_start = [], time.time()
+        bar.set_postfix(loss=f"{record['loss']:.3f}",
+                        tok_s=f"{record.get('tokens_per_s', 0):.0f}")
+        window, window_start, timed_steps = [], time.time(), 0
       if done % cfg.eval_every == 0 or done == cfg.num_steps:
         ev = _evaluate(eval_step, state.params, make_eval_iter, cfg.eval_batches, put)
         if ev:
           writer.write(done, ev)
           bar.write(f"step {done}: eval_loss {ev['eval_loss']:.4f} "
                     f"(ppl {ev['eval_perplexity']:.2f})")
-        window_start = time.time()  # keep eval time out of tokens/s
+        window_start, timed_steps = time.time(), 0  # keep eval time out of tokens/s
       bar.update(1)
-      ckpt.save(done, state, train_iter.get_state(), meta, force=done == cfg.num_steps)
+      ckpt.save(done, state, train_iter.get_state(), meta, force=done == end)
       if preempt.requested:
         ckpt.save(done, state, train_iter.get_state(), meta, force=True)
         ckpt.wait()

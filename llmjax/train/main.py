@@ -83,7 +83,10 @@ def train(workdir=gin.REQUIRED, model=gin.REQUIRED, data=gin.REQUIRED, tokenizer
   from llmjax.objectives.lm import CausalLM
   from llmjax.optim.optimizers import OptimizerConfig
   from llmjax.train import loop
+  from llmjax.validation import check_types
 
+  for cfg in (model, data, tokenizer, optimizer, objective, config):
+    check_types(cfg)
   return loop.train(workdir, model=model, data=data, tokenizer=tokenizer,
                     optimizer=optimizer or OptimizerConfig(), objective=objective or CausalLM(),
                     config=config or loop.TrainConfig(),

@@ -1,1 +1,62 @@
-"""TFDS builders that need no TensorFlow (array_record files)."""
+"""TFDS builders that need no TensorFlow: they write `array_record` files.
+
+Importing this package registers the builders with TFDS (`tfds.builder('shakespeare')`
+works after it). Build with `builder.download_and_prepare(file_format='array_record')`
+(`build` below does that) and read with `builder.as_data_source()`.
+
+Each builder cleans its corpus at build time (`llmjax.data.cleaning`) and saves the
+cleaning report as `cleaning_report.json` beside the dataset files. TFDS writes into
+an `incomplete.*` folder and renames it when the build succeeds, so a failed build
+leaves no dataset behind.
+"""
+
+import json
+import os
+import pathlib
+import tempfile
+
+import tensorflow_datasets as tfds
+
+from llmjax.data.tfds_builders.local_text import LocalText, LocalTextConfig, local_text_config
+from llmjax.data.tfds_builders.shakespeare import Shakespeare
+
+REPORT_NAME = "cleaning_report.json"
+
+__all__ = ["LocalText", "LocalTextConfig", "Shakespeare", "build", "load_report",
+           "local_text_config", "write_report"]
+
+
+def write_report(report, path: os.PathLike) -> None:
+  """Saves a `cleaning.CleaningReport` as JSON (atomically) and prints it."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+  with os.fdopen(fd, "w", encoding="utf-8") as f:
+    json.dump(report.to_dict(), f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+  print(report.format(), flush=True)
+
+
+def load_report(builder: tfds.core.DatasetBuilder) -> dict | None:
+  """The cleaning report saved with a built dataset, or None if there is none."""
+  path = pathlib.Path(builder.data_dir) / REPORT_NAME
+  return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def build(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
+  """Builds `builder` as array_record files unless it is already built."""
+  if builder.is_prepared():
+    return builder
+  try:
+    builder.download_and_prepare(file_format="array_record")
+  except BaseException:
+    # TFDS already removed its incomplete.* folder; drop the empty config/dataset
+    # folders it made too, so a failed build leaves nothing behind.
+    folders = [builder.data_path.parent]  # <data_dir>/<name>[/<config>]/<version>
+    if builder.builder_config is not None:
+      folders.append(folders[0].parent)
+    for folder in folders:
+      if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+    raise
+  return builder

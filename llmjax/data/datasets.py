@@ -1,0 +1,166 @@
+"""Datasets by name: our own TFDS builders and a few public TFDS text datasets.
+
+`get_source(dataset, split)` returns a random-access source (`len` + `[i]`, what
+`grain.MapDataset.source` wants) whose records are dicts with `str` text (TFDS hands
+back `bytes`; mock data hands back `str`; we make both `str`). Our builders
+(`shakespeare`, `local_text`) are built on first use into `data_dir`. Public datasets
+(`lm1b`, `c4`, `tiny_shakespeare`, `wmt14_translate`) go through `tfds.data_source`
+with array_record files, which downloads and prepares them where the network allows;
+`tfds.testing.mock_data` patches exactly that call, which is how the tests run them.
+
+Names may carry a TFDS config: `c4/realnewslike`, `wmt14_translate/fr-en`.
+"""
+
+import dataclasses
+import importlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from llmjax.errors import UserError
+
+TextKey = str | tuple[str, ...]
+OWN = ("shakespeare", "local_text")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Public:
+  default_config: str | None
+  module: str  # imported so TFDS registers the builder (its lazy registry misses some)
+  text_key: TextKey | None  # None: the language pair named by the config ('de-en')
+
+
+PUBLIC = {
+    "lm1b": _Public(None, "tensorflow_datasets.text.lm1b", "text"),
+    "c4": _Public("en", "tensorflow_datasets.text.c4", "text"),
+    "tiny_shakespeare": _Public(None, "tensorflow_datasets.text.tiny_shakespeare", "text"),
+    "wmt14_translate": _Public("de-en", "tensorflow_datasets.translate.wmt14", None),
+}
+
+
+def known_datasets() -> list[str]:
+  return sorted([*OWN, *PUBLIC])
+
+
+def _parse_name(dataset: str) -> tuple[str, str | None]:
+  base, _, config = dataset.partition("/")
+  if base not in OWN and base not in PUBLIC:
+    raise UserError(f"unknown dataset {dataset!r}: known datasets are "
+                    f"{', '.join(known_datasets())} (a TFDS config goes after a slash, "
+                    "e.g. c4/en)")
+  if base in OWN and config:
+    raise UserError(f"dataset {base!r} takes no config ({dataset!r}): drop '/{config}'")
+  return base, config or (PUBLIC[base].default_config if base in PUBLIC else None)
+
+
+def default_text_key(dataset: str) -> TextKey:
+  """The field(s) holding the text: 'text', or both sides of a translation pair."""
+  base, config = _parse_name(dataset)
+  if base in OWN or PUBLIC[base].text_key is not None:
+    return "text" if base in OWN else PUBLIC[base].text_key
+  return tuple(config.split("-"))
+
+
+def _decode(value: Any) -> Any:
+  if isinstance(value, bytes):
+    return value.decode("utf-8")
+  if isinstance(value, Mapping):
+    return {k: _decode(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_decode(v) for v in value]
+  if hasattr(value, "dtype") and value.dtype.kind in "OS":  # numpy arrays of bytes
+    return [_decode(v) for v in value.tolist()]
+  return value
+
+
+class DecodedSource(Sequence):
+  """A random-access TFDS source whose records have `str` instead of `bytes`."""
+
+  def __init__(self, source, name: str):
+    self._source, self.name = source, name
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict:
+    if not 0 <= index < len(self._source):
+      raise IndexError(f"index {index} out of range for {self.name} ({len(self)} records)")
+    return _decode(self._source[index])
+
+  def __repr__(self) -> str:
+    return f"DecodedSource({self.name}, {len(self)} records)"
+
+
+def _split_check(builder, split: str) -> None:
+  available = list(builder.info.splits)
+  if split.partition("[")[0] not in available:
+    raise UserError(f"{builder.name} has no split {split!r}: use one of "
+                    f"{', '.join(available)}")
+
+
+def own_builder(dataset: str, data_dir: str | None = None, *, build: bool = True,
+                **kwargs):
+  """Our builder for `dataset`, built (array_record) unless it is or `build=False`."""
+  from llmjax.data import tfds_builders  # pylint: disable=import-outside-toplevel
+  if dataset == "shakespeare":
+    if kwargs:
+      raise UserError(f"shakespeare takes no options, got {sorted(kwargs)}: drop them")
+    builder = tfds_builders.Shakespeare(data_dir=data_dir)
+  else:
+    input_dir = kwargs.pop("input_dir", None)
+    if not input_dir:
+      raise UserError("local_text needs the corpus folder: pass --input DIR "
+                      "(input_dir=DIR)")
+    config = tfds_builders.local_text_config(input_dir, **kwargs)
+    builder = tfds_builders.LocalText(config=config, data_dir=data_dir)
+  return tfds_builders.build(builder) if build else builder
+
+
+def get_source(dataset: str, split: str, data_dir: str | None = None,
+               **kwargs) -> DecodedSource:
+  """A random-access source of `dataset`'s `split` (see the module docstring).
+
+  kwargs: for `local_text`, `input_dir` (required) and `text_key`, `split_fractions`,
+  `cleaning` (see `local_text_config`); for public datasets, nothing.
+  """
+  base, config = _parse_name(dataset)
+  if base in OWN:
+    builder = own_builder(base, data_dir, **kwargs)
+    _split_check(builder, split)
+    return DecodedSource(builder.as_data_source(split=split), f"{dataset}[{split}]")
+  if kwargs:
+    raise UserError(f"{dataset} takes no options, got {sorted(kwargs)}: drop them")
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  importlib.import_module(PUBLIC[base].module)
+  name = f"{base}/{config}" if config else base
+  try:
+    source = tfds.data_source(
+        name, split=split, data_dir=data_dir, download=True,
+        download_and_prepare_kwargs={"file_format": "array_record"})
+  except Exception as e:  # download/prepare failures: offline machines, bad splits
+    raise UserError(
+        f"could not load {name} split {split!r} from data_dir={data_dir}: {e}\nBuild it "
+        f"where the network allows (`tfds build {name} --file_format=array_record "
+        "--data_dir D`), copy D here and pass --data_dir D") from e
+  return DecodedSource(source, f"{name}[{split}]")
+
+
+def example_text(example: Mapping[str, Any], text_key: TextKey) -> str:
+  """The text of one record; several keys are joined by newlines."""
+  keys = (text_key,) if isinstance(text_key, str) else tuple(text_key)
+  for key in keys:
+    if key not in example:
+      raise UserError(f"records have no field {key!r} (fields: {sorted(example)}): "
+                      "set text_key to one of them")
+  return "\n".join(example[k] for k in keys)
+
+
+def iter_texts(dataset: str, split: str, data_dir: str | None = None,
+               text_key: TextKey | None = None, **kwargs) -> Iterator[str]:
+  """Every text of a split in order; each side of a translation pair separately."""
+  text_key = text_key or default_text_key(dataset)
+  keys = (text_key,) if isinstance(text_key, str) else tuple(text_key)
+  source = get_source(dataset, split, data_dir, **kwargs)
+  for i in range(len(source)):
+    example = source[i]
+    for key in keys:
+      yield example_text(example, key)
