@@ -9,15 +9,9 @@ belong to the same document, so the loss mask drops padding and document boundar
 import dataclasses
 
 import jax.numpy as jnp
-import numpy as np
 
+from llmjax.data import packing
 from llmjax.objectives import losses
-
-
-def lm_features(example, tokenizer, text_key="text"):
-  """Feature function for the pipeline: one document -> `{'tokens': [bos] + ids + [eos]}`."""
-  ids = tokenizer.encode(example[text_key], add_bos=True, add_eos=True)
-  return {"tokens": np.asarray(ids, np.int32)}
 
 
 def shift_targets(tokens, segment_ids):
@@ -37,12 +31,10 @@ class CausalLM:
   """Decoder-only pre-training / SFT objective. Owns the batch keys and the loss."""
 
   z_loss: float = 0.0
-  text_key: str = "text"
-
-  feature_key = "tokens"
 
   def feature_fn(self, example, tokenizer):
-    return lm_features(example, tokenizer, self.text_key)
+    """Pipeline features for one document: `{'tokens': [bos] + ids + [eos]}`."""
+    return packing.lm_features(example, tokenizer)
 
   def loss_sums(self, model, params, batch, *, rng=None, deterministic=True):
     """Returns the summed loss metrics (see `losses.cross_entropy_sums`) for one batch."""

@@ -149,8 +149,8 @@ def _build_data(data_cfg, tokenizer, objective, cfg):
     raise UserError(f"batch_size={data_cfg.batch_size} is not divisible by grad_accum_steps="
                     f"{cfg.grad_accum_steps}; change one of them.")
   train_iter = pipeline.make_pipeline(data_cfg, tokenizer, objective.feature_fn)
-  eval_cfg = dataclasses.replace(data_cfg, split="validation", shuffle=False, num_epochs=1)
-  make_eval_iter = lambda: pipeline.make_pipeline(eval_cfg, tokenizer, objective.feature_fn)
+  eval_cfg = dataclasses.replace(data_cfg, split="validation")
+  make_eval_iter = lambda: pipeline.make_eval_pipeline(eval_cfg, tokenizer, objective.feature_fn)
   return train_iter, make_eval_iter
 
 
