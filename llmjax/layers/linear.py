@@ -1,0 +1,65 @@
+"""`Einsum`: the one dense layer every projection in the network goes through.
+
+Shape letters used across `llmjax/layers` and `llmjax/models`:
+  B batch, L query length, S key length, D embed, N query heads, K key/value heads,
+  H head dim, F mlp hidden, V vocab.
+
+Every matmul reads as an einsum (`'BLD,DNH->BLNH'`), keeps its parameters in
+`param_dtype`, computes in the compute `dtype` and accumulates in float32
+(`preferred_element_type`), which is also what makes bfloat16 matmuls fast on CPU.
+Having one layer is what lets LoRA and fake-quant intercept every projection later
+(gemma's `_modules.Einsum` / `peft/_interceptors.py` pattern).
+"""
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Initializer = Callable[..., jax.Array]
+
+
+def einsum_f32(equation: str, *operands: jax.Array) -> jax.Array:
+  """`jnp.einsum` with float32 accumulation; the result is float32."""
+  return jnp.einsum(equation, *operands, preferred_element_type=jnp.float32)
+
+
+class Einsum(nn.Module):
+  """`y = einsum(equation, x, kernel) + bias` with parameters `kernel` and `bias`.
+
+  Attributes:
+    equation: e.g. 'BLD,DNH->BLNH'; the second operand is the kernel.
+    shape: kernel shape, e.g. (D, N, H).
+    axes: logical axis names of the kernel, one per dimension.
+    use_bias: add a bias over the kernel dimensions that appear in the output.
+    kernel_init: initializer of the kernel.
+    dtype: compute dtype; param_dtype: storage dtype.
+  """
+
+  equation: str
+  shape: tuple[int, ...]
+  axes: tuple[str | None, ...]
+  use_bias: bool = False
+  kernel_init: Initializer = nn.initializers.normal(0.02)
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
+                        self.shape, self.param_dtype)
+    y = einsum_f32(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      # The bias spans the kernel dims that survive into the output, e.g. (N, H).
+      kernel_letters = self.equation.split("->")[0].split(",")[1]
+      out_letters = self.equation.split("->")[1]
+      keep = [i for i, c in enumerate(kernel_letters) if c in out_letters]
+      bias_init = nn.with_logical_partitioning(nn.initializers.zeros,
+                                               tuple(self.axes[i] for i in keep))
+      bias = self.param("bias", bias_init, tuple(self.shape[i] for i in keep),
+                        self.param_dtype)
+      if not out_letters.endswith("".join(kernel_letters[i] for i in keep)):
+        raise ValueError(f"Einsum bias needs the kernel's output dims last: {self.equation}")
+      y = y + bias.astype(jnp.float32)
+    return y.astype(self.dtype)

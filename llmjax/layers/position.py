@@ -1,0 +1,64 @@
+"""Position information: learned absolute, sinusoidal and rotary (RoPE) encodings.
+
+- Learned (GPT-2, BERT): a `[max_len, D]` table `embedding` added to token embeddings.
+- Sinusoidal (Vaswani et al. 2017, sec. 3.5): PE[p, 2i] = sin(p / 10000^(2i/D)),
+  PE[p, 2i+1] = cos(p / 10000^(2i/D)), interleaved as in the paper.
+- RoPE (Su et al. 2021, "RoFormer"): rotates queries and keys inside attention so that
+  q.k depends only on the relative position. We use the "rotate-half" layout of LLaMA
+  and Hugging Face (`rotate_half`): feature i pairs with feature i + H/2, not with its
+  neighbour i + 1 as in the paper's interleaved form. The two layouts differ by a fixed
+  permutation of the q/k projection columns, so HF LLaMA checkpoints load without one.
+
+Positions are int32 `[B, L]` and restart at 0 for each document of a packed row.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llmjax.sharding.axes import EMBED, LENGTH
+
+
+def sinusoidal_positions(positions: jax.Array, features: int) -> jax.Array:
+  """`[B, L, D]` float32 sinusoidal encodings of int `positions [B, L]` (D even)."""
+  i = jnp.arange(features // 2, dtype=jnp.float32)
+  inv_freq = 1.0 / (10_000.0 ** (2.0 * i / features))                   # [D/2]
+  angles = positions[..., None].astype(jnp.float32) * inv_freq           # [B, L, D/2]
+  pe = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)            # [B, L, D/2, 2]
+  return pe.reshape(*positions.shape, features)                          # [B, L, D]
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+  """[x1, x2] -> [-x2, x1] over the last axis (halves), the HF/LLaMA RoPE layout."""
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10_000.0) -> jax.Array:
+  """Rotary embedding of `x [B, L, N, H]` at int `positions [B, L]` (float32 inside)."""
+  head_dim = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles = positions[..., None].astype(jnp.float32) * inv_freq          # [B, L, H/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]    # [B, L, 1, H]
+  x32 = x.astype(jnp.float32)
+  out = x32 * jnp.cos(angles) + rotate_half(x32) * jnp.sin(angles)
+  return out.astype(x.dtype)
+
+
+class LearnedPositions(nn.Module):
+  """A learned `[max_len, D]` table `embedding`, looked up at `positions [B, L]`.
+
+  The table's rows use the LENGTH logical axis (never sharded by the default rules).
+  """
+
+  max_len: int
+  features: int
+  init_std: float = 0.02
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, positions: jax.Array) -> jax.Array:
+    init = nn.with_logical_partitioning(nn.initializers.normal(self.init_std), (LENGTH, EMBED))
+    table = self.param("embedding", init, (self.max_len, self.features), self.param_dtype)
+    return jnp.take(table, positions, axis=0).astype(self.dtype)        # [B, L, D]

@@ -1,0 +1,152 @@
+"""`TransformerConfig`: the one frozen description of every network llmjax builds.
+
+One dataclass covers decoder-only (GPT, LLaMA), encoder-only (BERT) and encoder-decoder
+(T5) models; `arch` picks which stacks `Transformer` builds. Gin binds it by constructor
+argument, so every field is a plain Python value (dtypes are strings such as 'bfloat16').
+
+Derived defaults: `head_dim=None` means `embed_dim // num_heads`, `num_kv_heads=None`
+means `num_heads` (multi-head attention), `attention_dropout_rate=None` means
+`dropout_rate`, and `num_encoder_layers=None` means `num_layers`. They are resolved in
+`__post_init__`; use `config.replace(...)` (not `dataclasses.replace`) so that a field
+left to its default is re-derived from the new values.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+from llmjax.errors import UserError
+
+ARCHS = ("decoder_only", "encoder_only", "encoder_decoder")
+# 't5_relative' (T5's bucketed relative attention bias) is the planned next entry.
+POSITIONS = ("learned", "sinusoidal", "rope", "none")
+NORMS = ("layernorm", "rmsnorm")
+NORM_POSITIONS = ("pre", "post")
+# 'gelu' is the tanh approximation (GPT-2's "gelu_new", jax.nn.gelu's default);
+# 'gelu_exact' is the erf form (torch.nn.GELU(), BERT, nanoGPT). 'swiglu' and 'geglu'
+# are gated (Shazeer 2020, "GLU Variants Improve Transformer"); 'geglu' gates with the
+# tanh GELU, as T5 v1.1 ("gated-gelu") does.
+ACTIVATIONS = ("relu", "gelu", "gelu_exact", "silu", "swiglu", "geglu")
+GATED_ACTIVATIONS = ("swiglu", "geglu")
+REMATS = ("none", "full", "dots")
+DTYPES = ("float32", "bfloat16", "float16")
+
+# Fields whose `None` default is derived from other fields in `__post_init__`.
+_DERIVED = ("head_dim", "num_kv_heads", "attention_dropout_rate", "num_encoder_layers")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]):
+  if value not in choices:
+    raise UserError(
+        f"TransformerConfig.{name}={value!r} is not supported; set {name} to one of "
+        f"{', '.join(repr(c) for c in choices)}.")
+
+
+def _check_positive(name: str, value: Any):
+  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    raise UserError(f"TransformerConfig.{name}={value!r} must be a positive integer; "
+                    f"set {name} to a value >= 1.")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Hyperparameters of a Transformer (shape letters: D N K H F V, see layers/)."""
+
+  arch: str = "decoder_only"        # 'decoder_only' | 'encoder_only' | 'encoder_decoder'
+  vocab_size: int = 128             # V
+  embed_dim: int = 64               # D
+  num_layers: int = 2               # layers of the decoder (of the encoder if encoder_only)
+  num_heads: int = 4                # N
+  num_kv_heads: int | None = None   # K; None = num_heads (MHA), 1 = multi-query
+  head_dim: int | None = None       # H; None = embed_dim // num_heads
+  mlp_dim: int = 256                # F
+  max_len: int = 64                 # rows of the learned position table
+  dropout_rate: float = 0.0         # embeddings and residual branches
+  attention_dropout_rate: float | None = None  # attention probabilities; None = dropout_rate
+  dtype: str = "float32"            # compute dtype of activations
+  param_dtype: str = "float32"      # storage dtype of parameters
+  logits_dtype: str = "float32"     # dtype of returned logits (the loss wants float32)
+  position: str = "learned"         # 'learned' | 'sinusoidal' | 'rope' | 'none'
+  rope_theta: float = 10_000.0
+  norm: str = "layernorm"           # 'layernorm' | 'rmsnorm'
+  norm_position: str = "pre"        # 'pre' (GPT-2, LLaMA) | 'post' (BERT, Vaswani)
+  norm_eps: float = 1e-5
+  final_norm: bool = True           # norm after the last block (pre-norm models)
+  embed_norm: bool = False          # norm after the embeddings (BERT)
+  activation: str = "gelu"
+  use_bias: bool = True             # biases in projections, MLP and LayerNorm
+  tie_embeddings: bool = True       # logits = x @ embedding.T
+  scale_embeddings: bool = False    # multiply token embeddings by sqrt(D)
+  init_std: float = 0.02            # normal init of embeddings and projections (GPT-2)
+  remat: str = "none"               # 'none' | 'full' | 'dots'
+  scan_layers: bool = True          # nn.scan over layers (params get a leading LAYERS axis)
+  num_encoder_layers: int | None = None  # encoder_decoder only; None = num_layers
+
+  def __post_init__(self):
+    _check_choice("arch", self.arch, ARCHS)
+    _check_choice("position", self.position, POSITIONS)
+    _check_choice("norm", self.norm, NORMS)
+    _check_choice("norm_position", self.norm_position, NORM_POSITIONS)
+    _check_choice("activation", self.activation, ACTIVATIONS)
+    _check_choice("remat", self.remat, REMATS)
+    for name in ("dtype", "param_dtype", "logits_dtype"):
+      _check_choice(name, getattr(self, name), DTYPES)
+    for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "mlp_dim", "max_len"):
+      _check_positive(name, getattr(self, name))
+
+    derived = tuple(name for name in _DERIVED if getattr(self, name) is None)
+    object.__setattr__(self, "_derived", derived)  # remembered so replace() re-derives
+    if self.head_dim is None:
+      if self.embed_dim % self.num_heads:
+        raise UserError(
+            f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}; "
+            "change one of them or set head_dim explicitly.")
+      object.__setattr__(self, "head_dim", self.embed_dim // self.num_heads)
+    if self.num_kv_heads is None:
+      object.__setattr__(self, "num_kv_heads", self.num_heads)
+    if self.attention_dropout_rate is None:
+      object.__setattr__(self, "attention_dropout_rate", self.dropout_rate)
+    if self.num_encoder_layers is None:
+      object.__setattr__(self, "num_encoder_layers", self.num_layers)
+    _check_positive("head_dim", self.head_dim)
+    _check_positive("num_kv_heads", self.num_kv_heads)
+    _check_positive("num_encoder_layers", self.num_encoder_layers)
+    if self.num_heads % self.num_kv_heads:
+      raise UserError(
+          f"num_heads={self.num_heads} is not a multiple of num_kv_heads="
+          f"{self.num_kv_heads}; pick num_kv_heads dividing num_heads (1 = multi-query).")
+    if self.position == "rope" and self.head_dim % 2:
+      raise UserError(f"position='rope' needs an even head_dim, got {self.head_dim}; "
+                      "change head_dim (or embed_dim / num_heads).")
+    for name in ("dropout_rate", "attention_dropout_rate"):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        raise UserError(f"{name}={getattr(self, name)} must be in [0, 1); fix {name}.")
+
+  def replace(self, **changes) -> "TransformerConfig":
+    """A copy with `changes`; fields left to their derived default are re-derived."""
+    unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+    if unknown:
+      raise UserError(f"TransformerConfig has no field(s) {unknown}; valid fields: "
+                      f"{[f.name for f in dataclasses.fields(self)]}.")
+    kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    kwargs.update({name: None for name in self._derived})
+    kwargs.update(changes)
+    return TransformerConfig(**kwargs)
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)
+
+  @property
+  def params_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.param_dtype)
+
+  @property
+  def output_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.logits_dtype)
+
+  @property
+  def gated(self) -> bool:
+    """Whether the MLP is gated (two input projections `wi_0`, `wi_1`)."""
+    return self.activation in GATED_ACTIVATIONS

@@ -1,0 +1,152 @@
+"""`Transformer`: the one network for decoder-only, encoder-only and encoder-decoder models.
+
+  decoder_only     GPT-2 (Radford et al. 2019), LLaMA (Touvron et al. 2023): `decode`.
+  encoder_only     BERT (Devlin et al. 2019): `encode`, then logits over the vocabulary.
+  encoder_decoder  T5 (Raffel et al. 2020): `encode` the inputs, `decode` the targets
+                   with cross-attention to the encoder output.
+
+Submodules (checkpoint API): `embed` (token table `embedding [V, D]`, shared by encoder
+and decoder), `pos_embed` (learned positions only), `embed_norm` (if `embed_norm`),
+`encoder` / `decoder` (`TransformerStack`), `lm_head` (`kernel [D, V]`, untied only).
+
+Packed rows: `segment_ids` int32 `[B, L]` (1, 2, ... per document, 0 = padding) and
+`positions` int32 `[B, L]` (restarting at 0 per document). When None, every token is in
+segment 1 and positions are arange(L). No token attends across documents.
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llmjax.errors import UserError
+from llmjax.layers import masks
+from llmjax.layers.embed import Embed
+from llmjax.layers.linear import Einsum
+from llmjax.layers.norms import make_norm
+from llmjax.layers.position import LearnedPositions, sinusoidal_positions
+from llmjax.models.config import TransformerConfig
+from llmjax.models.stack import TransformerStack
+from llmjax.sharding.axes import BATCH, EMBED, LENGTH, VOCAB
+
+
+def _default_positions(tokens: jax.Array, positions: jax.Array | None) -> jax.Array:
+  if positions is None:
+    return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+  return positions
+
+
+class Transformer(nn.Module):
+  """See the module docstring. Call `init`/`apply` with `method=` for encode/decode."""
+
+  config: TransformerConfig
+
+  def setup(self):
+    cfg = self.config
+    kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
+    self.embed = Embed(cfg.vocab_size, cfg.embed_dim, init_std=cfg.init_std, **kw)
+    if cfg.position == "learned":
+      self.pos_embed = LearnedPositions(cfg.max_len, cfg.embed_dim, init_std=cfg.init_std, **kw)
+    if cfg.embed_norm:
+      self.embed_norm = make_norm(cfg)
+    self.embed_dropout = nn.Dropout(rate=cfg.dropout_rate)
+    if cfg.arch in ("encoder_only", "encoder_decoder"):
+      encoder_layers = cfg.num_encoder_layers if cfg.arch == "encoder_decoder" else cfg.num_layers
+      self.encoder = TransformerStack(cfg, encoder_layers, cross_attention=False)
+    if cfg.arch in ("decoder_only", "encoder_decoder"):
+      self.decoder = TransformerStack(cfg, cfg.num_layers,
+                                      cross_attention=cfg.arch == "encoder_decoder")
+    if not cfg.tie_embeddings:
+      self.lm_head = Einsum("BLD,DV->BLV", (cfg.embed_dim, cfg.vocab_size), (EMBED, VOCAB),
+                            kernel_init=nn.initializers.normal(cfg.init_std), **kw)
+
+  def embed_tokens(self, tokens: jax.Array, positions: jax.Array,
+                   deterministic: bool) -> jax.Array:
+    """Token (+ absolute position) embeddings, `[B, L] -> [B, L, D]`."""
+    cfg = self.config
+    if cfg.position == "learned" and tokens.shape[1] > cfg.max_len:
+      raise UserError(f"Sequence length {tokens.shape[1]} exceeds max_len={cfg.max_len} of "
+                      "the learned position table; raise max_len or shorten the inputs.")
+    x = self.embed(tokens)
+    if cfg.scale_embeddings:
+      x = x * jnp.asarray(math.sqrt(cfg.embed_dim), x.dtype)
+    if cfg.position == "learned":
+      x = x + self.pos_embed(positions)
+    elif cfg.position == "sinusoidal":
+      x = x + sinusoidal_positions(positions, cfg.embed_dim).astype(x.dtype)
+    if cfg.embed_norm:
+      x = self.embed_norm(x)
+    x = self.embed_dropout(x, deterministic=deterministic)
+    return nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
+
+  def logits(self, x: jax.Array) -> jax.Array:
+    """`[B, L, D]` -> logits `[B, L, V]` in `logits_dtype` (tied or `lm_head`)."""
+    cfg = self.config
+    y = self.embed.attend(x) if cfg.tie_embeddings else self.lm_head(x)
+    return nn.with_logical_constraint(y.astype(cfg.output_dtype), (BATCH, LENGTH, VOCAB))
+
+  def encode(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
+             positions: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+    """Bidirectional encoder: int `tokens [B, L]` -> `[B, L, D]`."""
+    if self.config.arch == "decoder_only":
+      raise UserError("encode() needs arch='encoder_only' or 'encoder_decoder'; this "
+                      "config is decoder_only (use decode()).")
+    positions = _default_positions(tokens, positions)
+    mask = None if segment_ids is None else masks.segment_mask(segment_ids, segment_ids)
+    x = self.embed_tokens(tokens, positions, deterministic)
+    return self.encoder(x, mask, positions, None, None, deterministic)
+
+  def decode(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
+             positions: jax.Array | None = None, encoded: jax.Array | None = None,
+             encoder_segment_ids: jax.Array | None = None,
+             deterministic: bool = True) -> jax.Array:
+    """Causal decoder: int `tokens [B, L]` -> logits `[B, L, V]`.
+
+    With `encoded [B, S, D]` (encoder_decoder) every block cross-attends to it, masked
+    by `encoder_segment_ids [B, S]` (0 = encoder padding; packed rows must use matching
+    document ids on both sides).
+    """
+    cfg = self.config
+    if cfg.arch == "encoder_only":
+      raise UserError("decode() needs arch='decoder_only' or 'encoder_decoder'; this "
+                      "config is encoder_only (use encode()).")
+    if (encoded is None) != (cfg.arch == "decoder_only"):
+      raise UserError("decode(): pass `encoded` (the encoder output) exactly when "
+                      f"arch='encoder_decoder'; this config has arch={cfg.arch!r}.")
+    positions = _default_positions(tokens, positions)
+    seg_mask = None if segment_ids is None else masks.segment_mask(segment_ids, segment_ids)
+    mask = masks.combine_masks(masks.causal_mask(tokens.shape[1]), seg_mask)
+    cross_mask = None
+    if encoded is not None and (segment_ids is not None or encoder_segment_ids is not None):
+      q_seg = jnp.ones_like(tokens) if segment_ids is None else segment_ids
+      k_seg = (jnp.ones(encoded.shape[:2], jnp.int32) if encoder_segment_ids is None
+               else encoder_segment_ids)
+      cross_mask = masks.segment_mask(q_seg, k_seg)
+    x = self.embed_tokens(tokens, positions, deterministic)
+    x = self.decoder(x, mask, positions, encoded, cross_mask, deterministic)
+    return self.logits(x)
+
+  def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None, *,
+               encoder_tokens: jax.Array | None = None,
+               encoder_segment_ids: jax.Array | None = None,
+               encoder_positions: jax.Array | None = None,
+               deterministic: bool = True) -> jax.Array:
+    """Logits `[B, L, V]` for `config.arch`.
+
+    decoder_only: causal LM over `tokens`. encoder_only: bidirectional encoder over
+    `tokens`, then logits (MLM). encoder_decoder: `encoder_tokens [B, S]` are encoded
+    and `tokens` (the shifted targets) decoded with cross-attention.
+    """
+    cfg = self.config
+    if cfg.arch == "decoder_only":
+      return self.decode(tokens, segment_ids, positions, deterministic=deterministic)
+    if cfg.arch == "encoder_only":
+      return self.logits(self.encode(tokens, segment_ids, positions, deterministic))
+    if encoder_tokens is None:
+      raise UserError("arch='encoder_decoder' needs `encoder_tokens` (the inputs) as well "
+                      "as `tokens` (the decoder inputs); pass both.")
+    encoded = self.encode(encoder_tokens, encoder_segment_ids, encoder_positions, deterministic)
+    return self.decode(tokens, segment_ids, positions, encoded, encoder_segment_ids,
+                       deterministic)

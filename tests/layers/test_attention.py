@@ -1,0 +1,110 @@
+"""Attention against a naive numpy softmax(QK^T/sqrt(H))V; GQA/MQA/MHA equivalences."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llmjax.layers import masks
+from llmjax.layers.attention import Attention
+from llmjax.models.config import TransformerConfig
+from llmjax.testing import reference
+
+
+def _cfg(**kw):
+  base = dict(embed_dim=16, num_heads=4, num_kv_heads=4, use_bias=True, position="none")
+  return TransformerConfig(**{**base, **kw})
+
+
+def _params(cfg, x, kv=None, seed=1):
+  # Random (nonzero) biases, large-ish kernels: a zero bias or tiny logits hide bugs.
+  return reference.random_params(Attention(cfg), x, kv, seed=seed)
+
+
+def _normal(seed, shape):
+  return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def _naive(p, x, kv, mask, rope_positions=None):
+  x, kv = np.asarray(x, np.float64), np.asarray(kv, np.float64)
+  q = np.einsum("bld,dnh->blnh", x, p["query"]["kernel"]) + p["query"]["bias"]
+  k = np.einsum("bsd,dkh->bskh", kv, p["key"]["kernel"]) + p["key"]["bias"]
+  v = np.einsum("bsd,dkh->bskh", kv, p["value"]["kernel"]) + p["value"]["bias"]
+  if rope_positions is not None:
+    q, k = reference.rope(q, rope_positions), reference.rope(k, rope_positions)
+  o = reference.attention(q, k, v, mask)
+  return np.einsum("blnh,nhd->bld", o, p["out"]["kernel"]) + p["out"]["bias"]
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
+def test_self_attention_matches_naive_with_masks(num_kv_heads):
+  cfg = _cfg(num_kv_heads=num_kv_heads)
+  x = _normal(0, (2, 6, 16))
+  p = _params(cfg, x)
+  seg = np.array([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1]])
+  for mask in [None, masks.causal_mask(6),
+               masks.combine_masks(masks.causal_mask(6), masks.segment_mask(seg, seg))]:
+    got = Attention(cfg).apply({"params": p}, x, mask=mask)
+    want = _naive(p, x, x, None if mask is None else np.asarray(mask))
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+
+
+def test_cross_attention_matches_naive_with_padding():
+  cfg = _cfg(num_kv_heads=2)
+  x = _normal(0, (2, 3, 16))
+  kv = _normal(1, (2, 5, 16))
+  p = _params(cfg, x, kv)
+  mask = masks.padding_mask(np.ones((2, 3), bool), np.array([[1, 1, 1, 0, 0], [1] * 5], bool))
+  got = Attention(cfg).apply({"params": p}, x, kv, mask=mask)
+  np.testing.assert_allclose(got, _naive(p, x, kv, np.asarray(mask)), rtol=2e-4, atol=2e-4)
+
+
+def test_rope_attention_matches_naive():
+  cfg = _cfg(num_kv_heads=2, position="rope")
+  x = _normal(0, (2, 5, 16))
+  positions = np.array([[0, 1, 2, 0, 1], [3, 4, 5, 6, 7]])
+  p = _params(cfg, x)
+  got = Attention(cfg).apply({"params": p}, x, mask=masks.causal_mask(5), positions=positions)
+  want = _naive(p, x, x, np.asarray(masks.causal_mask(5)), rope_positions=positions)
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads():
+  gqa_cfg = _cfg(num_kv_heads=2)
+  x = _normal(0, (2, 6, 16))
+  p = _params(gqa_cfg, x)
+  # MHA with each K/V head repeated for its group of N/K = 2 query heads.
+  mha = jax.tree.map(lambda a: a, p)
+  for name in ("key", "value"):
+    mha[name] = {"kernel": jnp.repeat(p[name]["kernel"], 2, axis=1),
+                 "bias": jnp.repeat(p[name]["bias"], 2, axis=0)}
+  mask = masks.causal_mask(6)
+  got = Attention(gqa_cfg).apply({"params": p}, x, mask=mask)
+  want = Attention(_cfg(num_kv_heads=4)).apply({"params": mha}, x, mask=mask)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_dropout_uses_dropout_rng():
+  cfg = _cfg(attention_dropout_rate=0.5)
+  x = _normal(0, (1, 6, 16))
+  p = _params(cfg, x)
+  layer = Attention(cfg)
+  clean = layer.apply({"params": p}, x)
+  np.testing.assert_allclose(clean, _naive(p, x, x, None), rtol=2e-4, atol=2e-4)
+  noisy = [layer.apply({"params": p}, x, deterministic=False,
+                       rngs={"dropout": jax.random.key(s, impl="rbg")}) for s in (0, 0, 1)]
+  np.testing.assert_array_equal(noisy[0], noisy[1])
+  assert np.abs(noisy[0] - clean).max() > 1e-3
+  assert np.abs(noisy[0] - noisy[2]).max() > 1e-3
+
+
+def test_bf16_attention_close_to_f32():
+  cfg = _cfg(num_kv_heads=2)
+  x = _normal(0, (2, 6, 16))
+  p = _params(cfg, x)
+  want = Attention(cfg).apply({"params": p}, x, mask=masks.causal_mask(6))
+  got = Attention(cfg.replace(dtype="bfloat16")).apply({"params": p}, x,
+                                                       mask=masks.causal_mask(6))
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0.05,
+                             atol=0.05 * float(np.abs(want).max()))
