@@ -62,8 +62,9 @@ class Attention(nn.Module):
   def setup(self):
     cfg = self.config
     d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    dense = dict(use_bias=cfg.use_bias, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-                 kernel_init=nn.initializers.normal(cfg.init_std))
+    dense = {"use_bias": cfg.use_bias, "dtype": cfg.compute_dtype,
+             "param_dtype": cfg.params_dtype,
+             "kernel_init": nn.initializers.normal(cfg.init_std)}
     self.query = Einsum("BLD,DNH->BLNH", (d, n, h), (EMBED, HEADS, HEAD_DIM), **dense)
     self.key = Einsum("BSD,DKH->BSKH", (d, k, h), (EMBED, KV_HEADS, HEAD_DIM), **dense)
     self.value = Einsum("BSD,DKH->BSKH", (d, k, h), (EMBED, KV_HEADS, HEAD_DIM), **dense)
@@ -95,7 +96,7 @@ class Attention(nn.Module):
     """The attention core on projected heads: `[B, L, N, H]`."""
     dropout_fn = None
     if not deterministic and self.config.attention_dropout_rate > 0:
-      dropout_fn = lambda p: self.dropout(p, deterministic=False)  # noqa: E731
+      dropout_fn = lambda p: self.dropout(p, deterministic=False)
     return dot_product_attention(q, k, v, mask, dropout_fn)
 
   def __call__(self, x: jax.Array, kv: jax.Array | None = None, *,

@@ -11,7 +11,7 @@ Having one layer is what lets LoRA and fake-quant intercept every projection lat
 (gemma's `_modules.Einsum` / `peft/_interceptors.py` pattern).
 """
 
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax

@@ -15,7 +15,8 @@ import flax.linen as nn
 import jax
 
 from llmjax.layers.linear import Einsum
-from llmjax.sharding.axes import BATCH, EMBED, LENGTH, MLP as MLP_AXIS
+from llmjax.sharding.axes import BATCH, EMBED, LENGTH
+from llmjax.sharding.axes import MLP as MLP_AXIS
 
 _ACTIVATIONS = {
     "relu": jax.nn.relu,
@@ -40,8 +41,9 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
-    dense = dict(use_bias=cfg.use_bias, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-                 kernel_init=nn.initializers.normal(cfg.init_std))
+    dense = {"use_bias": cfg.use_bias, "dtype": cfg.compute_dtype,
+             "param_dtype": cfg.params_dtype,
+             "kernel_init": nn.initializers.normal(cfg.init_std)}
     act = activation_fn(cfg.activation)
     if cfg.gated:
       gate = Einsum("BLD,DF->BLF", (cfg.embed_dim, cfg.mlp_dim), (EMBED, MLP_AXIS),

@@ -56,8 +56,8 @@ class RMSNorm(nn.Module):
 
 def make_norm(config, name: str | None = None) -> nn.Module:
   """The norm `config.norm` names ('layernorm' | 'rmsnorm'), with the config's dtypes."""
-  kwargs = dict(eps=config.norm_eps, dtype=config.compute_dtype,
-                param_dtype=config.params_dtype, name=name)
+  kwargs = {"eps": config.norm_eps, "dtype": config.compute_dtype,
+            "param_dtype": config.params_dtype, "name": name}
   if config.norm == "rmsnorm":
     return RMSNorm(**kwargs)
   return LayerNorm(use_bias=config.use_bias, **kwargs)

@@ -17,10 +17,11 @@ nanoGPT's printed "10.65M" excludes the position table (256 x 384 = 98,304).
 from llmjax.errors import UserError
 from llmjax.models.config import TransformerConfig
 
-_GPT2 = dict(arch="decoder_only", position="learned", norm="layernorm", norm_position="pre",
-             norm_eps=1e-5, activation="gelu", use_bias=True, tie_embeddings=True)
-_LLAMA = dict(arch="decoder_only", position="rope", norm="rmsnorm", norm_position="pre",
-              norm_eps=1e-5, activation="swiglu", use_bias=False, tie_embeddings=False)
+_GPT2 = {"arch": "decoder_only", "position": "learned", "norm": "layernorm",
+         "norm_position": "pre", "norm_eps": 1e-5, "activation": "gelu", "use_bias": True,
+         "tie_embeddings": True}
+_LLAMA = {"arch": "decoder_only", "position": "rope", "norm": "rmsnorm", "norm_position": "pre",
+          "norm_eps": 1e-5, "activation": "swiglu", "use_bias": False, "tie_embeddings": False}
 
 PRESETS: dict[str, TransformerConfig] = {
     "tiny": TransformerConfig(vocab_size=128, embed_dim=64, num_layers=2, num_heads=4,

@@ -44,7 +44,7 @@ class Transformer(nn.Module):
 
   def setup(self):
     cfg = self.config
-    kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
+    kw = {"dtype": cfg.compute_dtype, "param_dtype": cfg.params_dtype}
     self.embed = Embed(cfg.vocab_size, cfg.embed_dim, init_std=cfg.init_std, **kw)
     if cfg.position == "learned":
       self.pos_embed = LearnedPositions(cfg.max_len, cfg.embed_dim, init_std=cfg.init_std, **kw)
@@ -62,7 +62,7 @@ class Transformer(nn.Module):
                             kernel_init=nn.initializers.normal(cfg.init_std), **kw)
 
   def embed_tokens(self, tokens: jax.Array, positions: jax.Array,
-                   deterministic: bool) -> jax.Array:
+                   deterministic: bool = True) -> jax.Array:
     """Token (+ absolute position) embeddings, `[B, L] -> [B, L, D]`."""
     cfg = self.config
     if cfg.position == "learned" and tokens.shape[1] > cfg.max_len:

@@ -113,7 +113,7 @@ def _init_state(model, tx, cfg, mesh, rules, seq_len):
       opt_state=nn.get_partition_spec(jax.eval_shape(tx.init, boxed_abstract)),
       rng=PartitionSpec())
   shardings = nn.logical_to_mesh_sharding(logical, mesh, rules)
-  with mesh, nn.logical_axis_rules(rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state = jax.jit(init, out_shardings=shardings)(rng)
   return state, shardings
 
@@ -209,7 +209,7 @@ def train(workdir: str, *, model: TransformerConfig, data, tokenizer: inputs.Tok
           "tokenizer": ckpt_lib.encode_bytes(tok.serialized()), "num_params": num_params}
 
   put, batch_sharding = _batch_putter(mesh, rules)
-  with mesh, nn.logical_axis_rules(rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     train_step = jax.jit(
         step_lib.make_train_step(net, objective, tx, schedule,
                                  grad_accum_steps=config.grad_accum_steps),

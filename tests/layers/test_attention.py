@@ -12,7 +12,7 @@ from llmjax.testing import reference
 
 
 def _cfg(**kw):
-  base = dict(embed_dim=16, num_heads=4, num_kv_heads=4, use_bias=True, position="none")
+  base = {"embed_dim": 16, "num_heads": 4, "num_kv_heads": 4, "use_bias": True, "position": "none"}
   return TransformerConfig(**{**base, **kw})
 
 

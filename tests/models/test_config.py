@@ -33,17 +33,17 @@ def test_replace_rederives_defaulted_fields_only():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(arch="gpt"), "arch"),
-    (dict(position="alibi"), "position"),
-    (dict(norm="batchnorm"), "norm"),
-    (dict(activation="tanh"), "activation"),
-    (dict(remat="some"), "remat"),
-    (dict(dtype="fp8"), "dtype"),
-    (dict(num_heads=4, num_kv_heads=3), "num_kv_heads"),
-    (dict(embed_dim=65, num_heads=4), "head_dim"),
-    (dict(num_layers=0), "num_layers"),
-    (dict(position="rope", embed_dim=60, num_heads=4), "even head_dim"),
-    (dict(dropout_rate=1.0), "dropout_rate"),
+    ({"arch": "gpt"}, "arch"),
+    ({"position": "alibi"}, "position"),
+    ({"norm": "batchnorm"}, "norm"),
+    ({"activation": "tanh"}, "activation"),
+    ({"remat": "some"}, "remat"),
+    ({"dtype": "fp8"}, "dtype"),
+    ({"num_heads": 4, "num_kv_heads": 3}, "num_kv_heads"),
+    ({"embed_dim": 65, "num_heads": 4}, "head_dim"),
+    ({"num_layers": 0}, "num_layers"),
+    ({"position": "rope", "embed_dim": 60, "num_heads": 4}, "even head_dim"),
+    ({"dropout_rate": 1.0}, "dropout_rate"),
 ])
 def test_bad_values_raise_user_error_naming_the_field(kwargs, match):
   with pytest.raises(UserError, match=match):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from llmjax.errors import UserError
+from llmjax.layers.position import sinusoidal_positions
 from llmjax.models.presets import get_preset
 from llmjax.models.stack import unstack_layers
 from llmjax.models.transformer import Transformer
@@ -134,3 +135,17 @@ def test_user_errors():
   t5, tokens, t5_params = _setup("t5-tiny")
   with pytest.raises(UserError, match="encoder_tokens"):
     _apply(t5, t5_params, tokens)
+
+
+@pytest.mark.parametrize("position", ["learned", "sinusoidal", "none"])
+def test_embeddings_scale_and_positions(position):
+  cfg, tokens, params = _setup("tiny", position=position, scale_embeddings=True)
+  positions = np.array([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7]] * 2, np.int32)
+  got = _apply(cfg, params, tokens, positions, method=Transformer.embed_tokens)
+  want = np.asarray(params["embed"]["embedding"])[tokens] * np.sqrt(cfg.embed_dim)
+  if position == "learned":
+    want = want + np.asarray(params["pos_embed"]["embedding"])[positions]
+  elif position == "sinusoidal":
+    want = want + np.asarray(sinusoidal_positions(positions, cfg.embed_dim))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert ("pos_embed" in params) == (position == "learned")
