@@ -9,6 +9,7 @@ Saves are asynchronous; nothing is ever loaded through pickle.
 """
 
 import base64
+import os
 import logging
 
 import jax
@@ -25,7 +26,7 @@ class CheckpointManager:
 
   def __init__(self, directory, *, save_every: int = 1000, keep: int = 3,
                async_save: bool = True):
-    self.directory = epath.Path(directory)
+    self.directory = epath.Path(os.path.abspath(directory))  # orbax needs absolute paths
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=save_every, create=True,
         enable_async_checkpointing=async_save)

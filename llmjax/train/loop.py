@@ -179,6 +179,7 @@ def train(workdir: str, *, model: TransformerConfig, data, tokenizer: inputs.Tok
   Returns a TrainResult (final state, the network, the tokenizer, the loop config). Writes metrics.jsonl, TensorBoard events, checkpoints,
   the tokenizer, and loss_curve.png into `workdir`.
   """
+  workdir = os.path.abspath(workdir)
   _check_workdir(workdir)
   if config.on_nonfinite not in ("halt", "skip"):
     raise UserError(f"TrainConfig.on_nonfinite={config.on_nonfinite!r}; use 'halt' or 'skip'.")

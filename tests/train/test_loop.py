@@ -103,3 +103,31 @@ def test_generate_cli_prints_continuation(tmp_path, data_dir, capsys):
                    "--max_new_tokens=5", "--temperature=0"]) == 0
   out = capsys.readouterr().out
   assert out.startswith("ROMEO") and len(out.strip()) > len("ROMEO")
+
+
+@pytest.mark.slow
+def test_sigterm_saves_checkpoint_and_exits_cleanly(tmp_path, data_dir):
+  import re
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  workdir = str(tmp_path / "run")
+  cmd = [sys.executable, "-m", "llmjax.cli", "train", "--gin_file=runs/debug.gin",
+         f"--workdir={workdir}", "--no_sample", f"--gin_param=DataConfig.data_dir={data_dir!r}",
+         "--gin_param=TrainConfig.num_steps=100000", "--gin_param=TrainConfig.log_every=1",
+         "--gin_param=TrainConfig.eval_every=100000",
+         "--gin_param=TrainConfig.checkpoint_every=100000"]
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 240
+  while len(metrics_lib.read_metrics(workdir)) < 3 and time.time() < deadline:
+    assert proc.poll() is None, proc.stdout.read()
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out
+  match = re.search(r"SIGTERM: saved checkpoint at step (\d+)", out)
+  assert match, out
+  ckpt = ckpt_lib.CheckpointManager(os.path.join(workdir, "checkpoints"))
+  assert ckpt.latest_step() == int(match.group(1)) >= 3
