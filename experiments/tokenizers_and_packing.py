@@ -8,8 +8,17 @@ in whitespace-exact mode (markdown kept byte for byte) and in SentencePiece's de
 normalisation, measures chars per token on the validation split, then packs the train
 split into [16, 256] rows (first_fit) and reports the fraction of non-pad tokens.
 
-Result (2-core CPU, shared; see the issue note for the run this docstring records):
-  filled in by the run below: see RESULTS at the bottom of this file.
+Result (2-core x86 CPU, no accelerator, 2026-11-22; dataset already built, 0.3 s to load):
+  dataset: 706 train / 35 validation scenes
+  tokenizer             vocab  train_s  chars/tok  packing
+  bpe-4000               4000      0.5      3.568   98.25%
+  bpe-4000-exact         4000      0.5      2.957   98.35%
+  unigram-4000           4000      4.3      3.664   98.38%
+  unigram-4000-exact     4000      4.8      3.006   98.58%
+  char                     88      0.2      1.051   99.22%
+  char-exact               89      0.3      1.000   99.34%
+Whitespace-exact mode costs ~17% more tokens: every markdown line break ("  \n") is two
+tokens there, while the default normalisation drops them (and cannot round-trip).
 """
 
 import argparse
