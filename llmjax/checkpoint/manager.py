@@ -9,8 +9,8 @@ Saves are asynchronous; nothing is ever loaded through pickle.
 """
 
 import base64
-import os
 import logging
+import os
 
 import jax
 import orbax.checkpoint as ocp
@@ -19,6 +19,7 @@ from etils import epath
 from llmjax.errors import UserError
 
 ITEMS = ("state", "data", "meta")
+_log = logging.getLogger(__name__)
 
 
 class CheckpointManager:
@@ -63,11 +64,11 @@ class CheckpointManager:
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore()))
         if errors:
-          logging.warning("restored step %d after skipping unreadable steps: %s", s, errors)
+          _log.warning("restored step %d after skipping unreadable steps: %s", s, errors)
         return restored.state, restored.data, restored.meta
       except Exception as e:  # noqa: BLE001 - report and fall back to an older step
         errors.append(f"step {s}: {type(e).__name__}: {str(e)[:300]}")
-        logging.warning("checkpoint step %d in %s could not be restored: %s", s,
+        _log.warning("checkpoint step %d in %s could not be restored: %s", s,
                         self.directory, e)
     raise UserError(f"no checkpoint in {self.directory} could be restored:\n  "
                     + "\n  ".join(errors) + "\nIf the model config changed, use a new "

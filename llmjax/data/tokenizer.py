@@ -38,6 +38,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
+from llmjax.data import text_files
 from llmjax.errors import UserError
 
 PAD_ID, EOS_ID, BOS_ID, UNK_ID, MASK_ID = 0, 1, 2, 3, 4
@@ -218,15 +219,6 @@ def _expand_paths(paths: Iterable[str]) -> list[str]:
   return files
 
 
-def _decode_utf8(data: bytes, path: str, offset: int = 0) -> str:
-  try:
-    return data.decode("utf-8")
-  except UnicodeDecodeError as e:
-    raise UserError(f"{path}: byte offset {offset + e.start} is not UTF-8 "
-                    f"({data[e.start:e.start + 4]!r}); convert the file to UTF-8, e.g. "
-                    f"`iconv -f latin1 -t utf-8`") from e
-
-
 def iter_text_files(paths: str | Iterable[str], text_key: str = "text") -> Iterator[str]:
   """Yields one text per .txt/.md file and one per .jsonl line (its `text_key` field).
 
@@ -237,11 +229,11 @@ def iter_text_files(paths: str | Iterable[str], text_key: str = "text") -> Itera
     with open(path, "rb") as f:
       data = f.read()
     if not path.endswith(".jsonl"):
-      yield _decode_utf8(data, path)
+      yield text_files.decode_utf8(data, path)
       continue
     offset = 0
     for lineno, raw in enumerate(data.split(b"\n"), 1):
-      line = _decode_utf8(raw, path, offset)
+      line = text_files.decode_utf8(raw, path, offset)
       offset += len(raw) + 1
       if not line.strip():
         continue

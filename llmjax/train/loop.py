@@ -25,7 +25,9 @@ from llmjax.optim.optimizers import OptimizerConfig
 from llmjax.scaling import counts
 from llmjax.sharding import mesh as mesh_lib
 from llmjax.sharding import rules as rules_lib
-from llmjax.train import inputs, metrics as metrics_lib, step as step_lib
+from llmjax.train import inputs
+from llmjax.train import metrics as metrics_lib
+from llmjax.train import step as step_lib
 from llmjax.train.state import TrainState
 
 
@@ -172,13 +174,15 @@ def _restore(ckpt, state, shardings, train_iter, model_cfg, log):
 
 
 def train(workdir: str, *, model: TransformerConfig, data, tokenizer: inputs.TokenizerSpec,
-          optimizer: OptimizerConfig = OptimizerConfig(), objective=CausalLM(),
-          config: TrainConfig = TrainConfig(), operative_config: str = "", log=print):
+          optimizer: OptimizerConfig | None = None, objective=None,
+          config: TrainConfig | None = None, operative_config: str = "", log=print):
   """Trains `model` on `data` in `workdir`, resuming from its latest checkpoint if any.
 
   Returns a TrainResult (final state, the network, the tokenizer, the loop config). Writes metrics.jsonl, TensorBoard events, checkpoints,
   the tokenizer, and loss_curve.png into `workdir`.
   """
+  optimizer, objective = optimizer or OptimizerConfig(), objective or CausalLM()
+  config = config or TrainConfig()
   workdir = os.path.abspath(workdir)
   _check_workdir(workdir)
   if config.on_nonfinite not in ("halt", "skip"):

@@ -80,16 +80,13 @@ class _DropMessages(logging.Filter):
 def train(workdir=gin.REQUIRED, model=gin.REQUIRED, data=gin.REQUIRED, tokenizer=gin.REQUIRED,
           optimizer=None, objective=None, config=None):
   """The configurable training entry: builds what gin says and runs `loop.train`."""
-  from llmjax.objectives.lm import CausalLM
-  from llmjax.optim.optimizers import OptimizerConfig
   from llmjax.train import loop
   from llmjax.validation import check_types
 
   for cfg in (model, data, tokenizer, optimizer, objective, config):
     check_types(cfg)
   return loop.train(workdir, model=model, data=data, tokenizer=tokenizer,
-                    optimizer=optimizer or OptimizerConfig(), objective=objective or CausalLM(),
-                    config=config or loop.TrainConfig(),
+                    optimizer=optimizer, objective=objective, config=config,
                     operative_config=gin.operative_config_str())
 
 

@@ -24,7 +24,8 @@ class MetricsWriter:
     if enabled:
       from tensorboardX import SummaryWriter  # lazy: keeps import time low elsewhere
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      self._jsonl = open(  # noqa: SIM115 - kept open for the run, closed in close()
+          os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
 
   def write(self, step: int, metrics: dict):
     if not self.enabled:

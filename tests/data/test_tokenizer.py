@@ -227,7 +227,7 @@ def _bad_inputs(tmp_path):
       "blank texts": (["  \n\n", ""], {}, "empty"),
       "missing file": (T.iter_text_files([str(tmp_path / "nope.txt")]), {}, "does not exist"),
       "no text files": (T.iter_text_files([str(tmp_path / "empty_dir")]), {}, "no .txt"),
-      "non-utf8": (T.iter_text_files([str(bad)]), {}, r"bad\.md: byte offset 9 "),
+      "non-utf8": (T.iter_text_files([str(bad)]), {}, r"bad\.md is not UTF-8: byte 0x[0-9a-f]+ at byte offset 9 "),
       "vocab too high": (small, {"vocab_size": 300, "num_sentinels": 0}, r"<= \d+"),
       "vocab too small": (small, {"vocab_size": 12, "num_sentinels": 0}, "too small"),
       "no room for specials": (small, {"vocab_size": 100}, "no room"),
@@ -271,7 +271,7 @@ def test_iter_text_files_reads_folders_and_jsonl(tmp_path):
   assert list(T.iter_text_files([str(tmp_path)])) == ["# a\n  x\n", "c1\n", "c2", "b"]
   bad = tmp_path / "bad.jsonl"
   bad.write_bytes(b'{"text": "ok"}\n{"text": "\xe9"}\n')
-  with pytest.raises(UserError, match=r"bad\.jsonl: byte offset 25 "):
+  with pytest.raises(UserError, match=r"bad\.jsonl is not UTF-8: byte 0x[0-9a-f]+ at byte offset 25 "):
     list(T.iter_text_files(str(bad)))
   (tmp_path / "nokey.jsonl").write_text('{"body": "x"}\n')
   with pytest.raises(UserError, match="nokey.jsonl:1"):

@@ -1,7 +1,6 @@
 """End-to-end training through the CLI and gin: smoke run, exact resume, config errors."""
 
 import glob
-import json
 import os
 
 import numpy as np
@@ -37,7 +36,8 @@ def test_debug_smoke_run_writes_everything(tmp_path, data_dir, capsys):
   assert 3.0 < train[0]["loss"] < 6.0
   assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
   assert os.path.getsize(os.path.join(workdir, "loss_curve.png")) > 1000
-  operative = open(os.path.join(workdir, "operative_config.gin")).read()
+  with open(os.path.join(workdir, "operative_config.gin")) as f:
+    operative = f.read()
   assert "TrainConfig.num_steps = 2" in operative and "get_preset.name = 'tiny'" in operative
   ckpt = ckpt_lib.CheckpointManager(os.path.join(workdir, "checkpoints"))
   assert ckpt.latest_step() == 2
@@ -63,8 +63,8 @@ def test_resume_is_bitwise_identical(tmp_path, data_dir):
   flat1 = {k: np.asarray(v) for k, v in _flatten(p1).items()}
   flat2 = {k: np.asarray(v) for k, v in _flatten(p2).items()}
   assert flat1.keys() == flat2.keys()
-  for k in flat1:
-    np.testing.assert_array_equal(flat1[k], flat2[k], err_msg=k)
+  for k, value in flat1.items():
+    np.testing.assert_array_equal(value, flat2[k], err_msg=k)
 
 
 def _flatten(tree, prefix=""):

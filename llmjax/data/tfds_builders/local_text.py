@@ -22,7 +22,7 @@ from typing import ClassVar
 import tensorflow_datasets as tfds
 from etils import epath
 
-from llmjax.data import cleaning
+from llmjax.data import cleaning, text_files
 from llmjax.errors import UserError
 
 SUFFIXES = (".txt", ".md", ".jsonl")
@@ -69,15 +69,6 @@ def local_text_config(input_dir: str, *, text_key: str = "text",
                          description=f"Text files under {root}.")
 
 
-def _decode(data: bytes, path: pathlib.Path) -> str:
-  try:
-    return data.decode("utf-8")
-  except UnicodeDecodeError as e:
-    raise UserError(f"{path} is not UTF-8: byte 0x{data[e.start]:02x} at byte offset "
-                    f"{e.start} cannot be decoded. Convert the file (e.g. `iconv -f latin1 "
-                    f"-t utf-8`) or remove it from the folder") from None
-
-
 def _jsonl_documents(text: str, path: pathlib.Path, rel: str, text_key: str):
   for number, line in enumerate(text.splitlines(), start=1):
     if not line.strip():
@@ -99,7 +90,7 @@ def read_documents(input_dir: str, text_key: str = "text") -> list[tuple[str, st
   documents = []
   for path in _files(root):
     rel = str(path.relative_to(root))
-    text = _decode(path.read_bytes(), path)
+    text = text_files.decode_utf8(path.read_bytes(), path)
     if path.suffix == ".jsonl":
       documents += _jsonl_documents(text, path, rel, text_key)
     else:
