@@ -1,1 +1,1 @@
-"""checkpoint."""
+"""Orbax checkpoints that resume exactly."""

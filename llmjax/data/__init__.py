@@ -1,1 +1,1 @@
-"""data."""
+"""Text to batches: tokenizer, cleaning, TFDS builders, grain pipeline, packing."""

@@ -1,1 +1,1 @@
-"""decode."""
+"""Generation from trained models."""

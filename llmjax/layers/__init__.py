@@ -1,1 +1,1 @@
-"""layers."""
+"""Transformer building blocks (flax linen, einsum layers with logical axes)."""

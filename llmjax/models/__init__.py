@@ -1,1 +1,1 @@
-"""models."""
+"""The one Transformer: config, block, scanned stack, presets."""

@@ -1,1 +1,1 @@
-"""objectives."""
+"""Training objectives: they own batch keys, losses and metrics."""

@@ -1,1 +1,1 @@
-"""train."""
+"""Train state, step, loop and the gin entry point."""
