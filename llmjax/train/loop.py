@@ -98,18 +98,18 @@ def _check_workdir(workdir):
 def _init_state(model, tx, cfg, mesh, rules, seq_len):
   """Abstract init -> logical specs -> mesh shardings -> jitted init with out_shardings."""
 
+  def init_boxed(rng):  # params wrapped in their logical-axis metadata
+    tokens = jax.numpy.zeros((1, seq_len), jax.numpy.int32)
+    return model.init({"params": rng}, tokens)["params"]
+
   def init(rng):
     params_rng, state_rng = jax.random.split(rng)
-    tokens = jax.numpy.zeros((1, seq_len), jax.numpy.int32)
-    boxed = model.init({"params": params_rng}, tokens)["params"]
-    params = nn.meta.unbox(boxed)
+    params = nn.meta.unbox(init_boxed(params_rng))
     return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
                       opt_state=tx.init(params), rng=jax.random.key_data(state_rng))
 
   rng = jax.random.PRNGKey(cfg.seed)
-  boxed_abstract = jax.eval_shape(
-      lambda r: model.init({"params": r}, jax.numpy.zeros((1, seq_len), jax.numpy.int32)),
-      rng)["params"]
+  boxed_abstract = jax.eval_shape(init_boxed, rng)
   logical = TrainState(
       step=PartitionSpec(), params=nn.get_partition_spec(boxed_abstract),
       opt_state=nn.get_partition_spec(jax.eval_shape(tx.init, boxed_abstract)),
