@@ -16,6 +16,8 @@ COMMANDS = {
     "data": ("llmjax.commands.data", "build TFDS datasets and inspect the packed pipeline"),
     "train": ("llmjax.commands.train", "train a model from gin configs"),
     "generate": ("llmjax.commands.generate", "sample from a trained checkpoint"),
+    "convert": ("llmjax.commands.convert", "import/export Hugging Face checkpoints"),
+    "memory": ("llmjax.commands.memory", "training memory per device for each sharding"),
 }
 
 

@@ -11,6 +11,7 @@ Saves are asynchronous; nothing is ever loaded through pickle.
 import base64
 import logging
 import os
+import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -23,15 +24,21 @@ _log = logging.getLogger(__name__)
 
 
 class CheckpointManager:
-  """Thin wrapper over `ocp.CheckpointManager` with llmjax's three items."""
+  """Thin wrapper over `ocp.CheckpointManager` with llmjax's three items.
+
+  `cleanup_tmp=True` (the trainer's manager) removes the temporary directories of saves
+  that a killed process never finished; leave it off for readers (generate, eval), which
+  must not touch the in-flight save of a run that is still training.
+  """
 
   def __init__(self, directory, *, save_every: int = 1000, keep: int = 3,
-               async_save: bool = True):
+               async_save: bool = True, cleanup_tmp: bool = False):
     self.directory = epath.Path(os.path.abspath(directory))  # orbax needs absolute paths
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=save_every, create=True,
-        enable_async_checkpointing=async_save)
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=cleanup_tmp)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+    self.bad_steps: dict[int, str] = {}  # step -> why it could not be restored (last restore)
 
   def latest_step(self):
     return self._manager.latest_step()
@@ -46,33 +53,85 @@ class CheckpointManager:
         meta=ocp.args.JsonSave(meta))
     return self._manager.save(step, args=args, force=force)
 
-  def restore(self, abstract_state, step: int | None = None):
-    """Restores (state, data_state, meta) at `step` (default: the newest that loads).
+  def restore(self, abstract_state, step: int | None = None, *, check_meta=None,
+              quarantine: bool = True):
+    """Restores (state, data_state, meta) at `step` (default: the newest good step).
 
     `abstract_state` is a pytree of `jax.ShapeDtypeStruct` with shardings, so arrays come
-    back already placed on the mesh. A step that fails to load is reported and skipped in
-    favour of the next older one; a missing step is an error.
+    back already placed on the mesh. `check_meta(meta)` may raise UserError to reject a
+    step (e.g. another model config) before any array is read. A step that fails (bad
+    metadata, truncated or missing files, another tree structure) is named in a warning
+    and in `self.bad_steps`, and the next older step is tried. With `quarantine`, bad
+    steps newer than the restored one are moved to `<directory>.bad/` (never deleted):
+    left in place they would count towards `keep` and push good steps out, and block
+    re-saving their step numbers.
     """
+    self._manager.reload()  # the directory may have changed since this manager listed it
     steps = sorted(self.all_steps(), reverse=True) if step is None else [step]
     if not steps:
       raise UserError(f"no checkpoint in {self.directory}; train first or point --workdir "
                       "at a run that has one.")
-    errors = []
+    self.bad_steps, mismatches = {}, []
     for s in steps:
       try:
-        restored = self._manager.restore(s, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-            meta=ocp.args.JsonRestore()))
-        if errors:
-          _log.warning("restored step %d after skipping unreadable steps: %s", s, errors)
-        return restored.state, restored.data, restored.meta
-      except Exception as e:  # noqa: BLE001 - report and fall back to an older step
-        errors.append(f"step {s}: {type(e).__name__}: {str(e)[:300]}")
-        _log.warning("checkpoint step %d in %s could not be restored: %s", s,
-                        self.directory, e)
-    raise UserError(f"no checkpoint in {self.directory} could be restored:\n  "
-                    + "\n  ".join(errors) + "\nIf the model config changed, use a new "
-                    "--workdir; otherwise delete the broken step directories.")
+        restored = self._restore_step(s, abstract_state, check_meta)
+      except UserError as e:  # the step is readable but belongs to another config
+        self.bad_steps[s] = str(e)
+        mismatches.append(s)
+        continue
+      except Exception as e:  # noqa: BLE001 - corrupt or partial: fall back to an older step
+        self.bad_steps[s] = f"{type(e).__name__}: {str(e)[:300]}"
+        continue
+      if self.bad_steps:
+        _log.warning("checkpoint steps %s in %s are bad (%s); restored step %d instead",
+                     sorted(self.bad_steps), self.directory, self.bad_steps, s)
+        if quarantine and step is None:
+          self._quarantine([b for b in self.bad_steps if b > s])
+      return restored
+    if len(mismatches) == len(steps):
+      raise UserError(f"{self.bad_steps[steps[0]]} (all {len(steps)} checkpoint steps in "
+                      f"{self.directory} disagree: {sorted(steps)})")
+    raise UserError(f"no checkpoint in {self.directory} could be restored:\n  " + "\n  ".join(
+        f"step {s}: {why}" for s, why in self.bad_steps.items()) + "\nIf the model config "
+        "changed, use a new --workdir; otherwise move the broken step directories away.")
+
+  def _restore_step(self, step, abstract_state, check_meta):
+    meta = self._manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore())).meta
+    if not isinstance(meta, dict):
+      raise TypeError(f"meta is a {type(meta).__name__}, not a JSON object")
+    if check_meta is not None:
+      check_meta(meta)
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    _check_structure(restored.state, abstract_state)
+    return restored.state, restored.data, meta
+
+  def _quarantine(self, steps):
+    """Moves bad step directories out of orbax's sight (into `<directory>.bad/`)."""
+    if not steps or jax.process_index() != 0:
+      return
+    bad_root = epath.Path(f"{self.directory}.bad")
+    bad_root.mkdir(parents=True, exist_ok=True)
+    for s in steps:
+      source = self.directory / str(s)
+      target = bad_root / f"{s}-{time.strftime('%Y%m%d-%H%M%S')}"
+      if source.exists():
+        source.rename(target)
+        _log.warning("moved bad checkpoint step %d to %s", s, target)
+    self._manager.reload()
+
+  def read(self, step: int | None = None):
+    """(state, data_state, meta) at `step` (default latest) as host arrays, without a
+    target structure or mesh: for inspecting and comparing checkpoints."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise UserError(f"no checkpoint in {self.directory}; train first or point --workdir "
+                      "at a run that has one.")
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore(),
+        meta=ocp.args.JsonRestore()))
+    return restored.state, restored.data, restored.meta
 
   def restore_meta(self, step: int | None = None):
     """Only the JSON metadata (cheap: no arrays), e.g. to rebuild the model for generate."""
@@ -114,3 +173,16 @@ def abstract_like(tree, shardings):
   """ShapeDtypeStructs with shardings for restoring `tree`'s structure onto the mesh."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       tree, shardings)
+
+
+def _check_structure(restored, abstract) -> None:
+  """Orbax restores into the target's structure; a checkpoint with other or differently
+  shaped leaves must not pass silently."""
+  got, want = jax.tree.structure(restored), jax.tree.structure(abstract)
+  if got != want:
+    raise ValueError(f"tree structure {got} does not match the model's {want}")
+  for (path, b), a in zip(jax.tree_util.tree_flatten_with_path(abstract)[0],
+                          jax.tree.leaves(restored)):
+    if a.shape != b.shape or a.dtype != b.dtype:
+      raise ValueError(f"{jax.tree_util.keystr(path)}: {a.shape} {a.dtype} in the "
+                       f"checkpoint, {b.shape} {b.dtype} in the model")

@@ -18,8 +18,8 @@ def run(args):
   from llmjax.train import main
 
   result = main.run(args.gin_file, args.gin_param, args.workdir)
-  if args.no_sample:
-    return 0
+  if args.no_sample or not getattr(result.objective, "can_sample", True):
+    return 0  # MLM, span corruption, seq2seq: no causal-LM prompt to continue
   from llmjax.commands import generate
   cfg = result.config
   print(f"\n--- sample (prompt {cfg.sample_prompt!r}, {cfg.sample_tokens} tokens) ---")

@@ -3,12 +3,14 @@
 `get_source(dataset, split)` returns a random-access source (`len` + `[i]`, what
 `grain.MapDataset.source` wants) whose records are dicts with `str` text (TFDS hands
 back `bytes`; mock data hands back `str`; we make both `str`). Our builders
-(`shakespeare`, `local_text`) are built on first use into `data_dir`. Public datasets
+(`shakespeare`, `local_text`, `num2words_translate`) are built on first use into
+`data_dir`. Public datasets
 (`lm1b`, `c4`, `tiny_shakespeare`, `wmt14_translate`) go through `tfds.data_source`
 with array_record files, which downloads and prepares them where the network allows;
 `tfds.testing.mock_data` patches exactly that call, which is how the tests run them.
 
-Names may carry a TFDS config: `c4/realnewslike`, `wmt14_translate/fr-en`.
+Names may carry a TFDS config: `c4/realnewslike`, `wmt14_translate/fr-en`,
+`num2words_translate/de-en` (or `.../en-fr-1000`: numbers below 1000 only).
 """
 
 import dataclasses
@@ -19,7 +21,9 @@ from typing import Any
 from llmjax.errors import UserError
 
 TextKey = str | tuple[str, ...]
-OWN = ("shakespeare", "local_text")
+OWN = ("shakespeare", "local_text", "num2words_translate")
+# Our builders that take a config after the slash, and the one used without it.
+OWN_DEFAULT_CONFIG = {"num2words_translate": "en-fr"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,14 +51,18 @@ def _parse_name(dataset: str) -> tuple[str, str | None]:
     raise UserError(f"unknown dataset {dataset!r}: known datasets are "
                     f"{', '.join(known_datasets())} (a TFDS config goes after a slash, "
                     "e.g. c4/en)")
-  if base in OWN and config:
+  if base in OWN and config and base not in OWN_DEFAULT_CONFIG:
     raise UserError(f"dataset {base!r} takes no config ({dataset!r}): drop '/{config}'")
-  return base, config or (PUBLIC[base].default_config if base in PUBLIC else None)
+  if base in OWN:
+    return base, config or OWN_DEFAULT_CONFIG.get(base)
+  return base, config or PUBLIC[base].default_config
 
 
 def default_text_key(dataset: str) -> TextKey:
   """The field(s) holding the text: 'text', or both sides of a translation pair."""
   base, config = _parse_name(dataset)
+  if base == "num2words_translate":  # 'en-fr' or 'en-fr-<max_number>'
+    return tuple(config.split("-")[:2])
   if base in OWN or PUBLIC[base].text_key is not None:
     return "text" if base in OWN else PUBLIC[base].text_key
   return tuple(config.split("-"))
@@ -101,7 +109,20 @@ def own_builder(dataset: str, data_dir: str | None = None, *, build: bool = True
                 **kwargs):
   """Our builder for `dataset`, built (array_record) unless it is or `build=False`."""
   from llmjax.data import tfds_builders  # pylint: disable=import-outside-toplevel
-  if dataset == "shakespeare":
+  base, config = _parse_name(dataset)
+  if base == "num2words_translate":
+    parts = config.split("-")
+    if len(parts) not in (2, 3) or (len(parts) == 3 and not parts[2].isdigit()):
+      raise UserError(f"bad num2words_translate config {config!r}: use SOURCE-TARGET or "
+                      "SOURCE-TARGET-MAX_NUMBER, e.g. num2words_translate/en-fr-1000")
+    source, target = parts[:2]
+    if len(parts) == 3:
+      kwargs.setdefault("max_number", int(parts[2]))
+    n2w_config = tfds_builders.num2words_config(source, target, **kwargs)
+    if n2w_config.name in tfds_builders.Num2WordsTranslate.builder_configs:
+      n2w_config = n2w_config.name  # TFDS refuses a custom copy of a registered config
+    builder = tfds_builders.Num2WordsTranslate(config=n2w_config, data_dir=data_dir)
+  elif dataset == "shakespeare":
     if kwargs:
       raise UserError(f"shakespeare takes no options, got {sorted(kwargs)}: drop them")
     builder = tfds_builders.Shakespeare(data_dir=data_dir)
@@ -124,7 +145,7 @@ def get_source(dataset: str, split: str, data_dir: str | None = None,
   """
   base, config = _parse_name(dataset)
   if base in OWN:
-    builder = own_builder(base, data_dir, **kwargs)
+    builder = own_builder(f"{base}/{config}" if config else base, data_dir, **kwargs)
     _split_check(builder, split)
     return DecodedSource(builder.as_data_source(split=split), f"{dataset}[{split}]")
   if kwargs:

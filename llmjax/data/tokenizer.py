@@ -182,6 +182,33 @@ class Tokenizer:
     return self._sp.decode([[int(i) for i in ids] for ids in batch])
 
 
+def from_serialized(data: bytes):
+  """Any run's tokenizer from its bytes: a `Tokenizer` for llmjax-layout SentencePiece
+  models; for tokenizers imported with a Hugging Face checkpoint (a tokenizer.json, or a
+  SentencePiece model with its own special ids) a `llmjax.data.hf_tokenizer` object with
+  the same interface."""
+  from llmjax.data import hf_tokenizer
+  if hf_tokenizer.is_tokenizer_json(data):
+    return hf_tokenizer.JsonTokenizer(data)
+  proto = model_pb2.ModelProto()
+  try:
+    proto.ParseFromString(bytes(data))
+  except Exception:  # noqa: BLE001 - Tokenizer() reports it as a UserError
+    return Tokenizer(data)
+  if tuple(p.piece for p in proto.pieces[:len(_SPECIALS)]) != _SPECIALS:
+    return hf_tokenizer.SentencePieceTokenizer(data)
+  return Tokenizer(data)
+
+
+def load_any(path: str):
+  """`from_serialized` of a file (`tokenizer.model` or an imported `tokenizer.json`)."""
+  if not os.path.isfile(path):
+    raise UserError(f"tokenizer file {path!r} does not exist; pass a .model or "
+                    "tokenizer.json file")
+  with open(path, "rb") as f:
+    return from_serialized(f.read())
+
+
 def tokenizer_stats(tokenizer: Tokenizer, texts: Iterable[str]) -> dict:
   """Compression and coverage of `tokenizer` on `texts`: chars/token, unk and byte rates."""
   counts = collections.Counter()

@@ -1,1 +1,2 @@
-"""Generation from trained models."""
+"""Generation: KV cache (`cache`), sampling warpers (`sampling`), the jit-compiled loop
+(`generate`) and beam search (`beam`)."""

@@ -1,66 +1,106 @@
-"""A simple sampler: temperature and top-k over a full forward pass per token.
+"""Logit processing and sampling: greedy, temperature, top-k, top-p, min-p, repetition penalty.
 
-This is the reference path (no KV cache): each step re-runs the model over a fixed-size
-buffer, so one compiled function serves every step. Causal masking makes the unused tail
-of the buffer irrelevant to the logits at the current position.
+The order is Hugging Face's (`generate`): repetition penalty first (a logits processor),
+then the warpers temperature -> top-k -> top-p -> min-p. Removed tokens get -inf.
+
+- Top-k (Fan et al. 2018): keep the k largest logits (ties with the k-th are kept).
+- Top-p / nucleus (Holtzman et al. 2020): keep the smallest set of most likely tokens
+  whose probability mass reaches p. Implemented as HF's `TopPLogitsWarper`: sort
+  ascending, remove tokens whose cumulative mass is <= 1 - p, always keep the top one.
+- Min-p (Nguyen et al. 2024): remove tokens with probability < min_p * max probability.
+- Repetition penalty (Keskar et al. 2019, CTRL): a logit of a token already in the
+  prompt or the output is divided by the penalty if positive, multiplied if negative.
+
+Everything is float32 and jit-friendly (static settings, no data-dependent shapes).
 """
 
-import functools
+import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from llmjax.errors import UserError
 
 
-def filter_logits(logits, temperature: float = 1.0, top_k: int = 0):
-  """Applies temperature then top-k to logits [..., V]; returns f32 logits (-inf outside)."""
-  logits = logits.astype(jnp.float32) / max(temperature, 1e-6)
-  if top_k:
-    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How to pick the next token (hashable: a static argument of the jitted loop)."""
+
+  temperature: float = 1.0        # 0 = greedy (argmax); the other fields are then unused
+  top_k: int = 0                  # 0 = off
+  top_p: float = 1.0              # 1 = off
+  min_p: float = 0.0              # 0 = off
+  repetition_penalty: float = 1.0  # 1 = off
+
+  def __post_init__(self):
+    checks = [("temperature", self.temperature >= 0, ">= 0 (0 = greedy)"),
+              ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an int >= 0"),
+              ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+              ("min_p", 0 <= self.min_p <= 1, "in [0, 1]"),
+              ("repetition_penalty", self.repetition_penalty > 0, "> 0 (1 = off)")]
+    for name, ok, want in checks:
+      if not ok:
+        raise UserError(f"{name}={getattr(self, name)!r} is invalid; set {name} {want}.")
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0.0
+
+
+def repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
+  """CTRL's penalty on `logits [B, V]` for tokens with `seen [B, V]` True."""
+  penalized = jnp.where(logits > 0, logits / penalty, logits * penalty)
+  return jnp.where(seen, penalized, logits)
+
+
+def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
+  """Keeps the `k` largest logits of `[..., V]` (HF `TopKLogitsWarper`)."""
+  k = min(k, logits.shape[-1])
+  kth = jax.lax.top_k(logits, k)[0][..., -1:]                           # [..., 1]
+  return jnp.where(logits < kth, -jnp.inf, logits)
+
+
+def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
+  """Nucleus filtering of `[..., V]` exactly as HF's `TopPLogitsWarper` computes it."""
+  ascending = jnp.sort(logits, axis=-1)                                  # [..., V]
+  cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
+  removed = cumulative <= 1.0 - p
+  removed = removed.at[..., -1].set(False)                               # keep the top token
+  # Removed tokens form a prefix of the ascending order: keep logits >= the first kept.
+  cutoff = jnp.take_along_axis(ascending, jnp.sum(removed, -1, keepdims=True), axis=-1)
+  return jnp.where(logits < cutoff, -jnp.inf, logits)
+
+
+def min_p_filter(logits: jax.Array, min_p: float) -> jax.Array:
+  """Removes tokens less likely than `min_p` times the most likely one (HF `MinPLogitsWarper`)."""
+  probs = jax.nn.softmax(logits, axis=-1)
+  keep = probs >= min_p * jnp.max(probs, axis=-1, keepdims=True)
+  return jnp.where(keep, logits, -jnp.inf)
+
+
+def process_logits(logits: jax.Array, config: SamplingConfig,
+                   seen: jax.Array | None = None) -> jax.Array:
+  """Float32 logits `[B, V]` after the penalty and warpers of `config`, in HF's order."""
+  logits = logits.astype(jnp.float32)
+  if config.repetition_penalty != 1.0 and seen is not None:
+    logits = repetition_penalty(logits, seen, config.repetition_penalty)
+  if config.greedy:
+    return logits
+  if config.temperature != 1.0:
+    logits = logits / config.temperature
+  if config.top_k:
+    logits = top_k_filter(logits, config.top_k)
+  if config.top_p < 1.0:
+    logits = top_p_filter(logits, config.top_p)
+  if config.min_p > 0.0:
+    logits = min_p_filter(logits, config.min_p)
   return logits
 
 
-@functools.partial(jax.jit, static_argnames=("model", "temperature", "top_k"))
-def _next_token(model, params, buffer, cur, rng, temperature, top_k):
-  logits = model.apply({"params": params}, buffer)  # [1, T, V]
-  last = jax.lax.dynamic_index_in_dim(logits[0], cur - 1, keepdims=False)  # [V]
-  if temperature == 0.0:
-    return jnp.argmax(last).astype(jnp.int32)
-  return jax.random.categorical(rng, filter_logits(last, temperature, top_k)).astype(jnp.int32)
-
-
-def generate(model, params, prompt_ids, *, max_new_tokens: int, max_len: int,
-             temperature: float = 1.0, top_k: int = 0, seed: int = 0, eos_id=None,
-             on_token=None):
-  """Samples up to `max_new_tokens` after `prompt_ids`; temperature 0 is greedy.
-
-  Returns the new token ids (without the prompt). `on_token(id)` is called as each token
-  is produced (for streaming). Stops early at `eos_id`.
-  """
-  if max_new_tokens < 1 or max_new_tokens >= max_len:
-    raise UserError(f"max_new_tokens must be in [1, {max_len - 1}] for a model with "
-                    f"max_len={max_len}, got {max_new_tokens}.")
-  if not prompt_ids:
-    raise UserError("the prompt encodes to no tokens; pass a non-empty --prompt.")
-  keep = max_len - max_new_tokens
-  prompt_ids = list(prompt_ids)[-keep:]  # crop from the left to fit the context
-  buffer = np.zeros((1, len(prompt_ids) + max_new_tokens), np.int32)
-  buffer[0, :len(prompt_ids)] = prompt_ids
-  buffer = jnp.asarray(buffer)
-  rng = jax.random.PRNGKey(seed)
-  out = []
-  for i in range(max_new_tokens):
-    cur = len(prompt_ids) + i
-    token = _next_token(model, params, buffer, cur, jax.random.fold_in(rng, i),
-                        float(temperature), int(top_k))
-    buffer = buffer.at[0, cur].set(token)
-    token = int(token)
-    out.append(token)
-    if on_token is not None:
-      on_token(token)
-    if eos_id is not None and token == eos_id:
-      break
-  return out
+def sample(logits: jax.Array, config: SamplingConfig, rng: jax.Array,
+           seen: jax.Array | None = None) -> jax.Array:
+  """Next tokens int32 `[B]` from logits `[B, V]`: argmax if greedy, else a draw."""
+  logits = process_logits(logits, config, seen)
+  if config.greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)

@@ -29,21 +29,35 @@ from llmjax.sharding.axes import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                           mask: jax.Array | None = None,
-                          dropout_fn=None) -> jax.Array:
-  """softmax(q k^T / sqrt(H) + mask) v, grouped over K key/value heads.
+                          dropout_fn=None, bias: jax.Array | None = None,
+                          scale: float | None = None, impl: str = "einsum") -> jax.Array:
+  """softmax(scale * q k^T + bias + mask) v, grouped over K key/value heads.
 
   Args:
     q: `[B, L, N, H]` queries; k, v: `[B, S, K, H]` with N % K == 0.
     mask: boolean, broadcastable to `[B, 1, L, S]`; True = may attend.
     dropout_fn: applied to the attention probabilities (None = no dropout).
+    bias: float, broadcastable to `[B, N, L, S]`, added to the scores (T5 relative).
+    scale: multiplies the queries; None = 1/sqrt(H) (T5 uses 1.0).
+    impl: 'einsum' (below) or 'jax' (`jax.nn.dot_product_attention`, which has no
+      dropout: with `dropout_fn` it falls back to 'einsum').
   Returns:
     `[B, L, N, H]` in q's dtype.
   """
   b, l, n, h = q.shape
+  scale = 1.0 / math.sqrt(h) if scale is None else scale
+  if impl == "jax" and dropout_fn is None:
+    bias = None if bias is None else bias.astype(q.dtype)  # it wants one dtype throughout
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale)
   kv_heads = k.shape[2]
   q = q.reshape(b, l, kv_heads, n // kv_heads, h)                       # [B, L, K, G, H]
-  q = q * jnp.asarray(1.0 / math.sqrt(h), q.dtype)
+  if scale != 1.0:
+    q = q * jnp.asarray(scale, q.dtype)
   scores = einsum_f32("BLKGH,BSKH->BKGLS", q, k)                        # [B, K, G, L, S]
+  if bias is not None:
+    bias = jnp.broadcast_to(bias, (bias.shape[0], n) + scores.shape[-2:])  # [B|1, N, L, S]
+    scores = scores + bias.reshape(bias.shape[0], kv_heads, n // kv_heads,
+                                   *scores.shape[-2:]).astype(jnp.float32)  # [B, K, G, L, S]
   if mask is not None:
     mask = jnp.broadcast_to(mask, (mask.shape[0], 1) + scores.shape[-2:])  # [B|1, 1, L, S]
     scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
@@ -92,22 +106,56 @@ class Attention(nn.Module):
       k = apply_rope(k, positions, self.config.rope_theta)
     return q, k, v
 
-  def attend(self, q, k, v, mask=None, deterministic: bool = True) -> jax.Array:
-    """The attention core on projected heads: `[B, L, N, H]`."""
+  def attend(self, q, k, v, mask=None, deterministic: bool = True,
+             bias: jax.Array | None = None) -> jax.Array:
+    """The attention core on projected heads: `[B, L, N, H]` (`bias`: `[B, N, L, S]`)."""
     dropout_fn = None
     if not deterministic and self.config.attention_dropout_rate > 0:
       dropout_fn = lambda p: self.dropout(p, deterministic=False)
-    return dot_product_attention(q, k, v, mask, dropout_fn)
+    return dot_product_attention(q, k, v, mask, dropout_fn, bias=bias,
+                                 scale=self.config.query_scale,
+                                 impl=self.config.attention_impl)
 
   def __call__(self, x: jax.Array, kv: jax.Array | None = None, *,
                mask: jax.Array | None = None, positions: jax.Array | None = None,
-               deterministic: bool = True) -> jax.Array:
+               deterministic: bool = True, cache: dict | None = None,
+               cache_index: jax.Array | None = None, bias: jax.Array | None = None):
     """Attend from `x [B, L, D]` to `kv [B, S, D]` (default: x itself).
 
     Args:
       mask: boolean, broadcastable to `[B, 1, L, S]` (see `llmjax.layers.masks`).
       positions: int `[B, L]` for RoPE; default arange(L).
+      bias: float, broadcastable to `[B, N, L, S]`, added to the scores (T5 relative
+        position bias, computed once per stack by `RelativePositionBias`).
       deterministic: False enables attention-probability dropout ('dropout' rng).
+      cache: decoding only: `{'key', 'value'}` `[B, T, K, H]`; see `_cached`.
+      cache_index: int scalar, the cache slot of x's first token (self-attention).
+    Returns:
+      `[B, L, D]`, or `([B, L, D], new cache)` when `cache` is given.
     """
+    if cache is not None:
+      return self._cached(x, kv, mask, positions, cache, cache_index, bias)
     q, k, v = self.project_qkv(x, kv, positions)
-    return self.out(self.attend(q, k, v, mask, deterministic))
+    return self.out(self.attend(q, k, v, mask, deterministic, bias))
+
+  def _cached(self, x, kv, mask, positions, cache, cache_index, bias=None):
+    """Attention over a KV cache (llmjax.decode): returns (`[B, L, D]`, new cache).
+
+    Self-attention (`cache_index` given) writes this call's keys/values into slots
+    `cache_index ... cache_index + L - 1` and attends over all T slots; `mask
+    [B, 1, L, T]` hides unwritten and padding slots. Cross-attention (`cache_index`
+    None) projects `kv` into the cache when given (once, at prefill) and otherwise
+    reuses the cached encoder keys/values, so the encoder output is projected once.
+    """
+    if cache_index is not None:
+      q, k, v = self.project_qkv(x, None, positions)
+      k, v = (jax.lax.dynamic_update_slice_in_dim(cache[name], new.astype(cache[name].dtype),
+                                                  cache_index, axis=1)   # [B, T, K, H]
+              for name, new in (("key", k), ("value", v)))
+    elif kv is not None:
+      q, k, v = self.project_qkv(x, kv, positions)
+    else:
+      q = nn.with_logical_constraint(self.query(x), (BATCH, LENGTH, HEADS, HEAD_DIM))
+      k, v = cache["key"], cache["value"]
+    new_cache = {"key": k.astype(cache["key"].dtype), "value": v.astype(cache["value"].dtype)}
+    return self.out(self.attend(q, k, v, mask, bias=bias)), new_cache

@@ -1,4 +1,4 @@
-"""Position information: learned absolute, sinusoidal and rotary (RoPE) encodings.
+"""Position information: learned absolute, sinusoidal, rotary (RoPE) and T5 relative.
 
 - Learned (GPT-2, BERT): a `[max_len, D]` table `embedding` added to token embeddings.
 - Sinusoidal (Vaswani et al. 2017, sec. 3.5): PE[p, 2i] = sin(p / 10000^(2i/D)),
@@ -8,15 +8,19 @@
   and Hugging Face (`rotate_half`): feature i pairs with feature i + H/2, not with its
   neighbour i + 1 as in the paper's interleaved form. The two layouts differ by a fixed
   permutation of the q/k projection columns, so HF LLaMA checkpoints load without one.
+- T5 relative bias (Raffel et al. 2020, sec. 2.1; Shaw et al. 2018): a learned scalar per
+  head and log-spaced bucket of key - query distance, added to the attention scores.
 
 Positions are int32 `[B, L]` and restart at 0 for each document of a packed row.
 """
+
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llmjax.sharding.axes import EMBED, LENGTH
+from llmjax.sharding.axes import EMBED, HEADS, LENGTH
 
 
 def sinusoidal_positions(positions: jax.Array, features: int) -> jax.Array:
@@ -62,3 +66,56 @@ class LearnedPositions(nn.Module):
     init = nn.with_logical_partitioning(nn.initializers.normal(self.init_std), (LENGTH, EMBED))
     table = self.param("embedding", init, (self.max_len, self.features), self.param_dtype)
     return jnp.take(table, positions, axis=0).astype(self.dtype)        # [B, L, D]
+
+
+def relative_position_bucket(relative_position: jax.Array, bidirectional: bool,
+                             num_buckets: int = 32, max_distance: int = 128) -> jax.Array:
+  """T5's bucket of `relative_position = key_pos - query_pos` (int, any shape).
+
+  Half the buckets (all of them if not bidirectional) hold exact distances 0..max_exact-1,
+  the rest cover larger distances logarithmically up to `max_distance` (beyond it: the
+  last bucket). Bidirectional: keys after the query use the upper half. Unidirectional:
+  keys after the query (masked anyway) share bucket 0. Matches HF
+  `T5Attention._relative_position_bucket` op for op (float32 log, truncation).
+  """
+  buckets = jnp.zeros_like(relative_position)
+  if bidirectional:
+    num_buckets //= 2
+    buckets = buckets + (relative_position > 0).astype(relative_position.dtype) * num_buckets
+    distance = jnp.abs(relative_position)
+  else:
+    distance = -jnp.minimum(relative_position, 0)
+  max_exact = num_buckets // 2
+  # The maximum keeps log() finite where the small-distance branch is taken anyway.
+  ratio = jnp.maximum(distance, 1).astype(jnp.float32) / max_exact
+  large = max_exact + (jnp.log(ratio) / math.log(max_distance / max_exact)
+                       * (num_buckets - max_exact)).astype(relative_position.dtype)
+  large = jnp.minimum(large, num_buckets - 1)
+  return buckets + jnp.where(distance < max_exact, distance, large)
+
+
+class RelativePositionBias(nn.Module):
+  """T5's learned relative attention bias: a `[num_buckets, N]` table `embedding`.
+
+  Computed once per stack from explicit query and key positions (so a KV-cached decoder
+  passes the cache slots' positions as `k_positions`) and added to every layer's
+  self-attention scores.
+  """
+
+  num_buckets: int
+  max_distance: int
+  num_heads: int
+  bidirectional: bool
+  init_std: float = 0.02
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
+    """int `q_positions [B, L]`, `k_positions [B, S]` -> float32 bias `[B, N, L, S]`."""
+    init = nn.with_logical_partitioning(nn.initializers.normal(self.init_std), (None, HEADS))
+    table = self.param("embedding", init, (self.num_buckets, self.num_heads), self.param_dtype)
+    relative = k_positions[:, None, :] - q_positions[:, :, None]         # [B, L, S]
+    buckets = relative_position_bucket(relative, self.bidirectional, self.num_buckets,
+                                       self.max_distance)
+    bias = jnp.take(table.astype(jnp.float32), buckets, axis=0)          # [B, L, S, N]
+    return jnp.transpose(bias, (0, 3, 1, 2))                             # [B, N, L, S]

@@ -39,30 +39,47 @@ class TransformerBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
                positions: jax.Array | None = None, encoded: jax.Array | None = None,
-               cross_mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+               cross_mask: jax.Array | None = None, deterministic: bool = True,
+               bias: jax.Array | None = None,
+               cache: dict | None = None, cache_index: jax.Array | None = None):
     """Apply the layer (arguments positional-friendly for nn.scan / nn.remat).
 
     Args:
       x: `[B, L, D]` the residual stream.
-      mask: self-attention mask, broadcastable to `[B, 1, L, L]`.
+      mask: self-attention mask, broadcastable to `[B, 1, L, L]` (`[B, 1, L, T]` cached).
       positions: int `[B, L]` (used by RoPE).
-      encoded: `[B, S, D]` encoder output; required iff `cross_attention`.
+      encoded: `[B, S, D]` encoder output; required iff `cross_attention` (except when
+        decoding from a cache that already holds the cross-attention keys/values).
       cross_mask: cross-attention mask, broadcastable to `[B, 1, L, S]`.
       deterministic: False enables dropout ('dropout' rng).
+      bias: float `[B, N, L, S]` added to the self-attention scores (T5 relative
+        position bias, computed once per stack).
+      cache: decoding only: this layer's `{'self': {'key', 'value'}[, 'cross': ...]}`
+        (see `Attention._cached`); then the block returns `(x, new cache)`.
+      cache_index: int scalar, the self-attention cache slot of x's first token.
     """
     cfg = self.config
     x = nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
+    new_cache = {}
+
+    def branch(module, name, h, kv, branch_mask, **kw):
+      if cache is None:
+        return module(h, kv, mask=branch_mask, deterministic=deterministic, **kw)
+      y, new_cache[name] = module(h, kv, mask=branch_mask, cache=cache[name], **kw)
+      return y
+
     attn = Attention(cfg, name="attention")
     x = self._residual(
-        x, lambda h: attn(h, mask=mask, positions=positions, deterministic=deterministic),
+        x, lambda h: branch(attn, "self", h, None, mask, positions=positions,
+                            cache_index=cache_index, bias=bias),
         "attention_norm", deterministic)
     if self.cross_attention:
-      if encoded is None:
+      if encoded is None and cache is None:
         raise ValueError("A cross-attention block needs `encoded` (the encoder output).")
       cross = Attention(cfg, name="cross_attention")
-      x = self._residual(
-          x, lambda h: cross(h, encoded, mask=cross_mask, deterministic=deterministic),
-          "cross_attention_norm", deterministic)
+      x = self._residual(x, lambda h: branch(cross, "cross", h, encoded, cross_mask),
+                         "cross_attention_norm", deterministic)
     mlp = MLP(cfg, name="mlp")
     x = self._residual(x, mlp, "mlp_norm", deterministic)
-    return nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
+    x = nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
+    return x if cache is None else (x, new_cache)

@@ -19,8 +19,9 @@ import jax.numpy as jnp
 from llmjax.errors import UserError
 
 ARCHS = ("decoder_only", "encoder_only", "encoder_decoder")
-# 't5_relative' (T5's bucketed relative attention bias) is the planned next entry.
-POSITIONS = ("learned", "sinusoidal", "rope", "none")
+# 't5_relative': T5's bucketed relative attention bias (Raffel et al. 2020, sec. 2.1),
+# shared by all layers of a stack (see llmjax/layers/position.py).
+POSITIONS = ("learned", "sinusoidal", "rope", "none", "t5_relative")
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 # 'gelu' is the tanh approximation (GPT-2's "gelu_new", jax.nn.gelu's default);
@@ -30,6 +31,10 @@ NORM_POSITIONS = ("pre", "post")
 ACTIVATIONS = ("relu", "gelu", "gelu_exact", "silu", "swiglu", "geglu")
 GATED_ACTIVATIONS = ("swiglu", "geglu")
 REMATS = ("none", "full", "dots")
+# 'einsum': llmjax's own softmax core (layers/attention.py); 'jax': jax.nn.dot_product_attention
+# (cuDNN flash attention on GPUs where available, XLA elsewhere; attention dropout falls back
+# to 'einsum'). See benchmarks/README.md for which is faster where.
+ATTENTION_IMPLS = ("einsum", "jax")
 DTYPES = ("float32", "bfloat16", "float16")
 
 # Fields whose `None` default is derived from other fields in `__post_init__`.
@@ -69,6 +74,9 @@ class TransformerConfig:
   logits_dtype: str = "float32"     # dtype of returned logits (the loss wants float32)
   position: str = "learned"         # 'learned' | 'sinusoidal' | 'rope' | 'none'
   rope_theta: float = 10_000.0
+  relative_buckets: int = 32        # t5_relative: buckets of the relative position bias
+  relative_max_distance: int = 128  # t5_relative: distances beyond share the last bucket
+  query_scale: float | None = None  # q.k multiplier; None = 1/sqrt(H) (T5 uses 1.0)
   norm: str = "layernorm"           # 'layernorm' | 'rmsnorm'
   norm_position: str = "pre"        # 'pre' (GPT-2, LLaMA) | 'post' (BERT, Vaswani)
   norm_eps: float = 1e-5
@@ -80,8 +88,13 @@ class TransformerConfig:
   scale_embeddings: bool = False    # multiply token embeddings by sqrt(D)
   init_std: float = 0.02            # normal init of embeddings and projections (GPT-2)
   remat: str = "none"               # 'none' | 'full' | 'dots'
+  attention_impl: str = "einsum"    # 'einsum' | 'jax' (jax.nn.dot_product_attention)
   scan_layers: bool = True          # nn.scan over layers (params get a leading LAYERS axis)
   num_encoder_layers: int | None = None  # encoder_decoder only; None = num_layers
+  num_token_types: int = 0          # BERT segment (token-type) embeddings; 0 = none
+  mlm_head: bool = False            # BERT's dense + activation + norm before the logits
+  logits_bias: bool = False         # a learned bias [V] added to the logits (BERT)
+  num_classes: int = 0              # C of the pooled classification head (`classify`)
 
   def __post_init__(self):
     _check_choice("arch", self.arch, ARCHS)
@@ -90,9 +103,11 @@ class TransformerConfig:
     _check_choice("norm_position", self.norm_position, NORM_POSITIONS)
     _check_choice("activation", self.activation, ACTIVATIONS)
     _check_choice("remat", self.remat, REMATS)
+    _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
     for name in ("dtype", "param_dtype", "logits_dtype"):
       _check_choice(name, getattr(self, name), DTYPES)
-    for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "mlp_dim", "max_len"):
+    for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "mlp_dim", "max_len",
+                 "relative_buckets", "relative_max_distance"):
       _check_positive(name, getattr(self, name))
 
     derived = tuple(name for name in _DERIVED if getattr(self, name) is None)
@@ -119,6 +134,11 @@ class TransformerConfig:
     if self.position == "rope" and self.head_dim % 2:
       raise UserError(f"position='rope' needs an even head_dim, got {self.head_dim}; "
                       "change head_dim (or embed_dim / num_heads).")
+    for name in ("num_token_types", "num_classes"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise UserError(f"TransformerConfig.{name}={value!r} must be an integer >= 0 "
+                        f"(0 turns it off); fix {name}.")
     for name in ("dropout_rate", "attention_dropout_rate"):
       if not 0.0 <= getattr(self, name) < 1.0:
         raise UserError(f"{name}={getattr(self, name)} must be in [0, 1); fix {name}.")

@@ -12,6 +12,8 @@ Remat (`config.remat`; Chen et al. 2016, gradient checkpointing):
          recomputes the rest, attention scores included.
 
 The stack ends with the final norm of pre-norm models (`final_norm`, name `final_norm`).
+With `position='t5_relative'` it owns T5's relative bias table (`relpos_bias/embedding
+[buckets, N]`), computed once and added in every layer's self-attention (as HF T5 does).
 `unstack_layers` / `stack_layers` convert parameter trees between the two layouts.
 """
 
@@ -20,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from llmjax.layers.norms import make_norm
+from llmjax.layers.position import RelativePositionBias
 from llmjax.models.block import TransformerBlock
 from llmjax.models.config import TransformerConfig
 from llmjax.sharding.axes import LAYERS
@@ -34,10 +37,14 @@ _DETERMINISTIC_ARGNUM = 6
 
 
 class _ScannedBlock(TransformerBlock):
-  """A block with the `(carry, _) -> (carry, None)` signature `nn.scan` wants."""
+  """A block with the `(carry, xs) -> (carry, ys)` signature `nn.scan` wants.
+
+  ys is None, or the layer's new KV cache when decoding with one (xs = its old cache).
+  """
 
   def __call__(self, x, *args):  # pylint: disable=arguments-differ
-    return super().__call__(x, *args), None
+    out = super().__call__(x, *args)
+    return out if isinstance(out, tuple) else (out, None)
 
 
 class TransformerStack(nn.Module):
@@ -46,14 +53,37 @@ class TransformerStack(nn.Module):
   config: TransformerConfig
   num_layers: int
   cross_attention: bool = False
+  bidirectional: bool = False  # relative position buckets for both directions (encoders)
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
                positions: jax.Array | None = None, encoded: jax.Array | None = None,
-               cross_mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
-    """Same arguments as `TransformerBlock.__call__`."""
+               cross_mask: jax.Array | None = None, deterministic: bool = True,
+               cache: dict | None = None, cache_index: jax.Array | None = None):
+    """Same arguments as `TransformerBlock.__call__`.
+
+    Decoding: `cache` holds every layer's cache with a leading layers axis (scanned or
+    not); then the stack returns `(x, new cache)`.
+    """
     cfg = self.config
-    args = (mask, positions, encoded, cross_mask, deterministic)
+    bias = None
+    if cfg.position == "t5_relative":
+      # T5: one bias for every layer. Cached decoding: the keys are the T cache slots;
+      # slot j of a row holds position j - (cache_index - positions[:, 0]) (left padding).
+      if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+      k_positions = positions
+      if cache is not None:
+        slots = jnp.arange(cache["self"]["key"].shape[2])                 # [T]
+        k_positions = slots[None, :] - (cache_index - positions[:, :1])     # [B, T]
+      bias = RelativePositionBias(
+          cfg.relative_buckets, cfg.relative_max_distance, cfg.num_heads,
+          bidirectional=self.bidirectional, init_std=cfg.init_std,
+          param_dtype=cfg.params_dtype, name="relpos_bias")(positions, k_positions)
+    args = (mask, positions, encoded, cross_mask, deterministic, bias)
+    in_axes = (nn.broadcast,) * len(args)
+    if cache is not None:
+      args, in_axes = args + (cache, cache_index), in_axes + (0, nn.broadcast)
     block_cls = _ScannedBlock if cfg.scan_layers else TransformerBlock
     if cfg.remat != "none":
       # Inside scan, CSE cannot undo the remat, so its prevention is only overhead.
@@ -63,15 +93,20 @@ class TransformerStack(nn.Module):
     if cfg.scan_layers:
       scanned = nn.scan(block_cls, variable_axes={"params": 0},
                         split_rngs={"params": True, "dropout": True},
-                        in_axes=(nn.broadcast,) * len(args), length=self.num_layers,
+                        in_axes=in_axes, length=self.num_layers,
                         metadata_params={nn.PARTITION_NAME: LAYERS})
-      x, _ = scanned(cfg, self.cross_attention, name="layers")(x, *args)
+      x, cache = scanned(cfg, self.cross_attention, name="layers")(x, *args)
     else:
       for i in range(self.num_layers):
-        x = block_cls(cfg, self.cross_attention, name=f"layers_{i}")(x, *args)
+        layer_args = args if cache is None else args[:-2] + (
+            jax.tree.map(lambda a, i=i: a[i], cache), cache_index)
+        x = block_cls(cfg, self.cross_attention, name=f"layers_{i}")(x, *layer_args)
+        if cache is not None:
+          x, new = x
+          cache = jax.tree.map(lambda a, b, i=i: a.at[i].set(b), cache, new)
     if cfg.final_norm:
       x = make_norm(cfg, name="final_norm")(x)
-    return x
+    return x if cache is None else (x, cache)
 
 
 def unstack_layers(tree):

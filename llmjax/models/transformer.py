@@ -8,6 +8,10 @@
 Submodules (checkpoint API): `embed` (token table `embedding [V, D]`, shared by encoder
 and decoder), `pos_embed` (learned positions only), `embed_norm` (if `embed_norm`),
 `encoder` / `decoder` (`TransformerStack`), `lm_head` (`kernel [D, V]`, untied only).
+BERT's parts, each behind a config field: `token_type_embed` (`embedding [T, D]`,
+`num_token_types`), `mlm_transform` (`kernel [D, D]`, `bias [D]`) + `mlm_norm`
+(`mlm_head`), top-level `logits_bias [V]` (`logits_bias`), and the pooled classifier
+`pooler` (`[D, D]`, tanh) + `classifier` (`[D, C]`) used by `classify` (`num_classes`).
 
 Packed rows: `segment_ids` int32 `[B, L]` (1, 2, ... per document, 0 = padding) and
 `positions` int32 `[B, L]` (restarting at 0 per document). When None, every token is in
@@ -24,6 +28,7 @@ from llmjax.errors import UserError
 from llmjax.layers import masks
 from llmjax.layers.embed import Embed
 from llmjax.layers.linear import Einsum
+from llmjax.layers.mlp import activation_fn
 from llmjax.layers.norms import make_norm
 from llmjax.layers.position import LearnedPositions, sinusoidal_positions
 from llmjax.models.config import TransformerConfig
@@ -51,9 +56,28 @@ class Transformer(nn.Module):
     if cfg.embed_norm:
       self.embed_norm = make_norm(cfg)
     self.embed_dropout = nn.Dropout(rate=cfg.dropout_rate)
+    if cfg.num_token_types:
+      self.token_type_embed = Embed(cfg.num_token_types, cfg.embed_dim,
+                                    init_std=cfg.init_std, **kw)
+    if cfg.mlm_head:
+      self.mlm_transform = Einsum("BLD,DE->BLE", (cfg.embed_dim, cfg.embed_dim), (EMBED, None),
+                                  use_bias=True, kernel_init=nn.initializers.normal(cfg.init_std),
+                                  **kw)
+      self.mlm_norm = make_norm(cfg)
+    if cfg.logits_bias:
+      self.logits_bias = self.param(
+          "logits_bias", nn.with_logical_partitioning(nn.initializers.zeros, (VOCAB,)),
+          (cfg.vocab_size,), cfg.params_dtype)
+    if cfg.num_classes:
+      init = nn.initializers.normal(cfg.init_std)
+      self.pooler = Einsum("BD,DE->BE", (cfg.embed_dim, cfg.embed_dim), (EMBED, None),
+                           use_bias=True, kernel_init=init, **kw)
+      self.classifier = Einsum("BD,DC->BC", (cfg.embed_dim, cfg.num_classes), (EMBED, None),
+                               use_bias=True, kernel_init=init, **kw)
     if cfg.arch in ("encoder_only", "encoder_decoder"):
       encoder_layers = cfg.num_encoder_layers if cfg.arch == "encoder_decoder" else cfg.num_layers
-      self.encoder = TransformerStack(cfg, encoder_layers, cross_attention=False)
+      self.encoder = TransformerStack(cfg, encoder_layers, cross_attention=False,
+                                      bidirectional=True)
     if cfg.arch in ("decoder_only", "encoder_decoder"):
       self.decoder = TransformerStack(cfg, cfg.num_layers,
                                       cross_attention=cfg.arch == "encoder_decoder")
@@ -62,8 +86,9 @@ class Transformer(nn.Module):
                             kernel_init=nn.initializers.normal(cfg.init_std), **kw)
 
   def embed_tokens(self, tokens: jax.Array, positions: jax.Array,
-                   deterministic: bool = True) -> jax.Array:
-    """Token (+ absolute position) embeddings, `[B, L] -> [B, L, D]`."""
+                   deterministic: bool = True,
+                   token_type_ids: jax.Array | None = None) -> jax.Array:
+    """Token (+ absolute position, + token type) embeddings, `[B, L] -> [B, L, D]`."""
     cfg = self.config
     if cfg.position == "learned" and tokens.shape[1] > cfg.max_len:
       raise UserError(f"Sequence length {tokens.shape[1]} exceeds max_len={cfg.max_len} of "
@@ -75,6 +100,9 @@ class Transformer(nn.Module):
       x = x + self.pos_embed(positions)
     elif cfg.position == "sinusoidal":
       x = x + sinusoidal_positions(positions, cfg.embed_dim).astype(x.dtype)
+    if cfg.num_token_types:
+      types = jnp.zeros_like(tokens) if token_type_ids is None else token_type_ids
+      x = x + self.token_type_embed(types)
     if cfg.embed_norm:
       x = self.embed_norm(x)
     x = self.embed_dropout(x, deterministic=deterministic)
@@ -84,18 +112,46 @@ class Transformer(nn.Module):
     """`[B, L, D]` -> logits `[B, L, V]` in `logits_dtype` (tied or `lm_head`)."""
     cfg = self.config
     y = self.embed.attend(x) if cfg.tie_embeddings else self.lm_head(x)
+    if cfg.logits_bias:
+      y = y + self.logits_bias.astype(y.dtype)
     return nn.with_logical_constraint(y.astype(cfg.output_dtype), (BATCH, LENGTH, VOCAB))
 
+  def mlm_logits(self, x: jax.Array) -> jax.Array:
+    """Encoder output `[B, L, D]` -> logits, through BERT's head if `mlm_head`."""
+    cfg = self.config
+    if cfg.mlm_head:
+      x = activation_fn(cfg.activation)(self.mlm_transform(x))  # [B, L, D]
+      x = self.mlm_norm(x)
+    return self.logits(x)
+
   def encode(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
-             positions: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
-    """Bidirectional encoder: int `tokens [B, L]` -> `[B, L, D]`."""
+             positions: jax.Array | None = None, deterministic: bool = True,
+             token_type_ids: jax.Array | None = None) -> jax.Array:
+    """Bidirectional encoder: int `tokens [B, L]` -> `[B, L, D]`.
+
+    `token_type_ids [B, L]` (BERT's sentence A/B ids; default zeros) are used when
+    `num_token_types > 0`.
+    """
     if self.config.arch == "decoder_only":
       raise UserError("encode() needs arch='encoder_only' or 'encoder_decoder'; this "
                       "config is decoder_only (use decode()).")
     positions = _default_positions(tokens, positions)
     mask = None if segment_ids is None else masks.segment_mask(segment_ids, segment_ids)
-    x = self.embed_tokens(tokens, positions, deterministic)
+    x = self.embed_tokens(tokens, positions, deterministic, token_type_ids)
     return self.encoder(x, mask, positions, None, None, deterministic)
+
+  def classify(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None, token_type_ids: jax.Array | None = None,
+               deterministic: bool = True) -> jax.Array:
+    """BERT's pooled head: the first token's encoding -> tanh dense -> class logits `[B, C]`."""
+    cfg = self.config
+    if not cfg.num_classes:
+      raise UserError("classify() needs TransformerConfig.num_classes > 0; set it to the "
+                      "number of labels.")
+    x = self.encode(tokens, segment_ids, positions, deterministic, token_type_ids)
+    pooled = jnp.tanh(self.pooler(x[:, 0]))  # [B, D]
+    pooled = self.embed_dropout(pooled, deterministic=deterministic)
+    return self.classifier(pooled).astype(cfg.output_dtype)  # [B, C]
 
   def decode(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
              positions: jax.Array | None = None, encoded: jax.Array | None = None,
@@ -127,23 +183,53 @@ class Transformer(nn.Module):
     x = self.decoder(x, mask, positions, encoded, cross_mask, deterministic)
     return self.logits(x)
 
+  def decode_cached(self, tokens: jax.Array, positions: jax.Array, cache: dict,
+                    valid: jax.Array | None = None,
+                    encoded: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """Causal decoding with a KV cache (`llmjax.decode.cache`): `(logits [B, L, V], cache)`.
+
+    `tokens [B, L]` fill cache slots `index ... index + L - 1` (L > 1 prefills a prompt,
+    L = 1 is one decoding step). `positions [B, L]` are absolute per row (they are not
+    slot numbers when rows are left-padded). `valid [B, L]` marks real tokens (False =
+    padding, never attended). encoder_decoder: pass `encoded [B, S, D]` at prefill to
+    fill the cross-attention cache; later steps reuse it.
+    """
+    if self.config.arch != "decoder_only" and (
+        self.config.arch != "encoder_decoder" or "cross" not in cache["layers"]):
+      raise UserError("decode_cached() needs a decoder_only model, or an encoder_decoder "
+                      "one with a cache made by llmjax.decode.cache.init_cache(encoder_len=S).")
+    index, length = cache["index"], tokens.shape[1]
+    valid = jnp.ones(tokens.shape, bool) if valid is None else valid
+    key_valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], valid, index, axis=1)
+    slots = jnp.arange(key_valid.shape[1])                                # [T]
+    causal = slots[None, :] <= index + jnp.arange(length)[:, None]        # [L, T]
+    mask = jnp.logical_and(causal[None, None], key_valid[:, None, None, :])  # [B, 1, L, T]
+    cross_mask = cache["encoder_valid"][:, None, None, :] if "cross" in cache["layers"] else None
+    x = self.embed_tokens(tokens, positions)
+    x, layers = self.decoder(x, mask, positions, encoded, cross_mask, True,
+                             cache["layers"], index)
+    new_cache = dict(cache, index=index + length, valid=key_valid, layers=layers)
+    return self.logits(x), new_cache
+
   def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
                positions: jax.Array | None = None, *,
                encoder_tokens: jax.Array | None = None,
                encoder_segment_ids: jax.Array | None = None,
                encoder_positions: jax.Array | None = None,
+               token_type_ids: jax.Array | None = None,
                deterministic: bool = True) -> jax.Array:
     """Logits `[B, L, V]` for `config.arch`.
 
     decoder_only: causal LM over `tokens`. encoder_only: bidirectional encoder over
-    `tokens`, then logits (MLM). encoder_decoder: `encoder_tokens [B, S]` are encoded
+    `tokens` (and `token_type_ids`), then logits (MLM). encoder_decoder: `encoder_tokens [B, S]` are encoded
     and `tokens` (the shifted targets) decoded with cross-attention.
     """
     cfg = self.config
     if cfg.arch == "decoder_only":
       return self.decode(tokens, segment_ids, positions, deterministic=deterministic)
     if cfg.arch == "encoder_only":
-      return self.logits(self.encode(tokens, segment_ids, positions, deterministic))
+      return self.mlm_logits(self.encode(tokens, segment_ids, positions, deterministic,
+                                         token_type_ids))
     if encoder_tokens is None:
       raise UserError("arch='encoder_decoder' needs `encoder_tokens` (the inputs) as well "
                       "as `tokens` (the decoder inputs); pass both.")

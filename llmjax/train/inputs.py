@@ -13,6 +13,7 @@ import time
 from llmjax.errors import UserError
 
 TOKENIZER_FILE = "tokenizer.model"
+HF_TOKENIZER_FILE = "tokenizer.json"  # written by `llmjax convert --from_hf` (GPT-2, BERT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,13 +31,14 @@ class TokenizerSpec:
 
 
 def resolve_tokenizer(spec: TokenizerSpec, workdir: str, dataset: str, data_dir=None,
-                      text_key=None, log=print):
+                      text_key=None, log=print, input_dir=None):
   from llmjax.data import datasets
   from llmjax.data import tokenizer as tokenizer_lib
 
   local = os.path.join(workdir, TOKENIZER_FILE)
-  if os.path.exists(local):
-    return tokenizer_lib.Tokenizer.load(local)
+  for name in (TOKENIZER_FILE, HF_TOKENIZER_FILE):  # an imported checkpoint's own tokenizer
+    if os.path.exists(os.path.join(workdir, name)):
+      return tokenizer_lib.load_any(os.path.join(workdir, name))
   if spec.path:
     if not os.path.exists(spec.path):
       raise UserError(f"tokenizer file {spec.path} does not exist; fix TokenizerSpec.path or "
@@ -45,7 +47,9 @@ def resolve_tokenizer(spec: TokenizerSpec, workdir: str, dataset: str, data_dir=
     os.replace(local + ".tmp", local)
     return tokenizer_lib.Tokenizer.load(local)
   start = time.time()
-  texts = datasets.iter_texts(dataset, "train", data_dir=data_dir, text_key=text_key)
+  source_kwargs = {"input_dir": input_dir} if input_dir else {}  # local_text's folder
+  texts = datasets.iter_texts(dataset, "train", data_dir=data_dir, text_key=text_key,
+                              **source_kwargs)
   if spec.max_train_docs:
     texts = (t for i, t in zip(range(spec.max_train_docs), texts))
   tok = tokenizer_lib.train_tokenizer(

@@ -5,7 +5,9 @@ state) -> loop with logging, eval, checkpoints, NaN/Inf checks and preemption ha
 """
 
 import dataclasses
+import functools
 import os
+import shutil
 import signal
 import time
 from typing import NamedTuple
@@ -24,6 +26,7 @@ from llmjax.objectives.lm import CausalLM
 from llmjax.optim.optimizers import OptimizerConfig
 from llmjax.scaling import counts
 from llmjax.sharding import mesh as mesh_lib
+from llmjax.sharding import partition
 from llmjax.sharding import rules as rules_lib
 from llmjax.train import inputs
 from llmjax.train import metrics as metrics_lib
@@ -63,6 +66,7 @@ class TrainResult(NamedTuple):
   model: Transformer
   tokenizer: object
   config: TrainConfig
+  objective: object = None  # `can_sample = False` objectives skip the end-of-run sample
 
 
 class _Preemption:
@@ -95,29 +99,22 @@ def _check_workdir(workdir):
                     "you can write to.") from e
 
 
-def _init_state(model, tx, cfg, mesh, rules, seq_len):
+def _init_inputs(objective, lengths):
+  """`model.init` keyword arguments: the objective's own (encoder-decoder, classifier), or
+  one row of tokens for objectives that define none (causal LM)."""
+  if hasattr(objective, "init_inputs"):
+    return objective.init_inputs(lengths)
+  return {"tokens": jax.numpy.zeros((1, lengths["tokens"]), jax.numpy.int32)}
+
+
+def _init_state(model, tx, cfg, mesh, rules, init_inputs):
   """Abstract init -> logical specs -> mesh shardings -> jitted init with out_shardings."""
 
   def init_boxed(rng):  # params wrapped in their logical-axis metadata
-    tokens = jax.numpy.zeros((1, seq_len), jax.numpy.int32)
-    return model.init({"params": rng}, tokens)["params"]
+    return model.init({"params": rng}, **init_inputs)["params"]
 
-  def init(rng):
-    params_rng, state_rng = jax.random.split(rng)
-    params = nn.meta.unbox(init_boxed(params_rng))
-    return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
-                      opt_state=tx.init(params), rng=jax.random.key_data(state_rng))
-
-  rng = jax.random.PRNGKey(cfg.seed)
-  boxed_abstract = jax.eval_shape(init_boxed, rng)
-  logical = TrainState(
-      step=PartitionSpec(), params=nn.get_partition_spec(boxed_abstract),
-      opt_state=nn.get_partition_spec(jax.eval_shape(tx.init, boxed_abstract)),
-      rng=PartitionSpec())
-  shardings = nn.logical_to_mesh_sharding(logical, mesh, rules)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    state = jax.jit(init, out_shardings=shardings)(rng)
-  return state, shardings
+  # Built directly sharded: abstract init -> logical specs -> rule set -> out_shardings.
+  return partition.init_train_state(init_boxed, tx, mesh, cfg.rules, cfg.seed)
 
 
 def _evaluate(eval_step, params, make_eval_iter, num_batches, put):
@@ -145,6 +142,18 @@ def _batch_putter(mesh, rules):
   return put, sharding
 
 
+def _check_batch_split(batch_size, mesh, rules):
+  """The global batch must split evenly over the mesh axes that BATCH maps onto."""
+  from llmjax.sharding import axes
+  spec = nn.logical_to_mesh_axes((axes.BATCH,), rules)[0]
+  names = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+  ways = int(np.prod([mesh.shape[n] for n in names]))
+  if batch_size % ways:
+    raise UserError(f"global batch_size={batch_size} does not split over the {ways} "
+                    f"data-parallel shards of the mesh {dict(mesh.shape)}: make "
+                    f"DataConfig.batch_size a multiple of {ways} (or change TrainConfig.mesh_*).")
+
+
 def _build_data(data_cfg, tokenizer, objective, cfg):
   from llmjax.data import pipeline
   if data_cfg.batch_size % cfg.grad_accum_steps:
@@ -156,23 +165,69 @@ def _build_data(data_cfg, tokenizer, objective, cfg):
   return train_iter, make_eval_iter
 
 
-def _restore(ckpt, state, shardings, train_iter, model_cfg, log):
+def _meta_checker(ckpt, model_cfg, tok):
+  """Rejects a checkpoint step made for another model or tokenizer before arrays load."""
+  want = dataclasses.asdict(model_cfg)
+
+  def check(meta):
+    saved = meta.get("model_config", {})
+    if tok is not None and meta.get("tokenizer") not in (None, ckpt_lib.encode_bytes(
+        tok.serialized())):
+      raise UserError(
+          f"the tokenizer ({tok.vocab_size} pieces) is not the one the checkpoint in "
+          f"{ckpt.directory} was trained with (its embedding has {saved.get('vocab_size')} "
+          "rows); put the run's original tokenizer.model back into the workdir (a copy is "
+          "in every checkpoint's meta) or use a new --workdir.")
+    if saved and saved != want:
+      diff = {k: (saved.get(k), v) for k, v in want.items() if saved.get(k) != v}
+      raise UserError(f"the checkpoint in {ckpt.directory} was trained with a different "
+                      f"model config (field: (checkpoint, now) = {diff}); use a new "
+                      "--workdir or restore the original config.")
+
+  return check
+
+
+def _restore(ckpt, state, shardings, train_iter, model_cfg, log, tok=None):
   if ckpt.latest_step() is None:
     return state
   abstract = ckpt_lib.abstract_like(state, shardings)
-  state, data_state, meta = ckpt.restore(abstract)
-  saved = meta.get("model_config", {})
-  if saved and saved != dataclasses.asdict(model_cfg):
-    diff = {k: (saved.get(k), v) for k, v in dataclasses.asdict(model_cfg).items()
-            if saved.get(k) != v}
-    raise UserError(f"the checkpoint in {ckpt.directory} was trained with a different model "
-                    f"config (field: (checkpoint, now) = {diff}); use a new --workdir or "
-                    "restore the original config.")
+  state, data_state, _ = ckpt.restore(abstract, check_meta=_meta_checker(ckpt, model_cfg, tok))
+  for bad, why in sorted(ckpt.bad_steps.items()):
+    log(f"checkpoint step {bad} in {ckpt.directory} is bad and was skipped: {why}")
   train_iter.set_state(data_state)
   log(f"resumed from step {int(state.step)} in {ckpt.directory}")
   return state
 
 
+def _no_partial_workdir(fn):
+  """A run stopped by a UserError before its first checkpoint leaves the workdir as it
+  found it: what it wrote (a freshly trained tokenizer, the operative config) would
+  otherwise be silently reused by the next run in that workdir."""
+
+  @functools.wraps(fn)
+  def wrapper(workdir, *args, **kwargs):
+    path = os.path.abspath(workdir)
+    before = set(os.listdir(path)) if os.path.isdir(path) else None
+    try:
+      return fn(workdir, *args, **kwargs)
+    except UserError:
+      checkpoints = os.path.join(path, "checkpoints")
+      saved = os.path.isdir(checkpoints) and os.listdir(checkpoints)  # even one in flight
+      if os.path.isdir(path) and not saved and jax.process_index() == 0:
+        for name in set(os.listdir(path)) - (before or set()):
+          target = os.path.join(path, name)
+          if os.path.isdir(target):
+            shutil.rmtree(target)
+          else:
+            os.remove(target)
+        if before is None:
+          os.rmdir(path)
+      raise
+
+  return wrapper
+
+
+@_no_partial_workdir
 def train(workdir: str, *, model: TransformerConfig, data, tokenizer: inputs.TokenizerSpec,
           optimizer: OptimizerConfig | None = None, objective=None,
           config: TrainConfig | None = None, operative_config: str = "", log=print):
@@ -189,27 +244,32 @@ def train(workdir: str, *, model: TransformerConfig, data, tokenizer: inputs.Tok
     raise UserError(f"TrainConfig.on_nonfinite={config.on_nonfinite!r}; use 'halt' or 'skip'.")
   mesh = mesh_lib.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor)
   rules = rules_lib.get_rules(config.rules)
+  _check_batch_split(data.batch_size, mesh, rules)
   tok = inputs.resolve_tokenizer(tokenizer, workdir, data.dataset, data.data_dir,
-                                 data.text_key, log=log)
+                                 data.text_key, log=log, input_dir=data.input_dir)
   multiple = config.pad_vocab_to_multiple
   model_cfg = model.replace(vocab_size=-(-tok.vocab_size // multiple) * multiple)
-  if data.seq_len > model_cfg.max_len and model_cfg.position == "learned":
-    raise UserError(f"data seq_len={data.seq_len} exceeds the model's max_len="
-                    f"{model_cfg.max_len}; lower DataConfig.seq_len or raise max_len.")
+  row_len = max(data.lengths().values())  # seq_len, or the longest packed feature
+  if row_len > model_cfg.max_len and model_cfg.position == "learned":
+    raise UserError(f"data row length {row_len} (seq_len / feature_lengths) exceeds the "
+                    f"model's max_len={model_cfg.max_len}; shorten the rows or raise max_len.")
   net = Transformer(model_cfg)
   train_iter, make_eval_iter = _build_data(data, tok, objective, config)
   tx, schedule = optimizer.make(config.num_steps)
-  state, shardings = _init_state(net, tx, config, mesh, rules, data.seq_len)
+  state, shardings = _init_state(net, tx, config, mesh, rules,
+                                 _init_inputs(objective, data.lengths()))
   num_params = counts.count_params(state.params)
   log(f"model: {num_params:,} parameters on a {dict(mesh.shape)} mesh ({config.rules})")
 
-  if operative_config and jax.process_index() == 0:
-    with open(os.path.join(workdir, "operative_config.gin"), "w") as f:
-      f.write(operative_config)
   ckpt = ckpt_lib.CheckpointManager(os.path.join(workdir, "checkpoints"),
                                     save_every=config.checkpoint_every,
-                                    keep=config.keep_checkpoints)
-  state = _restore(ckpt, state, shardings, train_iter, model_cfg, log)
+                                    keep=config.keep_checkpoints, cleanup_tmp=True)
+  state = _restore(ckpt, state, shardings, train_iter, model_cfg, log, tok)
+  if operative_config and jax.process_index() == 0:  # after restore: a rejected config
+    path = os.path.join(workdir, "operative_config.gin")  # must not replace the run's own
+    with open(path + ".tmp", "w") as f:
+      f.write(operative_config)
+    os.replace(path + ".tmp", path)
   meta = {"model_config": dataclasses.asdict(model_cfg), "operative_config": operative_config,
           "tokenizer": ckpt_lib.encode_bytes(tok.serialized()), "num_params": num_params}
 
@@ -233,7 +293,7 @@ def train(workdir: str, *, model: TransformerConfig, data, tokenizer: inputs.Tok
     path = metrics_lib.plot_loss_curve(workdir)
     if path:
       log(f"loss curve: {path}")
-  return TrainResult(state, net, tok, config)
+  return TrainResult(state, net, tok, config, objective)
 
 
 def _run(state, train_step, eval_step, train_iter, make_eval_iter, put, ckpt, meta, cfg,
@@ -257,6 +317,7 @@ def _run(state, train_step, eval_step, train_iter, make_eval_iter, put, ckpt, me
     if metrics["nonfinite"]:
       skipped += 1
       if cfg.on_nonfinite == "halt":
+        ckpt.wait()  # the step named below is on disk, not still being written
         last = ckpt.latest_step()
         raise FloatingPointError(
             f"non-finite loss or gradient at step {step} (loss={metrics['loss']}, grad_norm="

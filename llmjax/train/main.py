@@ -37,6 +37,10 @@ def register_configurables():
               CausalLM):
     gin.external_configurable(cls, module="llmjax")
   gin.external_configurable(presets.get_preset, module="llmjax")
+  from llmjax.objectives import classification, mlm, seq2seq, span_corruption
+  for cls in (mlm.MaskedLM, span_corruption.SpanCorruption, seq2seq.Seq2Seq,
+              classification.Classification):
+    gin.external_configurable(cls, module="llmjax")
   _REGISTERED = True
 
 
@@ -92,6 +96,8 @@ def train(workdir=gin.REQUIRED, model=gin.REQUIRED, data=gin.REQUIRED, tokenizer
 
 def run(gin_files, gin_params, workdir):
   """Parses the config and trains; returns `loop.TrainResult`."""
+  from llmjax.train import distributed
+  distributed.initialize()  # multi-host from LLMJAX_* env or TPU/SLURM; no-op on one host
   parse_gin(gin_files, list(gin_params) + [f"train.workdir = {workdir!r}"])
   try:
     return train()  # pylint: disable=no-value-for-parameter (gin supplies them)

@@ -1,19 +1,20 @@
 """Every gin file parses and builds: its model config makes a network whose abstract init
 works, and its data / tokenizer / optimizer / loop configs construct."""
 
+import functools
 import glob
 import os
 
 import gin
 import jax
-import jax.numpy as jnp
 import pytest
 
 from llmjax.models.transformer import Transformer
-from llmjax.train import main
+from llmjax.train import loop, main
 
 RUNS = sorted(glob.glob(os.path.join(main.GIN_ROOT, "runs", "*.gin")))
 MODELS = sorted(glob.glob(os.path.join(main.GIN_ROOT, "models", "*.gin")))
+ARCHS = sorted(glob.glob(os.path.join(main.GIN_ROOT, "arch", "*.gin")))
 
 
 def _build(name):
@@ -25,8 +26,12 @@ def _check_builds():
   model = _build("model").replace(vocab_size=256)
   for name in ("data", "tokenizer", "optimizer", "config", "objective"):
     assert _build(name) is not None
-  tokens = jnp.zeros((1, 8), jnp.int32)
-  shapes = jax.eval_shape(Transformer(model).init, jax.random.PRNGKey(0), tokens)
+  # The objective says what `init` takes (tokens; inputs + targets; classify).
+  inputs = loop._init_inputs(_build("objective"), _build("data").lengths())
+  longest = max(v.shape[1] for v in inputs.values() if hasattr(v, "shape"))
+  model = model.replace(max_len=max(model.max_len, longest))
+  shapes = jax.eval_shape(functools.partial(Transformer(model).init, **inputs),
+                          jax.random.PRNGKey(0))
   assert jax.tree.leaves(shapes)
   return model
 
@@ -49,3 +54,11 @@ def test_model_files_build(path):
   main.parse_gin([os.path.join(main.GIN_ROOT, "runs", "pretrain.gin"), path], [])
   model = _check_builds()
   assert model.num_layers >= 1
+
+
+@pytest.mark.parametrize("path", ARCHS, ids=os.path.basename)
+def test_arch_files_build_over_the_tiny_model(path):
+  main.parse_gin([os.path.join(main.GIN_ROOT, "runs", "pretrain.gin"),
+                  os.path.join(main.GIN_ROOT, "models", "tiny.gin"), path], [])
+  model = _check_builds()
+  assert model.arch == os.path.basename(path)[:-len(".gin")]

@@ -18,12 +18,18 @@ import tempfile
 import tensorflow_datasets as tfds
 
 from llmjax.data.tfds_builders.local_text import LocalText, LocalTextConfig, local_text_config
+from llmjax.data.tfds_builders.num2words_translate import (
+    Num2WordsConfig,
+    Num2WordsTranslate,
+    num2words_config,
+)
 from llmjax.data.tfds_builders.shakespeare import Shakespeare
 
 REPORT_NAME = "cleaning_report.json"
 
-__all__ = ["LocalText", "LocalTextConfig", "Shakespeare", "build", "load_report",
-           "local_text_config", "write_report"]
+__all__ = ["LocalText", "LocalTextConfig", "Num2WordsConfig", "Num2WordsTranslate",
+           "Shakespeare", "build", "load_report", "local_text_config", "num2words_config",
+           "write_report"]
 
 
 def write_report(report, path: os.PathLike) -> None:

@@ -1,0 +1,1 @@
+"""Peer benchmarks (run by hand; see README.md)."""

@@ -1,0 +1,425 @@
+"""Training throughput: llmjax vs PyTorch peers, interleaved in one run.
+
+Command (repository root; `--rounds 10 --steps 2` is the reported setting):
+  .venv/bin/python -m benchmarks.train_vs_torch --rounds 10 --steps 2
+  .venv/bin/python -m benchmarks.train_vs_torch --loss_curve --shape race --curve_steps 200
+
+Same work on every side: nanoGPT-char (6 layers, 6 heads, 384 wide, 256 context, vocab 65,
+dropout 0, tied embeddings, exact GELU), batch 16 x 256, AdamW (lr 1e-3, betas 0.9/0.99,
+weight decay 0.1 on matrices, clip 1.0), identical char-level batches of the `shakespeare`
+data. Peers: `transformers` GPT2LMHeadModel (eager and torch.compile) and the plain
+PyTorch reference in benchmarks/torch_gpt.py. Parameter counts must be equal and initial
+losses near ln(65) = 4.17 before anything is timed.
+
+Each implementation runs in its own process with 2 threads (common.Worker); per round each
+does `--steps` timed steps, every step ending with a device sync (`block_until_ready` /
+`loss.item()`). Reported: tokens/s per implementation (median over rounds), per-round
+ratios llmjax / best PyTorch peer (median, p25, min), first-step (compile) time, and MFU
+with 6N + 12 L d T FLOPs/token (and the causal-halved variant) against the theoretical
+fp32 peak (common.PEAK_FP32_FLOPS) and against matmul probes measured in the same run.
+
+`--loss_curve` trains llmjax in float32 and in bfloat16 (f32 accumulation), and float32
+from another init seed (the noise yardstick), on the same batches, and compares curves.
+"""
+
+import argparse
+import math
+import statistics
+import time
+
+import numpy as np
+
+from benchmarks import common
+
+SHAPES = {  # (num_layers, num_heads, width, seq_len, batch_size)
+    "nanogpt-char": (6, 6, 384, 256, 16),
+    "race": (4, 4, 128, 64, 12),      # nanoGPT's shakespeare_char CPU config
+    "tiny": (2, 2, 32, 16, 4),        # smoke tests
+}
+INIT_BATCH = 10**9  # the batch index of the initial-loss check (never trained on)
+
+
+def llmjax_config(shape: str, vocab_size: int = 65, dtype: str = "float32", overrides=None):
+  """The llmjax `TransformerConfig` of a benchmark shape (GPT-2 style, exact GELU)."""
+  from llmjax.models.presets import get_preset
+  layers, heads, width, seq_len, _ = SHAPES[shape]
+  return get_preset("nanogpt-char", vocab_size=vocab_size, num_layers=layers,
+                    num_heads=heads, embed_dim=width, mlp_dim=4 * width, max_len=seq_len,
+                    dropout_rate=0.0, dtype=dtype, **(overrides or {}))
+
+
+def torch_model(kind: str, shape: str, vocab_size: int = 65):
+  """The PyTorch peer of a shape: 'ref' (torch_gpt.GPT) or 'hf' (GPT2LMHeadModel)."""
+  layers, heads, width, seq_len, _ = SHAPES[shape]
+  if kind == "ref":
+    from benchmarks import torch_gpt
+    return torch_gpt.GPT(torch_gpt.GPTConfig(vocab_size, seq_len, layers, heads, width, 0.0))
+  import transformers
+  config = transformers.GPT2Config(
+      vocab_size=vocab_size, n_positions=seq_len, n_embd=width, n_layer=layers, n_head=heads,
+      n_inner=4 * width, activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0,
+      attn_pdrop=0.0, layer_norm_epsilon=1e-5, tie_word_embeddings=True, bos_token_id=None,
+      eos_token_id=None)
+  return transformers.GPT2LMHeadModel(config)
+
+
+class LlmjaxImpl:
+  """llmjax's own train step (`llmjax.train.step.make_train_step`), jitted with donation."""
+
+  def __init__(self, shape="nanogpt-char", vocab_size=65, dtype="float32", seed=0,
+               data_seed=1234, lr=1e-3, warmup=0, total_steps=0, overrides=None):
+    import jax
+    from flax import linen as nn
+
+    from llmjax.models.transformer import Transformer
+    from llmjax.optim import optimizers, schedules
+    from llmjax.train import step as step_lib
+    from llmjax.train.state import TrainState
+
+    self.seq_len, self.batch_size = SHAPES[shape][3:]
+    self.cfg = llmjax_config(shape, vocab_size, dtype, overrides)
+    self.data, self.data_seed = common.char_corpus(vocab_size), data_seed
+    model = Transformer(self.cfg)
+    schedule = (schedules.make_schedule(lr, total_steps, warmup, "cosine", 0.1)
+                if total_steps else lambda _: lr)
+    tx = optimizers.adamw(schedule, b1=0.9, b2=0.99, weight_decay=0.1, clip_norm=1.0)
+    objective = NextTokenLM()
+
+    def init(rng):
+      tokens = jax.numpy.zeros((1, self.seq_len), jax.numpy.int32)
+      params = nn.meta.unbox(model.init(rng, tokens)["params"])
+      return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
+                        opt_state=tx.init(params),
+                        rng=jax.random.key_data(jax.random.PRNGKey(seed + 1)))
+
+    self.state = jax.jit(init)(jax.random.PRNGKey(seed))
+    step = step_lib.make_train_step(model, objective, tx, schedule)
+    x, y = self.batch(0)
+    start = time.perf_counter()
+    self.step = jax.jit(step, donate_argnums=0).lower(self.state, {"inputs": x, "targets": y})
+    self.step = self.step.compile()
+    self.compile_s = time.perf_counter() - start
+    self.cost = (self.step.cost_analysis() or {}) if hasattr(self.step, "cost_analysis") else {}
+    self.eval_fn = jax.jit(step_lib.make_eval_step(model, objective))
+    self.initial_loss = self.eval_loss([self.batch(INIT_BATCH)])
+    self.num_params = sum(math.prod(p.shape) for p in jax.tree.leaves(self.state.params))
+
+  def batch(self, index, split="train"):
+    data = self.data.train if split == "train" else self.data.val
+    return common.get_batch(data, self.batch_size, self.seq_len, self.data_seed, index)
+
+  def info(self):
+    flops = self.cost.get("flops") if isinstance(self.cost, dict) else None
+    return {"params": self.num_params, "initial_loss": self.initial_loss,
+            "compile_s": self.compile_s, "xla_flops": flops}
+
+  def run(self, start, n):
+    """`n` timed steps on batches start..start+n-1: (seconds per step, losses)."""
+    import jax
+    times, losses = [], []
+    for i in range(start, start + n):
+      x, y = self.batch(i)
+      t0 = time.perf_counter()
+      self.state, metrics = self.step(self.state, {"inputs": x, "targets": y})
+      jax.block_until_ready((self.state, metrics))
+      times.append(time.perf_counter() - t0)
+      losses.append(float(metrics["loss"]))
+    return times, losses
+
+  def eval_loss(self, batches):
+    import jax
+    sums = [self.eval_fn(self.state.params, {"inputs": x, "targets": y}) for x, y in batches]
+    total = jax.device_get(jax.tree.map(lambda *a: sum(a), *sums))
+    return float(total["loss"] / total["weight"])
+
+  def eval_split(self, split, num_batches, seed=99):
+    return self.eval_loss([common.get_batch(self.data.val if split == "val" else self.data.train,
+                                            self.batch_size, self.seq_len, seed, i)
+                           for i in range(num_batches)])
+
+
+class NextTokenLM:
+  """Objective on `{'inputs', 'targets'}` [B, L] (nanoGPT's random-crop batches)."""
+
+  def loss_sums(self, model, params, batch, *, rng=None, deterministic=True):
+    import jax.numpy as jnp
+
+    from llmjax.objectives import losses
+    rngs = {"dropout": rng} if (rng is not None and not deterministic) else None
+    logits = model.apply({"params": params}, batch["inputs"], deterministic=deterministic,
+                         rngs=rngs)
+    weights = jnp.ones(batch["targets"].shape, jnp.float32)
+    return losses.cross_entropy_sums(logits, batch["targets"], weights)
+
+
+class TorchImpl:
+  """A PyTorch peer: 'ref' (benchmarks/torch_gpt.py) or 'hf' (GPT2LMHeadModel)."""
+
+  def __init__(self, kind="ref", compile=False, shape="nanogpt-char", vocab_size=65, seed=0,
+               data_seed=1234, lr=1e-3, warmup=0, total_steps=0, threads=2):
+    import torch
+
+    from benchmarks import torch_gpt
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    self.seq_len, self.batch_size = SHAPES[shape][3:]
+    self.data, self.data_seed = common.char_corpus(vocab_size), data_seed
+    self.lr_args = (lr, total_steps, warmup, 0.1)
+    self.model = torch_model(kind, shape, vocab_size)
+    if kind == "ref":
+      self.forward = lambda m, x: m(x)[0]
+    else:
+      self.forward = lambda m, x: m(input_ids=x).logits
+    self.model.train()
+    self.num_params = sum(p.numel() for p in self.model.parameters())
+    self.opt = torch_gpt.adamw(self.model, lr, betas=(0.9, 0.99), weight_decay=0.1)
+    self.compiled = torch.compile(self.model) if compile else self.model
+    self.initial_loss = self.eval_loss([self.batch(INIT_BATCH)])
+    start = time.perf_counter()
+    self._train_step(*self.batch(0), step=0, update=False)  # compiles (if compiled)
+    self.compile_s = time.perf_counter() - start
+
+  def batch(self, index, split="train"):
+    import torch
+    data = self.data.train if split == "train" else self.data.val
+    x, y = common.get_batch(data, self.batch_size, self.seq_len, self.data_seed, index)
+    return torch.from_numpy(x).long(), torch.from_numpy(y).long()
+
+  def info(self):
+    return {"params": self.num_params, "initial_loss": self.initial_loss,
+            "compile_s": self.compile_s}
+
+  def _loss(self, x, y):
+    import torch.nn.functional as F
+    logits = self.forward(self.compiled, x)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+
+  def _train_step(self, x, y, step, update=True):
+    import torch
+    lr, total, warmup, end = self.lr_args
+    if total:
+      for group in self.opt.param_groups:
+        group["lr"] = common.cosine_lr(step, lr, total, warmup, end)
+    loss = self._loss(x, y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+    if update:
+      self.opt.step()
+    self.opt.zero_grad(set_to_none=True)
+    return loss.item()  # the sync
+
+  def run(self, start, n):
+    times, losses = [], []
+    for i in range(start, start + n):
+      x, y = self.batch(i)
+      t0 = time.perf_counter()
+      losses.append(self._train_step(x, y, i))
+      times.append(time.perf_counter() - t0)
+    return times, losses
+
+  def eval_loss(self, batches):
+    import torch
+    self.model.eval()
+    with torch.no_grad():
+      losses = [self._loss(x, y).item() for x, y in batches]
+    self.model.train()
+    return float(np.mean(losses))
+
+  def eval_split(self, split, num_batches, seed=99):
+    import torch
+    data = self.data.val if split == "val" else self.data.train
+    batches = [common.get_batch(data, self.batch_size, self.seq_len, seed, i)
+               for i in range(num_batches)]
+    return self.eval_loss([(torch.from_numpy(x).long(), torch.from_numpy(y).long())
+                           for x, y in batches])
+
+
+class ProbeImpl:
+  """Matmul probes in the same run: what a plain GEMM sustains right now."""
+
+  def __init__(self, backend="jax", threads=2):
+    if backend == "torch":
+      import torch
+      torch.set_num_threads(threads)
+    self.backend = backend
+
+  def info(self):
+    return {}
+
+  def run(self, start, n):
+    return ([common.matmul_probe(self.backend, "float32"),
+             common.matmul_probe(self.backend, "bfloat16")], [])
+
+
+FACTORY = "benchmarks.train_vs_torch:"
+
+
+def make_workers(args) -> list[common.Worker]:
+  """The implementations `--impls` names, as workers (not started)."""
+  shape = {"shape": args.shape}
+  specs = {
+      "llmjax": (FACTORY + "LlmjaxImpl", shape),
+      "llmjax-bf16": (FACTORY + "LlmjaxImpl", {**shape, "dtype": "bfloat16"}),
+      "torch-ref": (FACTORY + "TorchImpl", {**shape, "kind": "ref"}),
+      "torch-ref-compile": (FACTORY + "TorchImpl", {**shape, "kind": "ref", "compile": True}),
+      "hf-eager": (FACTORY + "TorchImpl", {**shape, "kind": "hf"}),
+      "hf-compile": (FACTORY + "TorchImpl", {**shape, "kind": "hf", "compile": True}),
+  }
+  workers = []
+  for name in args.impls.split(","):
+    base, *options = name.split("@")
+    factory, kwargs = specs[base]
+    kwargs, env = dict(kwargs), {}
+    for option in options:  # llmjax@attention_impl=jax@xla=--xla_cpu_enable_fast_math=true
+      key, _, value = option.partition("=")
+      if key == "xla":
+        env["XLA_FLAGS"] = f"{common.thread_env(1)['XLA_FLAGS']} {value}".strip()
+      else:
+        kwargs.setdefault("overrides", {})[key] = _parse_value(value)
+    workers.append(common.Worker(name, factory, kwargs, threads=args.threads, env=env))
+  return workers
+
+
+def _parse_value(text: str):
+  for cast in (int, float):
+    try:
+      return cast(text)
+    except ValueError:
+      pass
+  return {"True": True, "False": False, "None": None}.get(text, text)
+
+
+def check_same_work(info: dict[str, dict], tolerance: float = 0.15):
+  """Equal parameter counts, initial losses within `tolerance` of ln(V) and each other."""
+  counts = {name: i["params"] for name, i in info.items() if "params" in i}
+  if len(set(counts.values())) > 1:
+    raise SystemExit(f"parameter counts differ: {counts}")
+  losses = {name: i["initial_loss"] for name, i in info.items() if "initial_loss" in i}
+  target = math.log(65)
+  bad = {n: v for n, v in losses.items() if abs(v - target) > tolerance}
+  if bad:
+    raise SystemExit(f"initial losses {bad} are not within {tolerance} of ln(65)={target:.3f}")
+  print(f"same work: {next(iter(counts.values())):,} parameters everywhere; initial losses "
+        + ", ".join(f"{n} {v:.3f}" for n, v in losses.items()))
+
+
+def run_rounds(workers, rounds: int, steps: int, tokens_per_step: int):
+  """Round-robin: tokens/s of every worker in every round (probes: GFLOP/s)."""
+  results = {w.name: [] for w in workers}
+  losses = {w.name: [] for w in workers}
+  for r in range(rounds):
+    for w in common.rotate(workers, r):
+      times, loss = w.call("run", 1 + r * steps, steps)
+      results[w.name].append(times if w.name.startswith("probe") else
+                             tokens_per_step * len(times) / sum(times))
+      losses[w.name] += loss
+    line = "  ".join(f"{n} {v[-1]:.0f}" for n, v in results.items() if not n.startswith("probe"))
+    print(f"round {r + 1}/{rounds}: tokens/s {line}", flush=True)
+  return results, losses
+
+
+def report(args, info, results):
+  layers, _, width, seq_len, batch = SHAPES[args.shape]
+  num_params = next(i["params"] for i in info.values() if "params" in i)
+  probe = {}
+  for k, dtype in enumerate(("float32", "bfloat16")):
+    per_round = [max(vals[k] for vals in rnd) for rnd in zip(results["probe-jax"],
+                                                             results["probe-torch"])]
+    probe[dtype] = statistics.median(per_round) * 1e9
+  flops = {"6N+12LdT": common.train_flops_per_token(num_params, layers, width, seq_len),
+           "causal": common.train_flops_per_token(num_params, layers, width, seq_len, True)}
+  impls = [n for n in results if not n.startswith("probe")]
+  torch_names = [n for n in impls if not n.startswith("llmjax")]
+  print(f"\n{args.shape}: {num_params:,} params, batch {batch} x {seq_len}, "
+        f"{args.rounds} rounds x {args.steps} steps, {args.threads} threads each")
+  print(f"matmul probe (best of jax/torch, median over rounds): f32 "
+        f"{probe['float32'] / 1e9:.0f} GFLOP/s, bf16 {probe['bfloat16'] / 1e9:.0f} GFLOP/s; "
+        f"theoretical fp32 peak {common.PEAK_FP32_FLOPS / 1e9:.0f} GFLOP/s")
+  for name in impls:
+    if info[name].get("xla_flops"):
+      print(f"{name}: XLA cost analysis {info[name]['xla_flops'] / 1e9:.3g} GFLOP/step vs "
+            f"6N+12LdT {flops['6N+12LdT'] * batch * seq_len / 1e9:.3g} GFLOP/step")
+  rows = []
+  for name in impls:
+    tps = statistics.median(results[name])
+    mfu = tps * flops["6N+12LdT"] / common.PEAK_FP32_FLOPS
+    rows.append([name, f"{tps:.0f}", f"{info[name]['compile_s']:.1f}", f"{mfu:.1%}",
+                 f"{tps * flops['causal'] / common.PEAK_FP32_FLOPS:.1%}",
+                 f"{tps * flops['6N+12LdT'] / probe['float32']:.1%}"])
+  common.print_table(rows, ["impl", "tokens/s", "first step s", "MFU peak",
+                            "MFU peak causal", "vs f32 probe"])
+  if torch_names:
+    best = [max(results[n][r] for n in torch_names) for r in range(args.rounds)]
+    print("\nper-round ratio vs the best PyTorch peer of that round:")
+    rows = []
+    for name in impls:
+      if name in torch_names and len(torch_names) == 1:
+        continue
+      st = common.ratio_stats(results[name], best)
+      rows.append([name, f"{st['median']:.2f}x", f"{st['p25']:.2f}x", f"{st['min']:.2f}x"])
+    common.print_table(rows, ["impl", "median", "p25", "min"])
+
+
+def loss_curve(args):
+  """llmjax f32 vs bf16 (and f32 with another init seed) on the same batches."""
+  base = {"shape": args.shape}
+  workers = [common.Worker("f32", FACTORY + "LlmjaxImpl", base, threads=args.threads),
+             common.Worker("bf16", FACTORY + "LlmjaxImpl", {**base, "dtype": "bfloat16"},
+                           threads=args.threads),
+             common.Worker("f32-seed1", FACTORY + "LlmjaxImpl", {**base, "seed": 1},
+                           threads=args.threads)]
+  for w in workers:
+    w.start()
+  curves = {w.name: [] for w in workers}
+  chunk = 20
+  for start in range(0, args.curve_steps, chunk):
+    for w in workers:
+      curves[w.name] += w.call("run", start, min(chunk, args.curve_steps - start))[1]
+  window = 20
+  means = {n: [float(np.mean(c[i:i + window])) for i in range(0, len(c), window)]
+           for n, c in curves.items()}
+  print(f"loss every {window} steps (window means), {args.shape}:")
+  common.print_table([[f"{(i + 1) * window}"] + [f"{means[n][i]:.4f}" for n in means]
+                      for i in range(len(means["f32"]))], ["step"] + list(means))
+  bf16 = max(abs(a - b) for a, b in zip(means["bf16"], means["f32"]))
+  noise = max(abs(a - b) for a, b in zip(means["f32-seed1"], means["f32"]))
+  print(f"max |bf16 - f32| {bf16:.4f}; noise yardstick max |f32 seed1 - f32| {noise:.4f}")
+  for w in workers:
+    w.stop()
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--rounds", type=int, default=10)
+  parser.add_argument("--steps", type=int, default=2, help="timed steps per round")
+  parser.add_argument("--threads", type=int, default=2)
+  parser.add_argument("--shape", default="nanogpt-char", choices=sorted(SHAPES))
+  parser.add_argument("--impls", default="llmjax,llmjax-bf16,torch-ref,hf-eager,hf-compile")
+  parser.add_argument("--loss_curve", action="store_true")
+  parser.add_argument("--curve_steps", type=int, default=200)
+  args = parser.parse_args()
+  common.char_corpus(65)  # build the cache once, before the workers read it
+  if args.loss_curve:
+    return loss_curve(args)
+  workers = make_workers(args)
+  workers += [common.Worker("probe-jax", FACTORY + "ProbeImpl", {"backend": "jax"},
+                            threads=args.threads),
+              common.Worker("probe-torch", FACTORY + "ProbeImpl", {"backend": "torch"},
+                            threads=args.threads)]
+  info = {}
+  for w in workers:
+    info[w.name] = w.start()
+    if "compile_s" in info[w.name]:
+      print(f"{w.name}: built, first step {info[w.name]['compile_s']:.1f}s", flush=True)
+  try:
+    check_same_work(info)
+    _, _, _, seq_len, batch = SHAPES[args.shape]
+    results, _ = run_rounds(workers, args.rounds, args.steps, batch * seq_len)
+    report(args, info, results)
+  finally:
+    for w in workers:
+      w.stop()
+
+
+if __name__ == "__main__":
+  main()

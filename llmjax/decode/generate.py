@@ -1,0 +1,195 @@
+"""The generation loop: prefill once, then one cached step per token, all inside one jit.
+
+`generate` left-pads a batch of prompts (see `llmjax.decode.cache`), prefills the KV
+cache with one call, then runs `lax.while_loop` over decoding steps: one dispatch for the
+whole generation, not one per token. Rows stop independently at `eos_id` (later tokens
+are `pad_id`); the loop ends when every row has stopped or `max_new_tokens` is reached.
+
+Streaming and stop strings need the host: when `on_tokens` or `stop_strings` is given,
+each step calls back (`jax.experimental.io_callback`, ordered) with the new tokens, and
+the host answers which rows hit a stop string. The callback target is looked up by an
+id passed as data, so the compiled loop is cached across calls.
+
+encoder_decoder models: pass `encoder_inputs`; they are encoded once, the cross-attention
+keys/values cached, and decoding starts from `decoder_start_id` (T5: the pad id 0).
+"""
+
+import dataclasses
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import io_callback
+
+from llmjax.decode import cache as cache_lib
+from llmjax.decode.sampling import SamplingConfig, sample
+from llmjax.errors import UserError
+from llmjax.models.transformer import Transformer
+
+_LISTENERS = {}          # id -> host function(tokens [B] np) -> stop [B] bool
+_NEXT_ID = itertools.count(1)
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+  """New tokens `[B, N]` (pad after a row stops), `lengths [B]` (EOS included), and the
+  decoded `texts` (cut before the first stop string) when a detokenizer was given."""
+
+  tokens: np.ndarray
+  lengths: np.ndarray
+  texts: list[str] | None = None
+
+  def rows(self) -> list[list[int]]:
+    return [list(map(int, t[:n])) for t, n in zip(self.tokens, self.lengths)]
+
+
+def _dispatch(listener_id, tokens):
+  return np.asarray(_LISTENERS[int(listener_id)](np.asarray(tokens)), bool)
+
+
+def encode_inputs(model, params, encoder_inputs, pad_id=0):
+  """Right-padded `(encoded [B, S, D], valid [B, S])` of a list of token lists."""
+  length = max(len(t) for t in encoder_inputs)
+  tokens = np.full((len(encoder_inputs), length), pad_id, np.int32)
+  for row, t in enumerate(encoder_inputs):
+    tokens[row, :len(t)] = t
+  valid = tokens != pad_id
+  valid[:, 0] = True                     # an empty input still has one (pad) token to read
+  encoded = model.apply({"params": params}, tokens, valid.astype(np.int32),
+                        method=Transformer.encode)
+  return encoded, valid
+
+
+def prefill(model, params, tokens, valid, positions, length, encoded=None, encoder_valid=None):
+  """A cache of `length` slots holding the left-padded prompt; `(last logits [B, V], cache)`."""
+  cache = cache_lib.init_cache(model.config, tokens.shape[0], length,
+                               None if encoded is None else encoded.shape[1])
+  if encoded is not None:
+    cache["encoder_valid"] = encoder_valid
+  logits, cache = model.apply({"params": params}, tokens, positions, cache, valid, encoded,
+                              method=Transformer.decode_cached)
+  return logits[:, -1], cache
+
+
+@functools.partial(jax.jit, static_argnames=("model", "sampling", "max_new_tokens", "listen"))
+def _generate(model, params, tokens, valid, positions, rng, eos_id, pad_id, listener_id,
+              encoded=None, encoder_valid=None, *, sampling, max_new_tokens, listen):
+  batch, vocab = tokens.shape[0], model.config.vocab_size
+  logits, cache = prefill(model, params, tokens, valid, positions,
+                          tokens.shape[1] + max_new_tokens, encoded, encoder_valid)
+  seen = None
+  if sampling.repetition_penalty != 1.0:
+    seen = jnp.zeros((batch, vocab), bool).at[jnp.arange(batch)[:, None], tokens].set(valid)
+
+  def pick(i, logits, seen, done):
+    token = sample(logits, sampling, jax.random.fold_in(rng, i), seen)
+    token = jnp.where(done, pad_id, token)
+    if seen is not None:
+      seen = seen.at[jnp.arange(batch), token].set(True)
+    stop = token == eos_id
+    if listen:
+      stop |= io_callback(_dispatch, jax.ShapeDtypeStruct((batch,), bool), listener_id,
+                          token, ordered=True)
+    return token, seen, done | stop
+
+  done = jnp.zeros((batch,), bool)
+  token, seen, new_done = pick(0, logits, seen, done)
+  out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
+  state = (jnp.int32(1), cache, token, positions[:, -1:] + 1, new_done, out, seen,
+           jnp.ones((batch,), jnp.int32))
+
+  def cond(state):
+    i, _, _, _, done, *_ = state
+    return (i < max_new_tokens) & ~jnp.all(done)
+
+  def body(state):
+    i, cache, token, pos, done, out, seen, lengths = state
+    logits, cache = model.apply({"params": params}, token[:, None], pos, cache,
+                                method=Transformer.decode_cached)
+    token, seen, new_done = pick(i, logits[:, 0], seen, done)
+    out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], i, axis=1)
+    return (i + 1, cache, token, pos + 1, new_done, out, seen, lengths + ~done)
+
+  state = jax.lax.while_loop(cond, body, state)
+  return state[5], state[7]
+
+
+def _listener(on_tokens, stop_strings, detokenize, batch):
+  """Host side of the callback: stream new tokens, detect stop strings per row."""
+  history = [[] for _ in range(batch)]
+  stopped = np.zeros(batch, bool)
+
+  def listen(tokens):
+    active = ~stopped
+    for row in np.flatnonzero(active):
+      history[row].append(int(tokens[row]))
+    if on_tokens is not None:
+      on_tokens(tokens, active)
+    if stop_strings:
+      for row in np.flatnonzero(active):
+        text = detokenize(history[row])
+        stopped[row] = any(s in text for s in stop_strings)
+    return stopped.copy()
+
+  return listen
+
+
+def truncate_at_stop(text: str, stop_strings) -> str:
+  """`text` up to (excluding) the earliest stop string."""
+  cut = min((text.find(s) for s in stop_strings if s in text), default=len(text))
+  return text[:cut]
+
+
+def generate(model: Transformer, params, prompts: list[list[int]], *, max_new_tokens: int,
+             sampling: SamplingConfig | None = None, seed: int = 0, eos_id=None,
+             pad_id: int = 0, stop_strings=(), detokenize=None, on_tokens=None,
+             encoder_inputs: list[list[int]] | None = None,
+             decoder_start_id: int = 0) -> GenerateOutput:
+  """Continues each prompt (a list of token ids) by up to `max_new_tokens` tokens.
+
+  Args:
+    sampling: greedy / temperature / top-k / top-p / min-p / repetition penalty
+      (None: plain sampling at temperature 1).
+    seed: the draws are a function of (seed, step): fixed seed, same output.
+    eos_id: a row stops after producing it (None: generate the full length).
+    stop_strings: a row stops once its decoded output contains one (needs `detokenize`,
+      a function token ids -> text); `texts` are cut before it.
+    on_tokens: streaming, `on_tokens(tokens [B], active [B])` after every step.
+    encoder_inputs: encoder_decoder models: one token list per row; `prompts` may then
+      be None (each row starts from `decoder_start_id`).
+  """
+  cfg, sampling = model.config, sampling or SamplingConfig()
+  encoded = encoder_valid = None
+  if cfg.arch == "encoder_decoder":
+    if encoder_inputs is None:
+      raise UserError("an encoder_decoder model needs encoder_inputs (the source tokens).")
+    encoded, encoder_valid = encode_inputs(model, params, encoder_inputs, pad_id)
+    prompts = prompts or [[decoder_start_id]] * len(encoder_inputs)
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise UserError("every prompt must have at least one token (e.g. BOS); got an empty one.")
+  if stop_strings and detokenize is None:
+    raise UserError("stop_strings need detokenize (a function from token ids to text).")
+  total = max(len(p) for p in prompts) + max_new_tokens
+  if max_new_tokens < 1 or (cfg.position == "learned" and total > cfg.max_len):
+    raise UserError(f"prompt length + max_new_tokens = {total} must be <= max_len="
+                    f"{cfg.max_len} (learned positions) and max_new_tokens >= 1; shorten "
+                    "the prompt or lower max_new_tokens.")
+  tokens, valid, positions = cache_lib.left_pad(prompts, pad_id)
+  listen = bool(on_tokens is not None or stop_strings)
+  listener_id = next(_NEXT_ID)
+  if listen:
+    _LISTENERS[listener_id] = _listener(on_tokens, stop_strings, detokenize, len(prompts))
+  try:
+    out, lengths = _generate(model, params, tokens, valid, positions, jax.random.key(seed),
+                             -1 if eos_id is None else eos_id, pad_id, listener_id, encoded,
+                             encoder_valid, sampling=sampling, max_new_tokens=max_new_tokens,
+                             listen=listen)
+    out, lengths = np.asarray(out), np.asarray(lengths)
+  finally:
+    _LISTENERS.pop(listener_id, None)
+  result = GenerateOutput(out, lengths)
+  if detokenize is not None:
+    result.texts = [truncate_at_stop(detokenize(r), stop_strings) for r in result.rows()]
+  return result

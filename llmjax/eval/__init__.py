@@ -1,0 +1,1 @@
+"""Evaluation: translation quality (BLEU / chrF through sacrebleu, `bleu.py`)."""

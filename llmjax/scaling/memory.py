@@ -1,0 +1,220 @@
+"""Training memory per device: weights, gradients, optimizer state and activations.
+
+The accounting of ZeRO (Rajbhandari et al. 2020, §3) for AdamW in float32: every
+parameter costs 4 bytes of weights, 4 of gradients and 8 of optimizer state (the two
+moments), 16 in all, plus activations, which scale with batch x sequence x layers and
+depend on what the backward pass keeps (Korthikanti et al. 2022 count them per layer).
+Over N data-parallel devices the ZeRO stages divide these terms:
+
+  stage         weights  grads  optimizer   bytes/param (fp32 AdamW)
+  dp (DDP)         4       4       8        16
+  zero1            4       4      8/N       8 + 8/N
+  zero2            4      4/N     8/N       4 + 12/N
+  fsdp (zero3)    4/N     4/N     8/N       16/N
+
+`estimate` computes the terms for a real config, rule set and mesh: weights and optimizer
+state exactly, from the shardings the rule set gives each array (`sharding.partition`);
+gradients sized like the parameters' shards (replicated for dp and zero1: the update
+needs them whole before the optimizer's slice is taken); activations from a per-layer
+count of what our blocks keep for the backward pass under each remat policy; for fsdp
+also the working copy of one layer's gathered weights (and its gradient). `compiled`
+asks XLA for the same number (`memory_analysis()` of the jitted train step), which is
+how tests/scaling/test_memory.py keeps the estimate honest.
+"""
+
+import dataclasses
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from llmjax.errors import UserError
+from llmjax.sharding import partition
+from llmjax.sharding import rules as rules_lib
+
+GIB = 1024**3
+_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 1024,
+          "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+def parse_bytes(text: str) -> int:
+  """'16GiB', '80GB', '512MiB', '1e9' -> bytes."""
+  m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(text))
+  if not m or m.group(2).lower() not in _UNITS:
+    raise UserError(f"cannot read the memory size {text!r}; write it like 16GiB, 80GB or "
+                    "512MiB.")
+  return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def zero_table(num_devices: int, param_bytes: int = 4, moments: int = 2) -> dict:
+  """Bytes per parameter per device for each ZeRO stage (the table above)."""
+  n, w, o = num_devices, param_bytes, moments * param_bytes
+  return {"dp": (w, w, o), "zero1": (w, w, o / n), "zero2": (w, w / n, o / n),
+          "fsdp": (w / n, w / n, o / n)}
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+  """Bytes per device. `working`: the loss's logits buffers, AdamW's update tree and,
+  under fsdp, one gathered layer and its gradient."""
+
+  rule_set: str
+  mesh: dict
+  num_params: int
+  weights: int
+  gradients: int
+  optimizer: int
+  activations: int
+  working: int
+
+  @property
+  def total(self) -> int:
+    return self.weights + self.gradients + self.optimizer + self.activations + self.working
+
+
+def _leaf_bytes(x, spec, mesh_shape) -> int:
+  """Bytes of one device's shard of `x` under mesh PartitionSpec `spec`."""
+  elems = 1
+  for i, size in enumerate(x.shape):
+    entry = spec[i] if i < len(spec) else None
+    names = () if entry is None else (entry,) if isinstance(entry, str) else entry
+    elems *= size // math.prod(mesh_shape[n] for n in names)
+  return elems * np.dtype(x.dtype).itemsize
+
+
+def _tree_bytes(boxed_abstract, mesh_shape, rules) -> int:
+  """Per-device bytes of a boxed abstract tree placed by `rules` on a mesh of this shape."""
+  specs = partition.mesh_specs(boxed_abstract, mesh_shape, rules)
+  shapes = nn.meta.unbox(boxed_abstract)
+  return sum(jax.tree.leaves(jax.tree.map(
+      lambda x, s: _leaf_bytes(x, s, mesh_shape), shapes, specs,
+      is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))))
+
+
+def abstract_params(model_cfg, seq_len: int = 8):
+  """The boxed abstract parameters of `Transformer(model_cfg)` (no compute)."""
+  from llmjax.models.transformer import Transformer
+  tokens = jnp.zeros((1, seq_len), jnp.int32)
+  kwargs = {"encoder_tokens": tokens} if model_cfg.arch == "encoder_decoder" else {}
+  return jax.eval_shape(lambda: Transformer(model_cfg).init(
+      {"params": jax.random.PRNGKey(0)}, tokens, **kwargs)["params"])
+
+
+def _nbytes(tree) -> int:
+  return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def _shard_config(cfg, tensor: int):
+  """The block one device computes under tensor parallelism: heads and MLP hidden / t."""
+  if tensor == 1 or cfg.num_kv_heads % tensor or cfg.mlp_dim % tensor:
+    return cfg
+  return cfg.replace(num_heads=cfg.num_heads // tensor, num_kv_heads=cfg.num_kv_heads // tensor,
+                     head_dim=cfg.head_dim, mlp_dim=cfg.mlp_dim // tensor)
+
+
+def block_residual_bytes(cfg, batch: int, seq_len: int, remat: str | None = None) -> int:
+  """Bytes one block keeps for its backward pass: the residuals of `jax.vjp` through it
+  (what autodiff saves under the remat policy), less its own parameters. Abstract only."""
+  from llmjax.layers import masks
+  from llmjax.models.block import TransformerBlock
+  from llmjax.models.stack import _DETERMINISTIC_ARGNUM, _REMAT_POLICIES
+
+  remat = cfg.remat if remat is None else remat
+  block_cls = TransformerBlock
+  if remat != "none":
+    block_cls = nn.remat(block_cls, policy=_REMAT_POLICIES[remat],
+                         static_argnums=(_DETERMINISTIC_ARGNUM,))
+  block = block_cls(cfg)
+  x = jax.ShapeDtypeStruct((batch, seq_len, cfg.embed_dim), cfg.compute_dtype)
+  args = (masks.causal_mask(seq_len), None, None, None, True)
+  params = jax.eval_shape(lambda x: block.init(jax.random.PRNGKey(0), x, *args), x)
+  apply = lambda p, x: block.apply(p, x, *args)
+  residuals = jax.eval_shape(lambda p, x: jax.vjp(apply, p, x)[1], params, x)
+  return _nbytes(residuals) - _nbytes(params)
+
+
+def activation_bytes(cfg, batch_per_device: int, seq_len: int, tensor: int = 1) -> int:
+  """Bytes of activations one device keeps for the backward pass, all layers: every
+  block's residuals, plus (under remat) one block's full set while it is recomputed,
+  plus the embeddings."""
+  shard = _shard_config(cfg, tensor)
+  layers = cfg.num_layers + (cfg.num_encoder_layers if cfg.arch == "encoder_decoder" else 0)
+  total = layers * block_residual_bytes(shard, batch_per_device, seq_len)
+  if cfg.remat != "none":
+    total += block_residual_bytes(shard, batch_per_device, seq_len, remat="none")
+  return total + batch_per_device * seq_len * cfg.embed_dim * cfg.compute_dtype.itemsize
+
+
+def _logits_bytes(cfg, batch_per_device, seq_len, tensor):
+  """float32 [B, L, V] buffers of the loss (V split over 'tensor' if it divides): the
+  logits and their log-softmax kept for the backward pass, its softmax and the logits'
+  gradient."""
+  vocab = cfg.vocab_size // tensor if cfg.vocab_size % tensor == 0 else cfg.vocab_size
+  return 4 * 4 * batch_per_device * seq_len * vocab
+
+
+def estimate(model_cfg, rule_set: str, mesh_shape: dict, batch_size: int, seq_len: int,
+             tx=None) -> MemoryEstimate:
+  """Bytes per device of training `model_cfg` with global `batch_size` rows of `seq_len`.
+
+  `mesh_shape` maps 'data', 'fsdp', 'tensor' to sizes; `tx` is the optax optimizer
+  (default AdamW, whose state is two moments in the parameter dtype).
+  """
+  from llmjax.optim.optimizers import OptimizerConfig
+  tx = tx or OptimizerConfig().make(1)[0]
+  boxed = abstract_params(model_cfg, seq_len)
+  rules = rules_lib.get_rules(rule_set)
+  weights = _tree_bytes(boxed, mesh_shape, rules)
+  optimizer = _tree_bytes(jax.eval_shape(tx.init, boxed), mesh_shape,
+                          rules_lib.opt_state_rules(rule_set))
+  num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(boxed)))
+  data = mesh_shape["data"] * mesh_shape["fsdp"]
+  if batch_size % data:
+    raise UserError(f"global batch_size={batch_size} does not split over {data} "
+                    "data-parallel devices; make it a multiple.")
+  batch, tensor = batch_size // data, mesh_shape["tensor"]
+  # The loss's logits buffers, and AdamW's update tree (one moment's shards): it exists
+  # next to the old and new parameters until the step keeps or drops the update.
+  working = _logits_bytes(model_cfg, batch, seq_len, tensor) + optimizer // 2
+  if mesh_shape["fsdp"] > 1 and rules_lib.get_rules(rule_set) != rules_lib.dp():
+    # One layer's weights gathered over 'fsdp' for its matmuls, and its full gradient
+    # before the reduce-scatter.
+    no_fsdp = {**mesh_shape, "fsdp": 1}
+    layers = max(model_cfg.num_layers, 1)
+    working += 2 * (_tree_bytes(boxed, no_fsdp, rules) // layers)
+  return MemoryEstimate(rule_set, dict(mesh_shape), num_params, weights, weights, optimizer,
+                        activation_bytes(model_cfg, batch, seq_len, tensor), working)
+
+
+def compiled(model_cfg, rule_set: str, mesh, batch_size: int, seq_len: int) -> dict:
+  """XLA's own per-device bytes for the jitted, donated train step (compile only).
+
+  `total` = arguments + outputs - aliased (the donated state) + temporaries.
+  """
+  from llmjax.models.transformer import Transformer
+  from llmjax.objectives.lm import CausalLM
+  from llmjax.optim.optimizers import OptimizerConfig
+  from llmjax.train import step as step_lib
+
+  model = Transformer(model_cfg)
+  tx, schedule = OptimizerConfig().make(1)
+  tokens = jnp.zeros((1, seq_len), jnp.int32)
+  init = lambda rng: model.init({"params": rng}, tokens)["params"]
+  state = partition.abstract_train_state(init, tx, mesh, rule_set)
+  rules = rules_lib.get_rules(rule_set)
+  rows = partition.batch_sharding(mesh, rules)
+  batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=rows)
+           for k in ("tokens", "tokens_segment_ids", "tokens_positions")}
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  step = step_lib.make_train_step(model, CausalLM(), tx, schedule)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    analysis = jax.jit(step, in_shardings=(shardings, rows), out_shardings=(shardings, None),
+                       donate_argnums=0).lower(state, batch).compile().memory_analysis()
+  out = {"arguments": analysis.argument_size_in_bytes,
+         "outputs": analysis.output_size_in_bytes,
+         "aliased": analysis.alias_size_in_bytes, "temp": analysis.temp_size_in_bytes}
+  out["total"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temp"]
+  return out

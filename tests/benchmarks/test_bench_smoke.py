@@ -1,0 +1,129 @@
+"""The benchmarks compare the same work: llmjax, the PyTorch reference and HF GPT-2 agree.
+
+At the benchmarks' tiny shape: equal parameter counts, initial losses near ln(V), and,
+with the reference's weights copied into the other two, equal logits (a real parity
+check of the three model setups the timing runs use, not a timing).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import linen as nn
+
+from benchmarks import common, train_vs_torch
+from llmjax.models.transformer import Transformer
+
+SHAPE = "tiny"
+LAYERS, HEADS, WIDTH, SEQ_LEN, BATCH = train_vs_torch.SHAPES[SHAPE]
+
+
+def _llmjax():
+  model = Transformer(train_vs_torch.llmjax_config(SHAPE))
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0),
+                                    jnp.zeros((1, SEQ_LEN), jnp.int32))["params"])
+  return model, params
+
+
+def _params_from_reference(ref: torch.nn.Module) -> dict:
+  """torch_gpt.GPT's state dict -> llmjax's scanned parameter tree (written from scratch)."""
+  sd = {k: v.detach().numpy().astype(np.float32) for k, v in ref.state_dict().items()}
+  h = WIDTH // HEADS
+
+  def layer(i):
+    p = f"h.{i}."
+    qkv_w = sd[p + "attn.c_attn.weight"].T.reshape(WIDTH, 3, HEADS, h)   # [D, 3, N, H]
+    qkv_b = sd[p + "attn.c_attn.bias"].reshape(3, HEADS, h)
+    proj = {name: {"kernel": qkv_w[:, j], "bias": qkv_b[j]}
+            for j, name in enumerate(("query", "key", "value"))}
+    proj["out"] = {"kernel": sd[p + "attn.c_proj.weight"].T.reshape(HEADS, h, WIDTH),
+                   "bias": sd[p + "attn.c_proj.bias"]}
+    return {
+        "attention": proj,
+        "attention_norm": {"scale": sd[p + "ln_1.weight"], "bias": sd[p + "ln_1.bias"]},
+        "mlp_norm": {"scale": sd[p + "ln_2.weight"], "bias": sd[p + "ln_2.bias"]},
+        "mlp": {"wi": {"kernel": sd[p + "mlp.c_fc.weight"].T, "bias": sd[p + "mlp.c_fc.bias"]},
+                "wo": {"kernel": sd[p + "mlp.c_proj.weight"].T,
+                       "bias": sd[p + "mlp.c_proj.bias"]}},
+    }
+
+  layers = jax.tree.map(lambda *a: np.stack(a), *[layer(i) for i in range(LAYERS)])
+  return {"embed": {"embedding": sd["wte.weight"]},
+          "pos_embed": {"embedding": sd["wpe.weight"]},
+          "decoder": {"layers": layers, "final_norm": {"scale": sd["ln_f.weight"],
+                                                       "bias": sd["ln_f.bias"]}}}
+
+
+def _copy_reference_into_hf(ref, hf):
+  """HF GPT-2 keeps Conv1D weights as [in, out]: the transpose of nn.Linear's."""
+  sd = ref.state_dict()
+  out = {"transformer.wte.weight": sd["wte.weight"], "transformer.wpe.weight": sd["wpe.weight"],
+         "transformer.ln_f.weight": sd["ln_f.weight"], "transformer.ln_f.bias": sd["ln_f.bias"]}
+  for key, value in sd.items():
+    if key.startswith("h."):
+      linear = key.endswith("weight") and ("c_attn" in key or "c_proj" in key or "c_fc" in key)
+      out["transformer." + key] = value.T.contiguous() if linear else value
+  missing, unexpected = hf.load_state_dict(out, strict=False)
+  assert not unexpected and all(m.endswith(("attn.bias", "masked_bias", "lm_head.weight"))
+                                for m in missing), (missing, unexpected)
+
+
+@pytest.fixture(scope="module")
+def models():
+  torch.manual_seed(0)
+  ref = train_vs_torch.torch_model("ref", SHAPE)
+  hf = train_vs_torch.torch_model("hf", SHAPE)
+  return ref.eval(), hf.eval(), *_llmjax()
+
+
+def test_parameter_counts_are_equal(models):
+  ref, hf, _, params = models
+  counts = {"ref": sum(p.numel() for p in ref.parameters()),
+            "hf": sum(p.numel() for p in hf.parameters()),
+            "llmjax": sum(math.prod(x.shape) for x in jax.tree.leaves(params))}
+  assert len(set(counts.values())) == 1, counts
+
+
+def test_initial_losses_are_near_ln_vocab(models):
+  ref, hf, model, params = models
+  x, y = common.get_batch(np.arange(5000) % 65, BATCH, SEQ_LEN, seed=0, index=0)
+  xt, yt = torch.from_numpy(x).long(), torch.from_numpy(y).long()
+  with torch.no_grad():
+    losses = {"ref": ref(xt, yt)[1].item(),
+              "hf": torch.nn.functional.cross_entropy(hf(input_ids=xt).logits.reshape(-1, 65),
+                                                      yt.reshape(-1)).item()}
+  logits = model.apply({"params": params}, jnp.asarray(x))
+  logp = jax.nn.log_softmax(logits)
+  losses["llmjax"] = float(-jnp.take_along_axis(logp, jnp.asarray(y)[..., None], -1).mean())
+  for name, loss in losses.items():
+    assert abs(loss - math.log(65)) < 0.05, (name, loss)
+
+
+@pytest.mark.parametrize("attention_impl", ["einsum", "jax"])
+def test_same_weights_give_the_same_logits(models, attention_impl):
+  ref, hf, _, _ = models
+  model = Transformer(train_vs_torch.llmjax_config(SHAPE, overrides={
+      "attention_impl": attention_impl}))
+  _copy_reference_into_hf(ref, hf)
+  tokens = np.random.default_rng(0).integers(0, 65, size=(BATCH, SEQ_LEN))
+  with torch.no_grad():
+    want = ref(torch.from_numpy(tokens))[0].numpy()
+    got_hf = hf(input_ids=torch.from_numpy(tokens)).logits.numpy()
+  got = np.asarray(model.apply({"params": _params_from_reference(ref)}, jnp.asarray(tokens)))
+  # Logits are O(0.1) at init; compare against their spread, not only absolutely.
+  assert np.std(want) > 1e-3
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+  np.testing.assert_allclose(got_hf, want, atol=2e-5, rtol=1e-4)
+
+
+def test_batches_are_reproducible_next_token_pairs():
+  data = np.arange(1000, dtype=np.uint8) % 65
+  x, y = common.get_batch(data, 4, 8, seed=3, index=7)
+  x2, y2 = common.get_batch(data, 4, 8, seed=3, index=7)
+  np.testing.assert_array_equal(y, y2)
+  np.testing.assert_array_equal(x, x2)
+  np.testing.assert_array_equal(x[:, 1:], y[:, :-1])
+  assert not np.array_equal(x, common.get_batch(data, 4, 8, seed=3, index=8)[0])

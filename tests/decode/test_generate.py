@@ -1,0 +1,101 @@
+"""The jit-compiled generation loop: greedy equals repeated argmax of the full forward,
+per-row EOS, seeded sampling, streaming, stop strings, encoder-decoder."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from llmjax.decode import generate as gen
+from llmjax.decode.sampling import SamplingConfig
+from llmjax.errors import UserError
+from llmjax.models.presets import get_preset
+from llmjax.models.transformer import Transformer
+from llmjax.testing import reference
+
+GREEDY = SamplingConfig(temperature=0.0)
+PROMPTS = [[5, 17, 99, 3, 42], [7, 8]]
+NEW = 6
+
+
+@functools.cache
+def _model(name):
+  cfg = get_preset(name)
+  kw = {"encoder_tokens": np.ones((1, 6), np.int32)} if cfg.arch == "encoder_decoder" else {}
+  model = Transformer(cfg)
+  return model, reference.random_params(model, np.ones((1, 8), np.int32), std=0.5, **kw)
+
+
+def _naive_greedy(model, params, prompt, steps, **kw):
+  """Argmax of the full forward pass, one token at a time (a fixed buffer: one compile)."""
+  forward = jax.jit(functools.partial(model.apply, {"params": params}, **kw))
+  buf = np.zeros((1, len(prompt) + steps), np.int32)
+  buf[0, :len(prompt)] = prompt
+  for i in range(len(prompt), len(prompt) + steps):
+    buf[0, i] = int(np.argmax(np.asarray(forward(buf))[0, i - 1]))
+  return list(buf[0, len(prompt):])
+
+
+@functools.cache
+def _greedy(name):
+  model, params = _model(name)
+  return gen.generate(model, params, PROMPTS, max_new_tokens=NEW, sampling=GREEDY)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-llama"])
+def test_greedy_equals_repeated_argmax_of_full_forward(name):
+  model, params = _model(name)
+  out = _greedy(name)
+  assert out.tokens.shape == (2, NEW) and list(out.lengths) == [NEW, NEW]
+  for row, prompt in enumerate(PROMPTS):
+    assert list(out.tokens[row]) == _naive_greedy(model, params, prompt, NEW)
+
+
+def test_rows_stop_independently_at_eos():
+  model, params = _model("tiny")
+  free = _greedy("tiny").tokens
+  eos = int(free[0, 2])                        # row 0 produces it at step 2
+  out = gen.generate(model, params, PROMPTS, max_new_tokens=NEW, sampling=GREEDY, eos_id=eos,
+                     pad_id=0)
+  assert out.lengths[0] == 3 and list(out.tokens[0]) == list(free[0, :3]) + [0] * (NEW - 3)
+  stop1 = list(free[1]).index(eos) + 1 if eos in free[1] else NEW
+  assert out.lengths[1] == stop1 and list(out.tokens[1, :stop1]) == list(free[1, :stop1])
+
+
+def test_fixed_seed_sampling_is_reproducible():
+  model, params = _model("tiny")
+  cfg = SamplingConfig(temperature=1.0, top_k=20, top_p=0.95, repetition_penalty=1.2)
+  run = lambda seed: gen.generate(model, params, PROMPTS, max_new_tokens=NEW, sampling=cfg,
+                                  seed=seed).tokens
+  a, b, c = run(1), run(1), run(2)
+  np.testing.assert_array_equal(a, b)
+  assert (a != c).any()
+
+
+def test_streaming_and_stop_strings():
+  model, params = _model("tiny")
+  free = _greedy("tiny").tokens
+  detok = lambda ids: "".join(f"<{i}>" for i in ids)
+  streamed = []
+  out = gen.generate(model, params, PROMPTS, max_new_tokens=NEW, sampling=GREEDY,
+                     detokenize=detok, stop_strings=[f"<{free[1, 1]}>"],
+                     on_tokens=lambda t, active: streamed.append((t.copy(), active.copy())))
+  assert out.lengths[1] == 2 and out.texts[1] == f"<{free[1, 0]}>"
+  np.testing.assert_array_equal(np.stack([t for t, _ in streamed])[:, 0], free[0, :len(streamed)])
+  assert [a[1] for _, a in streamed[:3]] == [True, True, False]
+
+
+def test_encoder_decoder_greedy_equals_full_forward():
+  model, params = _model("t5-tiny")
+  source = [3, 9, 27, 81, 50]
+  out = gen.generate(model, params, None, max_new_tokens=4, sampling=GREEDY,
+                     encoder_inputs=[source])
+  want = _naive_greedy(model, params, [0], 4, encoder_tokens=np.array([source], np.int32))
+  assert list(out.tokens[0]) == want
+
+
+def test_learned_positions_limit_is_a_user_error():
+  model, params = _model("tiny")
+  with pytest.raises(UserError, match="max_len"):
+    gen.generate(model, params, [[1] * 60], max_new_tokens=10)

@@ -1,0 +1,41 @@
+"""Fuzz: after every sampling filter (llmjax.decode.sampling.process_logits), softmax is a
+valid distribution (finite, non-negative, sums to 1) for arbitrary float32 logits,
+including -inf (as long as one logit is not -inf) and +inf."""
+
+import jax
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmjax.decode import sampling
+
+CONFIGS = [sampling.SamplingConfig(temperature=t, top_k=k, top_p=p, min_p=m)
+           for t, k, p, m in [(1.0, 0, 1.0, 0.0), (0.7, 3, 1.0, 0.0), (1.3, 0, 0.9, 0.0),
+                              (1.0, 0, 1.0, 0.1), (0.5, 2, 0.5, 0.05), (1e-3, 1, 0.01, 1.0)]]
+_probs = jax.jit(lambda x, c: jax.nn.softmax(sampling.process_logits(x, c), -1),
+                 static_argnums=1)
+FINITE = st.floats(width=32, allow_nan=False, allow_infinity=False) | st.floats(-20.0, 20.0)
+LOGIT = FINITE | st.just(-np.inf)
+
+
+def _check(logits, config):
+  if all(x == -np.inf for x in logits):
+    logits = [*logits[:-1], 0.0]  # an all -inf row has no distribution at all
+  probs = np.asarray(_probs(np.asarray([logits], np.float32), config))
+  assert np.isfinite(probs).all(), (logits, probs)
+  assert (probs >= 0).all() and abs(probs.sum() - 1.0) < 1e-5, (logits, probs)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(LOGIT, min_size=1, max_size=12), st.sampled_from(CONFIGS))
+def test_filters_give_a_valid_distribution(logits, config):
+  _check(logits, config)
+
+
+@pytest.mark.xfail(strict=True, reason="process_logits keeps +inf logits: softmax gives NaN "
+                   "(inf - inf); to be fixed in llmjax/decode/sampling.py")
+@settings(max_examples=300, deadline=None)
+@given(st.lists(LOGIT | st.just(np.inf), min_size=1, max_size=12), st.sampled_from(CONFIGS))
+def test_filters_give_a_valid_distribution_with_plus_inf(logits, config):
+  _check(logits, config)

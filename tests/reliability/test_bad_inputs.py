@@ -1,0 +1,106 @@
+"""The bad-input table (README, Troubleshooting): each row is a mistake a user makes, and
+each gives one clear error naming the problem and the fix, no traceback, and leaves the
+workdir as it was (no partial checkpoint, tokenizer or config behind)."""
+
+import os
+import shutil
+
+import pytest
+
+from llmjax import cli
+from llmjax.data import tokenizer as tokenizer_lib
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir):
+  """A finished 2-step debug run, copied by the rows that resume it."""
+  workdir = str(tmp_path_factory.mktemp("trained") / "run")
+  assert _train(workdir, data_dir, ["TrainConfig.num_steps=2"]) == 0
+  return workdir
+
+
+def _train(workdir, data_dir, params, gin_file="runs/debug.gin"):
+  argv = ["train", f"--gin_file={gin_file}", f"--workdir={workdir}", "--no_sample",
+          f"--gin_param=DataConfig.data_dir={data_dir!r}"]
+  return cli.main(argv + [f"--gin_param={p}" for p in params])
+
+
+def _snapshot(path):
+  """Every file under `path` with its size and modification time (None: no such path)."""
+  if not os.path.exists(path):
+    return None
+  return {os.path.relpath(os.path.join(d, f), path): (os.path.getsize(os.path.join(d, f)),
+                                                       os.stat(os.path.join(d, f)).st_mtime_ns)
+          for d, _, files in os.walk(path) for f in files}
+
+
+def _corpus(tmp_path, files):
+  folder = tmp_path / "corpus"
+  folder.mkdir()
+  for name, data in files.items():
+    (folder / name).write_bytes(data)
+  return ["DataConfig.dataset='local_text'", f"DataConfig.input_dir={str(folder)!r}"]
+
+
+def _other_tokenizer(tmp_path, workdir):
+  tok = tokenizer_lib.train_tokenizer(["abc xyz " * 50], str(tmp_path / "other"),
+                                      model_type="char", vocab_size=None)
+  tok.save(os.path.join(workdir, "tokenizer.model"))
+
+
+# name -> (set-up(tmp_path, workdir, trained) -> gin params or (params, gin file),
+#          words the message must contain: the problem and the fix)
+ROWS = {
+    "unknown_gin_binding": (lambda t, w, r: ["TrainConfig.num_stepz=3"],
+                            ["num_stepz", "spelling"]),
+    "missing_gin_file": (lambda t, w, r: ([], "runs/nope.gin"),
+                         ["runs/nope.gin not found", "--gin_file"]),
+    "wrong_type": (lambda t, w, r: ["TrainConfig.num_steps='many'"],
+                   ["TrainConfig.num_steps='many' has type str", "quotes"]),
+    "missing_data_directory": (
+        lambda t, w, r: ["DataConfig.dataset='local_text'",
+                         f"DataConfig.input_dir={str(t / 'no_such_corpus')!r}"],
+        ["no_such_corpus does not exist", "--input"]),
+    "empty_corpus_after_cleaning": (  # an empty file, one of control characters
+        lambda t, w, r: _corpus(t, {"a.txt": b"", "b.md": b"\x01\x02\x03\x04"}),
+                                    ["removed by cleaning", "loosen"]),
+    "non_utf8_input": (lambda t, w, r: _corpus(t, {"a.txt": "caf\xe9 ".encode("latin-1") * 99}),
+                       ["a.txt is not UTF-8", "iconv"]),
+    "tokenizer_not_matching_checkpoint": (
+        lambda t, w, r: (shutil.copytree(r, w), _other_tokenizer(t, w), [])[-1],
+        ["tokenizer (", "not the one the checkpoint", "tokenizer.model back"]),
+    "checkpoint_into_other_architecture": (
+        lambda t, w, r: (shutil.copytree(r, w), ["get_preset.num_layers=3"])[-1],
+        ["different model config", "num_layers", "new --workdir"]),
+    "batch_not_divisible_by_data_parallel": (lambda t, w, r: ["DataConfig.batch_size=12"],
+                                             ["batch_size=12", "multiple of 8"]),
+    "sequence_longer_than_max_len": (lambda t, w, r: ["DataConfig.seq_len=65"],
+                                     ["65", "max_len=64", "raise max_len"]),
+    "workdir_not_writable": (lambda t, w, r: [], ["is not writable", "--workdir"]),
+}
+
+
+@pytest.mark.parametrize("row", sorted(ROWS))
+def test_bad_input_is_one_clear_error(row, tmp_path, data_dir, trained, capsys):
+  setup, needles = ROWS[row]
+  workdir = str(tmp_path / "run")
+  if row == "workdir_not_writable":  # root can write anywhere: a path under a file cannot be
+    (tmp_path / "a_file").write_text("x")
+    workdir = str(tmp_path / "a_file" / "run")
+  params = setup(tmp_path, workdir, trained)
+  params, gin_file = params if isinstance(params, tuple) else (params, "runs/debug.gin")
+  before, data_before = _snapshot(workdir), _snapshot(data_dir)
+  capsys.readouterr()
+  assert _train(workdir, data_dir, params, gin_file) == 2
+  err = capsys.readouterr().err
+  assert "Traceback" not in err and err.count("error:") == 1, err
+  for needle in needles:
+    assert needle in err, (needle, err)
+  assert _snapshot(workdir) == before  # nothing created, nothing half-written or replaced
+  built = set(_snapshot(data_dir) or {}) - set(data_before or {})
+  assert not any("incomplete" in p or "local_text" in p for p in built), built
