@@ -2,6 +2,8 @@
 
 import sys
 
+from llmjax.train import distributed
+
 
 def register(subparsers, name, help_text):
   p = subparsers.add_parser(name, help=help_text, description=__doc__)
@@ -11,12 +13,14 @@ def register(subparsers, name, help_text):
                  help="a single binding, e.g. TrainConfig.num_steps=100 (repeatable)")
   p.add_argument("--workdir", required=True, help="where checkpoints, logs and plots go")
   p.add_argument("--no_sample", action="store_true", help="skip the sample at the end")
+  distributed.add_flags(p)
   p.set_defaults(func=run)
 
 
 def run(args):
   from llmjax.train import main
 
+  distributed.initialize_from_flags(args)  # no-op on one host without cluster settings
   result = main.run(args.gin_file, args.gin_param, args.workdir)
   if args.no_sample or not getattr(result.objective, "can_sample", True):
     return 0  # MLM, span corruption, seq2seq: no causal-LM prompt to continue

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llmjax.decode import cache as cache_lib
-from llmjax.decode.generate import encode_inputs, prefill
+from llmjax.decode.generate import decoding_model, encode_inputs, prefill
 from llmjax.errors import UserError
 from llmjax.models.transformer import Transformer
 
@@ -84,6 +84,7 @@ def _row_done(state, alpha, max_new_tokens):
 def _beam_search(model, params, tokens, valid, positions, eos_id, pad_id, encoded=None,
                  encoder_valid=None, *, beams, max_new_tokens, alpha, num_return):
   batch, n = tokens.shape[0], max_new_tokens
+  model, params = decoding_model(model, params)
   logits, cache = prefill(model, params, tokens, valid, positions, tokens.shape[1] + n,
                           encoded, encoder_valid)
   cache = cache_lib.repeat_rows(cache, beams)                          # rows b*W ... b*W+W-1

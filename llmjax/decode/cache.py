@@ -10,13 +10,19 @@ Layout (a plain dict, so `jax.tree` functions, `jit` and `lax.while_loop` see ar
 
   index          int32 scalar: the next slot to write (the same for every row).
   valid          bool `[B, T]`: slot holds a real token (False: padding, not yet written).
-  layers/self    {'key', 'value'}: `[layers, B, T, K, H]` self-attention keys/values.
-  layers/cross   {'key', 'value'}: `[layers, B, S, K, H]` cross-attention keys/values of
-                 the encoder output (encoder_decoder only; filled once, at prefill).
+  layers         a tuple, one entry per layer, each:
+    self         self-attention keys `key [B, K, T, H]` and values `value [B, K, H, T]`
+                 (transposed).
+    cross        the same over the S encoder tokens, `[B, K, S, H]` and `[B, K, H, S]`
+                 (encoder_decoder only; filled once, at prefill).
   encoder_valid  bool `[B, S]`: real encoder tokens (encoder_decoder only).
 
-K is `num_kv_heads`, so grouped-query models cache K < N heads. The leading layers axis
-is there whether or not the stack is scanned (`nn.scan` slices it per layer).
+K is `num_kv_heads`, so grouped-query models cache K < N heads. Why this layout (it is
+what makes a decoding step cheap on CPU): one buffer per layer lets each step update
+it in place inside `lax.while_loop` (a stacked `[layers, ...]` array is copied whole
+every step); heads-major keys `[B, K, T, H]` and transposed values `[B, K, H, T]` are
+the layouts XLA:CPU's batched matrix-vector products read directly (see
+`Attention._cached`), so no step transposes the cache.
 
 Prompts of different lengths are LEFT-padded: the last prompt token of every row sits
 in the same slot, so each step writes one slot for the whole batch. Positions (RoPE,
@@ -37,15 +43,17 @@ def init_cache(config: TransformerConfig, batch: int, length: int,
   k, h = config.num_kv_heads, config.head_dim
 
   def kv(slots):
-    shape = (config.num_layers, batch, slots, k, h)                     # [layers, B, T, K, H]
-    return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
+    return {"key": jnp.zeros((batch, k, slots, h), dtype),              # [B, K, T, H]
+            "value": jnp.zeros((batch, k, h, slots), dtype)}            # [B, K, H, T]
 
+  cross = config.arch == "encoder_decoder"
+  if cross and encoder_len is None:
+    raise ValueError("an encoder_decoder cache needs encoder_len (the encoder length).")
+  layers = tuple({"self": kv(length), **({"cross": kv(encoder_len)} if cross else {})}
+                 for _ in range(config.num_layers))
   cache = {"index": jnp.zeros((), jnp.int32), "valid": jnp.zeros((batch, length), bool),
-           "layers": {"self": kv(length)}}
-  if config.arch == "encoder_decoder":
-    if encoder_len is None:
-      raise ValueError("an encoder_decoder cache needs encoder_len (the encoder length).")
-    cache["layers"]["cross"] = kv(encoder_len)
+           "layers": layers}
+  if cross:
     cache["encoder_valid"] = jnp.zeros((batch, encoder_len), bool)
   return cache
 
@@ -68,7 +76,7 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0, length: int | None = Non
 
 def reorder(cache: dict, rows: jax.Array) -> dict:
   """The cache of rows `rows [B']` (beam search: follow each surviving beam's parent)."""
-  layers = jax.tree.map(lambda a: jnp.take(a, rows, axis=1), cache["layers"])
+  layers = jax.tree.map(lambda a: jnp.take(a, rows, axis=0), cache["layers"])
   out = dict(cache, layers=layers, valid=jnp.take(cache["valid"], rows, axis=0))
   if "encoder_valid" in cache:
     out["encoder_valid"] = jnp.take(cache["encoder_valid"], rows, axis=0)

@@ -26,6 +26,7 @@ from jax.experimental import io_callback
 from llmjax.decode import cache as cache_lib
 from llmjax.decode.sampling import SamplingConfig, sample
 from llmjax.errors import UserError
+from llmjax.models.stack import unstack_layers
 from llmjax.models.transformer import Transformer
 
 _LISTENERS = {}          # id -> host function(tokens [B] np) -> stop [B] bool
@@ -62,6 +63,20 @@ def encode_inputs(model, params, encoder_inputs, pad_id=0):
   return encoded, valid
 
 
+def decoding_model(model: Transformer, params):
+  """`(model, params)` laid out for cached decoding: unscanned layers, no remat.
+
+  Scanned params would be re-sliced from the stacked arrays and the per-layer caches
+  stacked and split again on every step; unstacking once per call (inside the jit,
+  before the loop) leaves each step plain matmuls on separate, in-place buffers.
+  """
+  cfg = model.config
+  if not cfg.scan_layers and cfg.remat == "none":
+    return model, params
+  model = model.clone(config=cfg.replace(scan_layers=False, remat="none"))
+  return model, unstack_layers(params) if cfg.scan_layers else params
+
+
 def prefill(model, params, tokens, valid, positions, length, encoded=None, encoder_valid=None):
   """A cache of `length` slots holding the left-padded prompt; `(last logits [B, V], cache)`."""
   cache = cache_lib.init_cache(model.config, tokens.shape[0], length,
@@ -77,6 +92,7 @@ def prefill(model, params, tokens, valid, positions, length, encoded=None, encod
 def _generate(model, params, tokens, valid, positions, rng, eos_id, pad_id, listener_id,
               encoded=None, encoder_valid=None, *, sampling, max_new_tokens, listen):
   batch, vocab = tokens.shape[0], model.config.vocab_size
+  model, params = decoding_model(model, params)
   logits, cache = prefill(model, params, tokens, valid, positions,
                           tokens.shape[1] + max_new_tokens, encoded, encoder_valid)
   seen = None

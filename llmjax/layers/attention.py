@@ -128,7 +128,7 @@ class Attention(nn.Module):
       bias: float, broadcastable to `[B, N, L, S]`, added to the scores (T5 relative
         position bias, computed once per stack by `RelativePositionBias`).
       deterministic: False enables attention-probability dropout ('dropout' rng).
-      cache: decoding only: `{'key', 'value'}` `[B, T, K, H]`; see `_cached`.
+      cache: decoding only: `{'key', 'value'}` (layouts: see `_cached`).
       cache_index: int scalar, the cache slot of x's first token (self-attention).
     Returns:
       `[B, L, D]`, or `([B, L, D], new cache)` when `cache` is given.
@@ -141,21 +141,79 @@ class Attention(nn.Module):
   def _cached(self, x, kv, mask, positions, cache, cache_index, bias=None):
     """Attention over a KV cache (llmjax.decode): returns (`[B, L, D]`, new cache).
 
-    Self-attention (`cache_index` given) writes this call's keys/values into slots
-    `cache_index ... cache_index + L - 1` and attends over all T slots; `mask
-    [B, 1, L, T]` hides unwritten and padding slots. Cross-attention (`cache_index`
-    None) projects `kv` into the cache when given (once, at prefill) and otherwise
-    reuses the cached encoder keys/values, so the encoder output is projected once.
+    Layout: keys `[B, K, T, H]` and values `[B, K, H, T]` (transposed): XLA:CPU runs a
+    one-token step as batched matrix-vector products with the cache as the matrix,
+    contracted over its minor dimension; these layouts are that, with no per-step
+    transpose of the cache.
+
+    Self-attention (`cache_index` given) attends over the old cache and this call's L
+    keys/values (`mask [B, 1, L, T]` is over the slots after the write: it hides
+    padding, unwritten and future slots), then writes them into slots `cache_index
+    ... cache_index + L - 1`. Attending to old and new separately, instead of reading
+    the updated cache, leaves the update the only consumer of the old buffer, so XLA
+    writes it in place rather than copying the cache every step. Cross-attention
+    (`cache_index` None) projects `kv` into the cache when given (once, at prefill)
+    and otherwise reuses the cached encoder keys/values.
     """
-    if cache_index is not None:
-      q, k, v = self.project_qkv(x, None, positions)
-      k, v = (jax.lax.dynamic_update_slice_in_dim(cache[name], new.astype(cache[name].dtype),
-                                                  cache_index, axis=1)   # [B, T, K, H]
-              for name, new in (("key", k), ("value", v)))
-    elif kv is not None:
-      q, k, v = self.project_qkv(x, kv, positions)
-    else:
-      q = nn.with_logical_constraint(self.query(x), (BATCH, LENGTH, HEADS, HEAD_DIM))
-      k, v = cache["key"], cache["value"]
-    new_cache = {"key": k.astype(cache["key"].dtype), "value": v.astype(cache["value"].dtype)}
-    return self.out(self.attend(q, k, v, mask, bias=bias)), new_cache
+    dtype, scale = cache["key"].dtype, self.config.query_scale
+    if cache_index is None:
+      if kv is None:
+        q = nn.with_logical_constraint(self.query(x), (BATCH, LENGTH, HEADS, HEAD_DIM))
+        k, vt = cache["key"], cache["value"]
+      else:
+        q, k, v = self.project_qkv(x, kv, positions)
+        k, vt = k.swapaxes(1, 2).astype(dtype), v.transpose(0, 2, 3, 1).astype(dtype)
+      y = cached_attention(q, [(k, vt, mask, bias)], scale)
+      return self.out(y), {"key": k, "value": vt}
+    q, k, v = self.project_qkv(x, None, positions)
+    k_new = k.swapaxes(1, 2).astype(dtype)                              # [B, K, L, H]
+    vt_new = v.transpose(0, 2, 3, 1).astype(dtype)                      # [B, K, H, L]
+    length = x.shape[1]
+    slots = jnp.arange(cache["key"].shape[2])                           # [T]
+    new_part = lambda a: None if a is None else jax.lax.dynamic_slice_in_dim(
+        a, cache_index, length, axis=a.ndim - 1)                        # [..., L, L]
+    old_mask = slots < cache_index if mask is None else mask & (slots < cache_index)
+    y = cached_attention(q, [(cache["key"], cache["value"], old_mask, bias),
+                             (k_new, vt_new, new_part(mask), new_part(bias))], scale)
+    new_cache = {"key": jax.lax.dynamic_update_slice_in_dim(cache["key"], k_new,
+                                                            cache_index, axis=2),
+                 "value": jax.lax.dynamic_update_slice_in_dim(cache["value"], vt_new,
+                                                              cache_index, axis=3)}
+    return self.out(y), new_cache
+
+
+def cached_attention(q: jax.Array, parts, scale: float | None = None) -> jax.Array:
+  """`dot_product_attention` over key/value segments with one softmax across them all.
+
+  Args:
+    q: `[B, L, N, H]` queries.
+    parts: `(k [B, K, S, H], vt [B, K, H, S], mask, bias)` per segment; mask (bool) and
+      bias (float) broadcastable to `[B, 1, L, S]` / `[B, N, L, S]`, or None.
+    scale: multiplies the queries; None = 1/sqrt(H).
+  Returns:
+    `[B, L, N, H]` in q's dtype.
+  """
+  b, l, n, h = q.shape
+  kv_heads = parts[0][0].shape[1]
+  scale = 1.0 / math.sqrt(h) if scale is None else scale
+  q = q.reshape(b, l, kv_heads, n // kv_heads, h)                       # [B, L, K, G, H]
+  if scale != 1.0:
+    q = q * jnp.asarray(scale, q.dtype)
+  scores = []
+  for k, _, mask, bias in parts:
+    s = einsum_f32("BLKGH,BKSH->BKGLS", q, k)                           # [B, K, G, L, S]
+    if bias is not None:
+      bias = jnp.broadcast_to(bias, (bias.shape[0], n) + s.shape[-2:])  # [B|1, N, L, S]
+      s = s + bias.reshape(bias.shape[0], kv_heads, n // kv_heads,
+                           *s.shape[-2:]).astype(jnp.float32)           # [B, K, G, L, S]
+    if mask is not None:
+      mask = jnp.broadcast_to(mask, (mask.shape[0], 1) + s.shape[-2:])  # [B|1, 1, L, S]
+      s = jnp.where(mask[:, :, None], s, jnp.finfo(jnp.float32).min)
+    scores.append(s)
+  probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)     # float32
+  out, start = 0.0, 0
+  for _, vt, _, _ in parts:
+    p = jax.lax.slice_in_dim(probs, start, start + vt.shape[3], axis=-1)  # [B, K, G, L, S]
+    out = out + einsum_f32("BKGLS,BKHS->BLKGH", p.astype(vt.dtype), vt)  # [B, L, K, G, H]
+    start += vt.shape[3]
+  return out.reshape(b, l, n, h).astype(q.dtype)                         # [B, L, N, H]

@@ -62,8 +62,10 @@ class TransformerStack(nn.Module):
                cache: dict | None = None, cache_index: jax.Array | None = None):
     """Same arguments as `TransformerBlock.__call__`.
 
-    Decoding: `cache` holds every layer's cache with a leading layers axis (scanned or
-    not); then the stack returns `(x, new cache)`.
+    Decoding: `cache` is a tuple with one cache per layer (separate buffers, so an
+    unscanned stack updates each in place); then the stack returns `(x, new cache)`.
+    A scanned stack stacks them for `nn.scan` and splits them again (correct, but it
+    copies every step: `llmjax.decode` decodes with the unscanned layout).
     """
     cfg = self.config
     bias = None
@@ -74,7 +76,7 @@ class TransformerStack(nn.Module):
         positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
       k_positions = positions
       if cache is not None:
-        slots = jnp.arange(cache["self"]["key"].shape[2])                 # [T]
+        slots = jnp.arange(cache[0]["self"]["key"].shape[2])              # [T]
         k_positions = slots[None, :] - (cache_index - positions[:, :1])     # [B, T]
       bias = RelativePositionBias(
           cfg.relative_buckets, cfg.relative_max_distance, cfg.num_heads,
@@ -95,15 +97,20 @@ class TransformerStack(nn.Module):
                         split_rngs={"params": True, "dropout": True},
                         in_axes=in_axes, length=self.num_layers,
                         metadata_params={nn.PARTITION_NAME: LAYERS})
-      x, cache = scanned(cfg, self.cross_attention, name="layers")(x, *args)
+      if cache is not None:
+        args = args[:-2] + (jax.tree.map(lambda *a: jnp.stack(a), *cache), cache_index)
+      x, stacked = scanned(cfg, self.cross_attention, name="layers")(x, *args)
+      if cache is not None:
+        cache = tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(len(cache)))
     else:
+      new_cache = []
       for i in range(self.num_layers):
-        layer_args = args if cache is None else args[:-2] + (
-            jax.tree.map(lambda a, i=i: a[i], cache), cache_index)
+        layer_args = args if cache is None else args[:-2] + (cache[i], cache_index)
         x = block_cls(cfg, self.cross_attention, name=f"layers_{i}")(x, *layer_args)
         if cache is not None:
           x, new = x
-          cache = jax.tree.map(lambda a, b, i=i: a.at[i].set(b), cache, new)
+          new_cache.append(new)
+      cache = None if cache is None else tuple(new_cache)
     if cfg.final_norm:
       x = make_norm(cfg, name="final_norm")(x)
     return x if cache is None else (x, cache)

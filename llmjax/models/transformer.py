@@ -195,7 +195,7 @@ class Transformer(nn.Module):
     fill the cross-attention cache; later steps reuse it.
     """
     if self.config.arch != "decoder_only" and (
-        self.config.arch != "encoder_decoder" or "cross" not in cache["layers"]):
+        self.config.arch != "encoder_decoder" or "encoder_valid" not in cache):
       raise UserError("decode_cached() needs a decoder_only model, or an encoder_decoder "
                       "one with a cache made by llmjax.decode.cache.init_cache(encoder_len=S).")
     index, length = cache["index"], tokens.shape[1]
@@ -204,7 +204,7 @@ class Transformer(nn.Module):
     slots = jnp.arange(key_valid.shape[1])                                # [T]
     causal = slots[None, :] <= index + jnp.arange(length)[:, None]        # [L, T]
     mask = jnp.logical_and(causal[None, None], key_valid[:, None, None, :])  # [B, 1, L, T]
-    cross_mask = cache["encoder_valid"][:, None, None, :] if "cross" in cache["layers"] else None
+    cross_mask = cache["encoder_valid"][:, None, None, :] if "encoder_valid" in cache else None
     x = self.embed_tokens(tokens, positions)
     x, layers = self.decoder(x, mask, positions, encoded, cross_mask, True,
                              cache["layers"], index)

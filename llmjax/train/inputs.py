@@ -43,9 +43,12 @@ def resolve_tokenizer(spec: TokenizerSpec, workdir: str, dataset: str, data_dir=
     if not os.path.exists(spec.path):
       raise UserError(f"tokenizer file {spec.path} does not exist; fix TokenizerSpec.path or "
                       "set it to None to train one on the run's dataset.")
-    shutil.copyfile(spec.path, local + ".tmp")
-    os.replace(local + ".tmp", local)
-    return tokenizer_lib.Tokenizer.load(local)
+    # A tokenizer.json (an imported Hugging Face model's) keeps its own file name.
+    target = os.path.join(workdir, HF_TOKENIZER_FILE if spec.path.endswith(".json")
+                          else TOKENIZER_FILE)
+    shutil.copyfile(spec.path, target + ".tmp")
+    os.replace(target + ".tmp", target)
+    return tokenizer_lib.load_any(target)
   start = time.time()
   source_kwargs = {"input_dir": input_dir} if input_dir else {}  # local_text's folder
   texts = datasets.iter_texts(dataset, "train", data_dir=data_dir, text_key=text_key,

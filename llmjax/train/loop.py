@@ -28,7 +28,7 @@ from llmjax.scaling import counts
 from llmjax.sharding import mesh as mesh_lib
 from llmjax.sharding import partition
 from llmjax.sharding import rules as rules_lib
-from llmjax.train import inputs
+from llmjax.train import inputs, warm_start
 from llmjax.train import metrics as metrics_lib
 from llmjax.train import step as step_lib
 from llmjax.train.state import TrainState
@@ -59,6 +59,8 @@ class TrainConfig:
   sample_tokens: int = 200
   sample_temperature: float = 0.8
   progress_bar: bool = True
+  init_from: str | None = None    # a workdir whose latest params start this run at step 0
+                                  # (fine-tuning; see llmjax/train/warm_start.py)
 
 
 class TrainResult(NamedTuple):
@@ -228,7 +230,7 @@ def _no_partial_workdir(fn):
 
 
 @_no_partial_workdir
-def train(workdir: str, *, model: TransformerConfig, data, tokenizer: inputs.TokenizerSpec,
+def train(workdir: str, *, model: TransformerConfig | None = None, data, tokenizer: inputs.TokenizerSpec,
           optimizer: OptimizerConfig | None = None, objective=None,
           config: TrainConfig | None = None, operative_config: str = "", log=print):
   """Trains `model` on `data` in `workdir`, resuming from its latest checkpoint if any.
@@ -240,6 +242,14 @@ def train(workdir: str, *, model: TransformerConfig, data, tokenizer: inputs.Tok
   config = config or TrainConfig()
   workdir = os.path.abspath(workdir)
   _check_workdir(workdir)
+  source = warm_start.load(config.init_from) if config.init_from else None
+  if model is None:
+    if source is None:
+      raise UserError("no model config: bind `train.model` in gin (e.g. add "
+                      "--gin_file=gin_configs/models/tiny.gin) or set TrainConfig.init_from.")
+    model = source.model_config
+  if source is not None and source.tokenizer_path and not tokenizer.path:
+    tokenizer = dataclasses.replace(tokenizer, path=source.tokenizer_path)
   if config.on_nonfinite not in ("halt", "skip"):
     raise UserError(f"TrainConfig.on_nonfinite={config.on_nonfinite!r}; use 'halt' or 'skip'.")
   mesh = mesh_lib.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor)
@@ -249,6 +259,12 @@ def train(workdir: str, *, model: TransformerConfig, data, tokenizer: inputs.Tok
                                  data.text_key, log=log, input_dir=data.input_dir)
   multiple = config.pad_vocab_to_multiple
   model_cfg = model.replace(vocab_size=-(-tok.vocab_size // multiple) * multiple)
+  if source is not None:  # the source's embedding table decides the vocabulary
+    model_cfg = model.replace(vocab_size=source.model_config.vocab_size)
+    if tok.vocab_size > model_cfg.vocab_size:
+      raise UserError(f"the tokenizer has {tok.vocab_size} pieces but the init_from model "
+                      f"only {model_cfg.vocab_size} embeddings; use the source's own "
+                      "tokenizer (leave TokenizerSpec.path unset).")
   row_len = max(data.lengths().values())  # seq_len, or the longest packed feature
   if row_len > model_cfg.max_len and model_cfg.position == "learned":
     raise UserError(f"data row length {row_len} (seq_len / feature_lengths) exceeds the "
@@ -265,6 +281,10 @@ def train(workdir: str, *, model: TransformerConfig, data, tokenizer: inputs.Tok
                                     save_every=config.checkpoint_every,
                                     keep=config.keep_checkpoints, cleanup_tmp=True)
   state = _restore(ckpt, state, shardings, train_iter, model_cfg, log, tok)
+  if source is not None and ckpt.latest_step() is None:
+    state = state.replace(params=warm_start.restore_params(source, state.params,
+                                                           shardings.params))
+    log(f"initialized parameters from {source.workdir} (step {source.step})")
   if operative_config and jax.process_index() == 0:  # after restore: a rejected config
     path = os.path.join(workdir, "operative_config.gin")  # must not replace the run's own
     with open(path + ".tmp", "w") as f:

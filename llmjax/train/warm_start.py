@@ -1,0 +1,94 @@
+"""Warm starts: begin a new run from the parameters of another workdir.
+
+The source is any llmjax workdir with a checkpoint: a finished pre-training run, or a
+Hugging Face model imported with `llmjax convert --from_hf=DIR --workdir=SRC`. The new
+run (`TrainConfig.init_from=SRC`) takes the source's latest parameters, its model config
+(unless gin binds `train.model`, which must then have the same parameter shapes) and its
+tokenizer (unless `TokenizerSpec.path` names another), and starts at step 0 with a fresh
+optimizer state, schedule and data order. Once the new workdir has a checkpoint of its
+own, resuming uses that and the source is not read again.
+
+Scanned and unscanned layer layouts convert into each other, so a model imported with
+`--no_scan_layers` can be fine-tuned with `scan_layers=True` and vice versa.
+"""
+
+import dataclasses
+import os
+
+import jax
+import numpy as np
+
+from llmjax.checkpoint import manager as ckpt_lib
+from llmjax.errors import UserError
+from llmjax.models.config import TransformerConfig
+from llmjax.models.stack import stack_layers, unstack_layers
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """What a warm start reads from its source workdir."""
+
+  workdir: str
+  step: int
+  model_config: TransformerConfig
+  tokenizer_path: str | None   # the source's tokenizer file, if it has one
+
+
+def load(workdir: str) -> Source:
+  """Reads the source's latest checkpoint metadata (no arrays yet)."""
+  workdir = os.path.abspath(workdir)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    raise UserError(f"TrainConfig.init_from={workdir} has no checkpoints/ folder; point it at "
+                    "a trained run or at a workdir made by `llmjax convert --from_hf`.")
+  ckpt = ckpt_lib.CheckpointManager(ckpt_dir, async_save=False)
+  try:
+    step = ckpt.latest_step()
+    meta = ckpt.restore_meta(step)
+  finally:
+    ckpt.close()
+  fields = {f.name for f in dataclasses.fields(TransformerConfig)}
+  model_config = TransformerConfig(**{k: v for k, v in meta["model_config"].items()
+                                      if k in fields})
+  tokenizer_path = next((os.path.join(workdir, name) for name in TOKENIZER_FILES
+                         if os.path.exists(os.path.join(workdir, name))), None)
+  return Source(workdir, step, model_config, tokenizer_path)
+
+
+def _shapes(tree):
+  return jax.tree.map(lambda a: tuple(a.shape), tree)
+
+
+def _match_layout(params, like):
+  """`params` in the scanned/unscanned layout of `like` (both plain nested dicts)."""
+  if jax.tree.structure(params) == jax.tree.structure(like):
+    return params
+  for convert in (stack_layers, unstack_layers):
+    converted = convert(params)
+    if jax.tree.structure(converted) == jax.tree.structure(like):
+      return converted
+  return params
+
+
+def restore_params(source: Source, like, shardings):
+  """The source's parameters, shaped and sharded like `like` (the fresh run's params)."""
+  ckpt = ckpt_lib.CheckpointManager(os.path.join(source.workdir, "checkpoints"),
+                                    async_save=False)
+  try:
+    params, _ = ckpt.restore_params(source.step)
+  finally:
+    ckpt.close()
+  params = _match_layout(jax.tree.map(np.asarray, params), like)
+  if _shapes(params) != _shapes(like):
+    got = dict(jax.tree_util.tree_flatten_with_path(_shapes(params))[0])
+    want = dict(jax.tree_util.tree_flatten_with_path(_shapes(like))[0])
+    diff = sorted({jax.tree_util.keystr(k) for k in set(got) ^ set(want)} |
+                  {jax.tree_util.keystr(k) for k in set(got) & set(want) if got[k] != want[k]})
+    raise UserError(f"TrainConfig.init_from={source.workdir} (step {source.step}) has "
+                    f"parameters that do not fit this run's model: {diff[:6]} differ. Drop "
+                    "the gin `train.model` binding to use the source's own config, or make "
+                    "it match.")
+  return jax.tree.map(lambda a, ref, s: jax.device_put(a.astype(ref.dtype), s),
+                      params, like, shardings)
