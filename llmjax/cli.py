@@ -8,7 +8,7 @@ import argparse
 import importlib
 import sys
 
-from llmjax.errors import UserError
+from llmjax.errors import NonFiniteError, UserError
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -47,6 +47,9 @@ def main(argv=None):
   except UserError as e:
     print(f"llmjax {args.command}: error: {e}", file=sys.stderr)
     return 2
+  except NonFiniteError as e:
+    print(f"llmjax {args.command}: halted: {e}", file=sys.stderr)
+    return 3
 
 
 if __name__ == "__main__":

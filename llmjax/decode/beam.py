@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from llmjax.decode import cache as cache_lib
-from llmjax.decode.generate import decoding_model, encode_inputs, prefill
+from llmjax.decode.generate import (LOOP_COMPILER_OPTIONS, decoding_model, encode_inputs,
+                                    prefill)
 from llmjax.errors import UserError
 from llmjax.models.transformer import Transformer
 
@@ -80,7 +81,8 @@ def _row_done(state, alpha, max_new_tokens):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "beams", "max_new_tokens", "alpha",
-                                             "num_return"))
+                                             "num_return"),
+                   compiler_options=LOOP_COMPILER_OPTIONS)
 def _beam_search(model, params, tokens, valid, positions, eos_id, pad_id, encoded=None,
                  encoder_valid=None, *, beams, max_new_tokens, alpha, num_return):
   batch, n = tokens.shape[0], max_new_tokens

@@ -175,10 +175,12 @@ class Attention(nn.Module):
     old_mask = slots < cache_index if mask is None else mask & (slots < cache_index)
     y = cached_attention(q, [(cache["key"], cache["value"], old_mask, bias),
                              (k_new, vt_new, new_part(mask), new_part(bias))], scale)
-    new_cache = {"key": jax.lax.dynamic_update_slice_in_dim(cache["key"], k_new,
-                                                            cache_index, axis=2),
-                 "value": jax.lax.dynamic_update_slice_in_dim(cache["value"], vt_new,
-                                                              cache_index, axis=3)}
+    # The barrier makes the writes depend on y: XLA then knows the reads came first and
+    # updates the buffers in place (without it, it copies each cache buffer twice a step).
+    y, old_k, old_vt = jax.lax.optimization_barrier((y, cache["key"], cache["value"]))
+    new_cache = {"key": jax.lax.dynamic_update_slice_in_dim(old_k, k_new, cache_index, axis=2),
+                 "value": jax.lax.dynamic_update_slice_in_dim(old_vt, vt_new, cache_index,
+                                                              axis=3)}
     return self.out(y), new_cache
 
 

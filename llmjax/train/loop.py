@@ -18,7 +18,7 @@ from flax import linen as nn
 from jax.sharding import PartitionSpec
 
 from llmjax.checkpoint import manager as ckpt_lib
-from llmjax.errors import UserError
+from llmjax.errors import NonFiniteError, UserError
 from llmjax.models.config import TransformerConfig
 from llmjax.models.transformer import Transformer
 from llmjax.objectives import losses
@@ -339,7 +339,7 @@ def _run(state, train_step, eval_step, train_iter, make_eval_iter, put, ckpt, me
       if cfg.on_nonfinite == "halt":
         ckpt.wait()  # the step named below is on disk, not still being written
         last = ckpt.latest_step()
-        raise FloatingPointError(
+        raise NonFiniteError(
             f"non-finite loss or gradient at step {step} (loss={metrics['loss']}, grad_norm="
             f"{metrics['grad_norm']}); the update was not applied. Last good checkpoint: "
             f"{'step ' + str(last) if last is not None else 'none'} in {ckpt.directory}. "

@@ -58,13 +58,18 @@ def test_skip_drops_the_update_and_counts_it(skip_run):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_halt_names_the_step_and_the_last_good_checkpoint(tmp_path, data_dir, skip_run):
+def test_halt_names_the_step_and_the_last_good_checkpoint(tmp_path, data_dir, skip_run,
+                                                         capsys):
   first_bad = min(r["step"] for r in metrics_lib.read_metrics(skip_run)
                   if r.get("nonfinite"))
   workdir = str(tmp_path / "halt")
-  with pytest.raises(FloatingPointError) as info:
-    _train(workdir, data_dir, "halt")
-  message = str(info.value)
+  capsys.readouterr()
+  assert _train(workdir, data_dir, "halt") == 3  # the CLI: one line, no traceback
+  err = capsys.readouterr().err
+  assert "Traceback" not in err
+  lines = [line for line in err.splitlines() if line.startswith("llmjax train: halted: ")]
+  assert len(lines) == 1, err
+  message = lines[0]
   match = re.search(r"at step (\d+) .*Last good checkpoint: step (\d+) in (\S+)\.", message)
   assert match, message
   assert int(match.group(1)) == first_bad and int(match.group(2)) == first_bad - 1
