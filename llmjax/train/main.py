@@ -8,6 +8,7 @@ config dataclasses and the entry function's arguments, never module internals:
   train.tokenizer = @TokenizerSpec()      TrainConfig.num_steps = 2000 ...
 """
 
+import dataclasses
 import logging
 import os
 
@@ -80,6 +81,18 @@ class _DropMessages(logging.Filter):
     return not str(record.msg).startswith(self.prefix)
 
 
+def _check_required(cfg):
+  """A dataclass field bound to %gin.REQUIRED in a gin file and never given a value."""
+  if not dataclasses.is_dataclass(cfg):
+    return
+  missing = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) is gin.REQUIRED]
+  if missing:
+    name = type(cfg).__name__
+    raise UserError(f"{', '.join(f'{name}.{m}' for m in missing)} must be set (the gin "
+                    f"files mark it %gin.REQUIRED); add e.g. --gin_param=\"{name}.{missing[0]}"
+                    "=...\".")
+
+
 @gin.configurable(module="llmjax")
 def train(workdir=gin.REQUIRED, model=gin.REQUIRED, data=gin.REQUIRED, tokenizer=gin.REQUIRED,
           optimizer=None, objective=None, config=None):
@@ -88,6 +101,7 @@ def train(workdir=gin.REQUIRED, model=gin.REQUIRED, data=gin.REQUIRED, tokenizer
   from llmjax.validation import check_types
 
   for cfg in (model, data, tokenizer, optimizer, objective, config):
+    _check_required(cfg)
     check_types(cfg)
   return loop.train(workdir, model=model, data=data, tokenizer=tokenizer,
                     optimizer=optimizer, objective=objective, config=config,

@@ -45,7 +45,12 @@ def test_run_files_parse_and_build(path):
   files = [path]
   if "pretrain" in os.path.basename(path):  # the wiring alone leaves the model REQUIRED
     files.append(os.path.join(main.GIN_ROOT, "models", "tiny.gin"))
-  main.parse_gin(files, [])
+  if "finetune" in os.path.basename(path):  # the model comes from the init_from workdir
+    main.parse_gin(files, ["TrainConfig.init_from='/some/run'"])
+    assert _build("model") is None and _build("config").init_from == "/some/run"
+    main.parse_gin(files + [os.path.join(main.GIN_ROOT, "models", "tiny.gin")], [])
+  else:
+    main.parse_gin(files, [])
   _check_builds()
 
 

@@ -101,3 +101,11 @@ def test_layouts_convert_between_scanned_and_unscanned():
   scanned = stack_layers(unscanned)
   _assert_trees_equal(warm_start._match_layout(unscanned, scanned), scanned)
   _assert_trees_equal(warm_start._match_layout(scanned, unscanned), unscanned)
+
+
+def test_finetune_gin_requires_init_from(tmp_path, capsys):
+  workdir = tmp_path / "ft"
+  assert cli.main(["train", "--gin_file=runs/finetune.gin", "--gin_file=data/shakespeare.gin",
+                   f"--workdir={workdir}"]) == 2
+  assert "TrainConfig.init_from must be set" in capsys.readouterr().err
+  assert not workdir.exists()
