@@ -1,30 +1,39 @@
 """Estimated vs compiled training memory per device for dp / zero1 / fsdp / fsdp_tp.
 
 For a model preset on 8 simulated CPU devices, prints `llmjax.scaling.memory.estimate`
-(weights, gradients, optimizer state, activations, working buffers) next to XLA's own
-number for the jitted, donated train step (`memory_analysis()`: arguments + outputs -
-aliased + temporaries). Compile only: nothing is trained or even initialized.
+(weights, local gradients, optimizer state, activations = the residuals jax saves, and
+the working buffers of the step's largest phase) next to XLA's own per-device peak for
+the jitted, donated train step: memory_analysis() arguments + outputs - aliased + temp
+(the state is donated, so outputs alias it; temp is XLA's heap-simulated scratch peak).
+Compile only: nothing is trained or even initialized.
 
 Command (the default preset is GPT-2 124M, global batch 8 x 1024, fp32 AdamW):
   XLA_FLAGS=--xla_force_host_platform_device_count=8 PYTHONPATH=. \\
     .venv/bin/python experiments/zero_memory_table.py [--preset gpt2-124m] [--batch 8] \\
     [--seq_len 1024] [--remat none]
 
-Hardware: 2-core x86 CPU shared with other jobs, jax 0.10.2, 8 simulated CPU devices.
-Result (default arguments; MiB per device; compile 46-78 s per strategy):
+Hardware: 2-core x86 CPU shared with ~4 other jobs (load ~6), jax 0.10.2, 8 simulated CPU
+devices. Result (MiB per device; compile 19-41 s per strategy):
 
-  strategy mesh   weights  grads  optim   activ  working  estimate    XLA  est/XLA
-  dp       8x1x1   474.7   474.7  949.4  3171.9   1260.0    6330.7  5423.1   1.167
-  zero1    8x1x1   474.7   474.7  119.4  3171.9    844.9    5085.6  3741.8   1.359
-  fsdp     1x8x1    59.7    59.7  119.4  3171.9    924.1    4334.7  3471.1   1.249
-  fsdp_tp  1x4x2    78.3    78.3  156.7  3463.2   1701.0    5477.6  3762.7   1.456
+  --remat none
+  strategy mesh   weights  grads  optim   activ  working  estimate     XLA  est/XLA
+  dp       8x1x1   474.7   474.7  949.4  2449.4    576.8    4924.9  5423.1    0.908
+  zero1    8x1x1   474.7   474.7  119.4  2449.4    161.7    3679.9  3741.8    0.983
+  fsdp     1x8x1    59.7   474.7  119.4  2449.4    309.0    3412.1  3471.1    0.983
+  fsdp_tp  1x4x2    78.3   312.6  156.7  2737.6    374.5    3659.7  3762.7    0.973
+  --remat full
+  dp       8x1x1   474.7   474.7  949.4    36.0    913.4    2848.2  3145.8    0.905
+  zero1    8x1x1   474.7   474.7  119.4    36.0    212.8    1317.5  1317.6    1.000
+  fsdp     1x8x1    59.7   474.7  119.4    36.0    360.0    1049.7  1046.8    1.003
+  fsdp_tp  1x4x2    78.3   312.6  156.7    72.0    396.7    1016.3  1153.8    0.881
 
-The state terms are exact (they are the shardings' shard sizes); the estimate errs high
-at this size in the loss buffers ('working': four float32 [B, L, V] copies, V = 50257 not
-divisible by 'tensor', XLA keeps fewer) and in activations, and zero1's XLA number is
-1.7 GiB below dp's where the estimate saves only the optimizer shards (0.8 GiB) and
-the update tree (0.4 GiB): XLA also avoids replicated gradients. On the tiny preset
-(tests/scaling/test_memory.py, batch 64 x 16) the estimate is within 15% for all four.
+Weights and optimizer state are exact; activations are jax's own stacked residuals (XLA's
+buffer assignment keeps exactly these: 2 x [B, N, L, L] scores, 6 x [B, L, F], ... per
+layer). The remaining error is in the working buffers: dp's estimate is low by ~1 GiB
+of extra gradient-sized copies XLA keeps around the all-reduce and the update; fsdp_tp
+full is low where the loss head ([2, 1024, 50257] float32 per device, the vocabulary
+not split since 50257 is odd) dominates. On the tiny preset (tests/scaling/test_memory.py,
+batch 64 x 16) all four are within 5% (remat none) and 12% (remat full).
 """
 
 import argparse

@@ -14,12 +14,13 @@ Over N data-parallel devices the ZeRO stages divide these terms:
 
 `estimate` computes the terms for a real config, rule set and mesh: weights and optimizer
 state exactly, from the shardings the rule set gives each array (`sharding.partition`);
-gradients sized like the parameters' shards (replicated for dp and zero1: the update
-needs them whole before the optimizer's slice is taken); activations from a per-layer
-count of what our blocks keep for the backward pass under each remat policy; for fsdp
-also the working copy of one layer's gathered weights (and its gradient). `compiled`
-asks XLA for the same number (`memory_analysis()` of the jitted train step), which is
-how tests/scaling/test_memory.py keeps the estimate honest.
+activations exactly as jax's autodiff saves them (the stacked residuals of the forward
+layer scan, read from the jaxpr of the gradient for the per-device shapes: no compile);
+and the peak as the largest of three phases of the step (backward, loss head, optimizer
+update; see `estimate`). `compiled` asks XLA for the same number: `memory_analysis()` of
+the jitted, donated train step, whose per-device peak is arguments + temporaries (+
+outputs not aliased to donated arguments: only the metrics). That is what
+tests/scaling/test_memory.py and experiments/zero_memory_table.py compare against.
 """
 
 import dataclasses
@@ -136,24 +137,71 @@ def block_residual_bytes(cfg, batch: int, seq_len: int, remat: str | None = None
   return _nbytes(residuals) - _nbytes(params)
 
 
-def activation_bytes(cfg, batch_per_device: int, seq_len: int, tensor: int = 1) -> int:
-  """Bytes of activations one device keeps for the backward pass, all layers: every
-  block's residuals, plus (under remat) one block's full set while it is recomputed,
-  plus the embeddings."""
-  shard = _shard_config(cfg, tensor)
+def _forward_scan_bytes(cfg, batch: int, seq_len: int) -> int | None:
+  """Bytes of the stacked residuals the forward layer scans hand to the backward pass:
+  the scan outputs in the jaxpr of the loss's gradient (jax's own partial evaluation,
+  after it hoists loop invariants such as the mask). None for an unscanned stack."""
+  from llmjax.models.transformer import Transformer
+  from llmjax.objectives.lm import CausalLM
+
+  if not cfg.scan_layers or cfg.arch != "decoder_only":
+    return None
+  model = Transformer(cfg)
+  tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
+  params = nn.meta.unbox(abstract_params(cfg))
+  rows = {"tokens": tokens, "tokens_segment_ids": tokens, "tokens_positions": tokens}
+  loss = lambda p, b: CausalLM().loss_sums(model, p, b)["loss"]
+  eqns = [e for e in jax.make_jaxpr(jax.grad(loss))(params, rows).jaxpr.eqns
+          if e.primitive.name == "scan"]
+  forward = eqns[0]  # the backward (transposed) scan comes after it
+  return _nbytes([v.aval for v in forward.outvars[forward.params["num_carry"]:]])
+
+
+def residual_bytes(cfg, batch_per_device: int, seq_len: int, tensor: int = 1,
+                   remat: str | None = None) -> int:
+  """Bytes one device keeps for the backward pass over all layers (the residuals)."""
+  shard = _shard_config(cfg, tensor).replace(remat=cfg.remat if remat is None else remat)
+  scanned = _forward_scan_bytes(shard, batch_per_device, seq_len)
+  if scanned is not None:
+    return scanned
   layers = cfg.num_layers + (cfg.num_encoder_layers if cfg.arch == "encoder_decoder" else 0)
-  total = layers * block_residual_bytes(shard, batch_per_device, seq_len)
-  if cfg.remat != "none":
-    total += block_residual_bytes(shard, batch_per_device, seq_len, remat="none")
-  return total + batch_per_device * seq_len * cfg.embed_dim * cfg.compute_dtype.itemsize
+  return layers * block_residual_bytes(shard, batch_per_device, seq_len)
 
 
 def _logits_bytes(cfg, batch_per_device, seq_len, tensor):
-  """float32 [B, L, V] buffers of the loss (V split over 'tensor' if it divides): the
-  logits and their log-softmax kept for the backward pass, its softmax and the logits'
-  gradient."""
+  """One float32 [B, L, V] buffer (V split over 'tensor' when it divides)."""
   vocab = cfg.vocab_size // tensor if cfg.vocab_size % tensor == 0 else cfg.vocab_size
-  return 4 * 4 * batch_per_device * seq_len * vocab
+  return 4 * batch_per_device * seq_len * vocab
+
+
+def _embedding_bytes(boxed, mesh_shape, rules) -> int:
+  """The token table's bytes on one device once gathered over 'data' and 'fsdp'."""
+  whole = {**mesh_shape, "data": 1, "fsdp": 1}
+  return _tree_bytes({"embed": boxed["embed"]}, whole, rules) if "embed" in boxed else 0
+
+
+def _phases(cfg, boxed, rule_set, mesh_shape, batch, seq_len, state) -> dict:
+  """Bytes beyond the state (the arguments) at each candidate peak; see `estimate`."""
+  rules, tensor = rules_lib.get_rules(rule_set), mesh_shape["tensor"]
+  gathered = mesh_shape["fsdp"] > 1 and rules != rules_lib.dp()
+  local_grads = _tree_bytes(boxed, {**mesh_shape, "data": 1, "fsdp": 1}, rules)
+  reduced = local_grads if state["optimizer_replicated"] else state["optimizer"] // 2
+  residuals = residual_bytes(cfg, batch, seq_len, tensor)
+  layer = residual_bytes(cfg, batch, seq_len, tensor, remat="none") // max(cfg.num_layers, 1)
+  embed = _embedding_bytes(boxed, mesh_shape, rules)
+  # remat 'none': the cotangents of the block's largest intermediates (its scores and
+  # probabilities' gradients next to the saved ones): about half its residuals. Under
+  # remat the block's residuals are recomputed and freed as its backward consumes them:
+  # XLA keeps about 3/4 of them at once (measured on tiny and GPT-2 124M alike).
+  block = layer // 2 if cfg.remat == "none" else 3 * layer // 4
+  return {
+      "residuals": residuals,
+      "gradients": local_grads,
+      "backward": residuals + local_grads + reduced + block + (embed if gathered else 0),
+      "head": (residuals + _logits_bytes(cfg, batch, seq_len, tensor)
+               + embed * (2 if gathered else 1)),
+      "update": local_grads + state["optimizer"],
+  }
 
 
 def estimate(model_cfg, rule_set: str, mesh_shape: dict, batch_size: int, seq_len: int,
@@ -162,6 +210,20 @@ def estimate(model_cfg, rule_set: str, mesh_shape: dict, batch_size: int, seq_le
 
   `mesh_shape` maps 'data', 'fsdp', 'tensor' to sizes; `tx` is the optax optimizer
   (default AdamW, whose state is two moments in the parameter dtype).
+
+  The peak is the state (weights + optimizer, exact) plus the largest of three phases:
+    backward  residuals of all layers (the scan's stacked buffers live until the backward
+              scan ends) + each device's local gradients (tensor-split only) + their
+              reduced copy (dp: all-reduced, whole; zero1/fsdp: reduce-scattered, a
+              shard) + one block's working set (remat 'none': the cotangents of its
+              largest intermediates, ~half its residuals; under remat: ~3/4 of
+              its recomputed residuals) + under fsdp the gathered token table;
+    head      residuals + one float32 [B, L, V] buffer (XLA overwrites the logits with
+              their gradient) + the token table's gradient (+ the gathered table under
+              fsdp);
+    update    local gradients + new moments and update tree (optimizer-sized).
+  `gradients` and `activations` report the local gradients and residuals; `working`
+  the rest of the largest phase.
   """
   from llmjax.optim.optimizers import OptimizerConfig
   tx = tx or OptimizerConfig().make(1)[0]
@@ -175,24 +237,24 @@ def estimate(model_cfg, rule_set: str, mesh_shape: dict, batch_size: int, seq_le
   if batch_size % data:
     raise UserError(f"global batch_size={batch_size} does not split over {data} "
                     "data-parallel devices; make it a multiple.")
-  batch, tensor = batch_size // data, mesh_shape["tensor"]
-  # The loss's logits buffers, and AdamW's update tree (one moment's shards): it exists
-  # next to the old and new parameters until the step keeps or drops the update.
-  working = _logits_bytes(model_cfg, batch, seq_len, tensor) + optimizer // 2
-  if mesh_shape["fsdp"] > 1 and rules_lib.get_rules(rule_set) != rules_lib.dp():
-    # One layer's weights gathered over 'fsdp' for its matmuls, and its full gradient
-    # before the reduce-scatter.
-    no_fsdp = {**mesh_shape, "fsdp": 1}
-    layers = max(model_cfg.num_layers, 1)
-    working += 2 * (_tree_bytes(boxed, no_fsdp, rules) // layers)
-  return MemoryEstimate(rule_set, dict(mesh_shape), num_params, weights, weights, optimizer,
-                        activation_bytes(model_cfg, batch, seq_len, tensor), working)
+  replicated = _tree_bytes(jax.eval_shape(tx.init, boxed), {**mesh_shape, "data": 1,
+                                                             "fsdp": 1}, rules)
+  state = {"optimizer": optimizer, "optimizer_replicated": optimizer >= replicated}
+  phases = _phases(model_cfg, boxed, rule_set, mesh_shape, batch_size // data, seq_len, state)
+  residuals, grads = phases["residuals"], phases["gradients"]
+  peak = max(phases["backward"], phases["head"], phases["update"])
+  return MemoryEstimate(rule_set, dict(mesh_shape), num_params, weights, grads, optimizer,
+                        residuals, peak - residuals - grads)
 
 
 def compiled(model_cfg, rule_set: str, mesh, batch_size: int, seq_len: int) -> dict:
   """XLA's own per-device bytes for the jitted, donated train step (compile only).
 
-  `total` = arguments + outputs - aliased (the donated state) + temporaries.
+  `memory_analysis()` fields: arguments = the state and batch passed in; outputs = the
+  new state and metrics; aliased = outputs written into donated argument buffers (the
+  whole state); temp = XLA's one scratch allocation, sized by its heap simulation of
+  every intermediate's live range (so it is the temporaries' peak, with packing).
+  `total` = arguments + outputs - aliased + temp: the bytes the step holds at its peak.
   """
   from llmjax.models.transformer import Transformer
   from llmjax.objectives.lm import CausalLM
