@@ -89,7 +89,12 @@ def run_case(name, rounds):
                         pad_token_id=0, eos_token_id=None)
     return out[:, PROMPT_LEN:].numpy()
 
-  a, b = ours(), theirs()                                  # warm-up (compile) + agreement
+  start = time.perf_counter()
+  a = ours()                                               # warm-up (compile) + agreement
+  compile_s = time.perf_counter() - start
+  start = time.perf_counter()
+  b = theirs()
+  hf_first_s = time.perf_counter() - start
   agree = float((a == b).mean())
   first_diff = int(np.argmax((a != b).any(0))) if (a != b).any() else NEW_TOKENS
   speeds = {"llmjax": [], "hf": []}
@@ -101,7 +106,8 @@ def run_case(name, rounds):
       speeds[label].append(batch * NEW_TOKENS / (time.perf_counter() - start))
   ratios = [x / y for x, y in zip(speeds["llmjax"], speeds["hf"])]
   print(f"{name}: batch {batch}, {preset}, tokens agree {agree:.1%} "
-        f"(first difference at step {first_diff})")
+        f"(first difference at step {first_diff}); first call (llmjax compile + run) "
+        f"{compile_s:.1f} s, hf first call {hf_first_s:.1f} s")
   for r in range(rounds):
     print(f"  round {r}: llmjax {speeds['llmjax'][r]:8.1f} tok/s   hf {speeds['hf'][r]:8.1f} "
           f"tok/s   ratio {ratios[r]:.2f}")
@@ -112,11 +118,15 @@ def run_case(name, rounds):
 
 
 def main():
+  import torch
+
+  torch.set_num_threads(2)       # XLA:CPU's pool has one thread per core: 2 on this machine
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--cases", default=",".join(CASES), help=f"comma list of {list(CASES)}")
   parser.add_argument("--rounds", type=int, default=5)
   args = parser.parse_args()
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} cpus")
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} cpus; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads")
   for name in args.cases.split(","):
     run_case(name, args.rounds)
 

@@ -23,8 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llmjax.decode import cache as cache_lib
-from llmjax.decode.generate import (LOOP_COMPILER_OPTIONS, decoding_model, encode_inputs,
-                                    prefill)
+from llmjax.decode.generate import LOOP_COMPILER_OPTIONS, decoding_model, encode_inputs, prefill
 from llmjax.errors import UserError
 from llmjax.models.transformer import Transformer
 

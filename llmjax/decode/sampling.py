@@ -78,6 +78,14 @@ def min_p_filter(logits: jax.Array, min_p: float) -> jax.Array:
   return jnp.where(keep, logits, -jnp.inf)
 
 
+def _saturate(logits: jax.Array) -> jax.Array:
+  """Rows with +inf logits (given, or overflowed by temperature < 1) put all probability
+  on those tokens, the limit of ever larger logits; softmax alone would give NaN there
+  (inf - inf)."""
+  top = jnp.isposinf(logits)
+  return jnp.where(top.any(axis=-1, keepdims=True), jnp.where(top, 0.0, -jnp.inf), logits)
+
+
 def process_logits(logits: jax.Array, config: SamplingConfig,
                    seen: jax.Array | None = None) -> jax.Array:
   """Float32 logits `[B, V]` after the penalty and warpers of `config`, in HF's order."""
@@ -88,6 +96,7 @@ def process_logits(logits: jax.Array, config: SamplingConfig,
     return logits
   if config.temperature != 1.0:
     logits = logits / config.temperature
+  logits = _saturate(logits)
   if config.top_k:
     logits = top_k_filter(logits, config.top_k)
   if config.top_p < 1.0:

@@ -150,8 +150,9 @@ class Attention(nn.Module):
     keys/values (`mask [B, 1, L, T]` is over the slots after the write: it hides
     padding, unwritten and future slots), then writes them into slots `cache_index
     ... cache_index + L - 1`. Attending to old and new separately, instead of reading
-    the updated cache, leaves the update the only consumer of the old buffer, so XLA
-    writes it in place rather than copying the cache every step. Cross-attention
+    the updated cache, keeps the reads off the written buffer, so XLA can write it in
+    place instead of copying the cache every step (on CPU this also needs
+    `llmjax.decode.generate.LOOP_COMPILER_OPTIONS`). Cross-attention
     (`cache_index` None) projects `kv` into the cache when given (once, at prefill)
     and otherwise reuses the cached encoder keys/values.
     """
@@ -175,12 +176,10 @@ class Attention(nn.Module):
     old_mask = slots < cache_index if mask is None else mask & (slots < cache_index)
     y = cached_attention(q, [(cache["key"], cache["value"], old_mask, bias),
                              (k_new, vt_new, new_part(mask), new_part(bias))], scale)
-    # The barrier makes the writes depend on y: XLA then knows the reads came first and
-    # updates the buffers in place (without it, it copies each cache buffer twice a step).
-    y, old_k, old_vt = jax.lax.optimization_barrier((y, cache["key"], cache["value"]))
-    new_cache = {"key": jax.lax.dynamic_update_slice_in_dim(old_k, k_new, cache_index, axis=2),
-                 "value": jax.lax.dynamic_update_slice_in_dim(old_vt, vt_new, cache_index,
-                                                              axis=3)}
+    new_cache = {"key": jax.lax.dynamic_update_slice_in_dim(cache["key"], k_new, cache_index,
+                                                            axis=2),
+                 "value": jax.lax.dynamic_update_slice_in_dim(cache["value"], vt_new,
+                                                              cache_index, axis=3)}
     return self.out(y), new_cache
 
 

@@ -2,6 +2,7 @@
 per-row EOS, seeded sampling, streaming, stop strings, encoder-decoder."""
 
 import functools
+import re
 
 import jax
 import numpy as np
@@ -99,3 +100,23 @@ def test_learned_positions_limit_is_a_user_error():
   model, params = _model("tiny")
   with pytest.raises(UserError, match="max_len"):
     gen.generate(model, params, [[1] * 60], max_new_tokens=10)
+
+
+def test_decoding_loop_updates_the_cache_in_place():
+  """The compiled loop neither copies nor transposes a cache buffer on any step (the
+  copies cost more than the step's matmuls on CPU; see llmjax/decode/cache.py)."""
+  model, params = _model("tiny")
+  tokens, valid, positions = gen.cache_lib.left_pad(PROMPTS)
+  hlo = gen._generate.lower(model, params, tokens, valid, positions, jax.random.key(0), -1, 0,
+                            0, sampling=GREEDY, max_new_tokens=NEW, listen=False)
+  hlo = hlo.compile().as_text()
+  cfg, length = model.config, tokens.shape[1] + NEW
+  k, h = cfg.num_kv_heads, cfg.head_dim
+  cache_shapes = [f"f32[2,{k},{length},{h}]", f"f32[2,{k},{h},{length}]"]
+  assert all(s in hlo for s in cache_shapes)          # the layout the check is about
+  bodies = [c for c in hlo.split("\n\n")                 # the loop bodies' computations
+            if any(c.lstrip().startswith(f"%{b} ") for b in re.findall(r"body=%([\w.-]+)", hlo))]
+  moved = [line for c in bodies for line in c.splitlines()
+           if (" copy(" in line or "transpose(" in line)
+           and any(f"= {s}" in line for s in cache_shapes)]
+  assert bodies and any("dynamic-update-slice" in c for c in bodies) and not moved, moved
