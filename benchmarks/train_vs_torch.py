@@ -39,13 +39,19 @@ SHAPES = {  # (num_layers, num_heads, width, seq_len, batch_size)
 INIT_BATCH = 10**9  # the batch index of the initial-loss check (never trained on)
 
 
+# What these small models train fastest with on CPU (see benchmarks/README.md, "Profile"):
+# unrolled layers (the scanned stack spends ~1/3 of the step stacking and slicing
+# per-layer residuals). `llmjax-scan` measures the scanned default.
+FAST_SMALL_MODEL = {"scan_layers": False}
+
+
 def llmjax_config(shape: str, vocab_size: int = 65, dtype: str = "float32", overrides=None):
   """The llmjax `TransformerConfig` of a benchmark shape (GPT-2 style, exact GELU)."""
   from llmjax.models.presets import get_preset
   layers, heads, width, seq_len, _ = SHAPES[shape]
   return get_preset("nanogpt-char", vocab_size=vocab_size, num_layers=layers,
                     num_heads=heads, embed_dim=width, mlp_dim=4 * width, max_len=seq_len,
-                    dropout_rate=0.0, dtype=dtype, **(overrides or {}))
+                    dropout_rate=0.0, dtype=dtype, **{**FAST_SMALL_MODEL, **(overrides or {})})
 
 
 def torch_model(kind: str, shape: str, vocab_size: int = 65):
@@ -260,6 +266,7 @@ def make_workers(args) -> list[common.Worker]:
   specs = {
       "llmjax": (FACTORY + "LlmjaxImpl", shape),
       "llmjax-bf16": (FACTORY + "LlmjaxImpl", {**shape, "dtype": "bfloat16"}),
+      "llmjax-scan": (FACTORY + "LlmjaxImpl", {**shape, "overrides": {"scan_layers": True}}),
       "torch-ref": (FACTORY + "TorchImpl", {**shape, "kind": "ref"}),
       "torch-ref-compile": (FACTORY + "TorchImpl", {**shape, "kind": "ref", "compile": True}),
       "hf-eager": (FACTORY + "TorchImpl", {**shape, "kind": "hf"}),

@@ -54,12 +54,14 @@ def _crop(model, prompt_ids, max_new_tokens):
 
 def sample_and_print(model, params, tokenizer, prompt, *, max_new_tokens, temperature=0.8,
                      top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, seed=0,
-                     stop_strings=(), stream=sys.stdout):
-  """Encodes `prompt`, streams the continuation to `stream`, returns the decoded text."""
+                     stop_strings=(), stream=None):
+  """Encodes `prompt`, streams the continuation to `stream` (default: the current
+  sys.stdout, looked up per call), returns the decoded text."""
   from llmjax.decode.generate import generate
   from llmjax.decode.sampling import SamplingConfig
   from llmjax.errors import UserError
 
+  stream = sys.stdout if stream is None else stream
   prompt_ids = tokenizer.encode(prompt, add_bos=True)
   if not prompt_ids:
     raise UserError("the prompt encodes to no tokens; pass a non-empty --prompt.")

@@ -112,7 +112,7 @@ class RelativePositionBias(nn.Module):
   @nn.compact
   def __call__(self, q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
     """int `q_positions [B, L]`, `k_positions [B, S]` -> float32 bias `[B, N, L, S]`."""
-    init = nn.with_logical_partitioning(nn.initializers.normal(self.init_std), (None, HEADS))
+    init = nn.with_logical_partitioning(nn.initializers.normal(self.init_std), (LENGTH, HEADS))
     table = self.param("embedding", init, (self.num_buckets, self.num_heads), self.param_dtype)
     relative = k_positions[:, None, :] - q_positions[:, :, None]         # [B, L, S]
     buckets = relative_position_bucket(relative, self.bidirectional, self.num_buckets,

@@ -33,10 +33,11 @@ PRESETS: dict[str, TransformerConfig] = {
         mlp_dim=256, max_len=64, position="learned", norm="layernorm", norm_position="post",
         norm_eps=1e-12, final_norm=False, embed_norm=True, activation="gelu_exact",
         use_bias=True, tie_embeddings=True),
-    # T5's relative position bias is not built yet; sinusoidal positions stand in.
+    # T5 v1.1's layout: bucketed relative position bias (one table per stack), RMSNorm
+    # without bias, gated GELU, untied output layer.
     "t5-tiny": TransformerConfig(
         arch="encoder_decoder", vocab_size=128, embed_dim=64, num_layers=2,
-        num_encoder_layers=2, num_heads=4, mlp_dim=128, max_len=64, position="sinusoidal",
+        num_encoder_layers=2, num_heads=4, mlp_dim=128, max_len=64, position="t5_relative",
         norm="rmsnorm", norm_position="pre", norm_eps=1e-6, activation="geglu",
         use_bias=False, tie_embeddings=False),
     "nanogpt-char": TransformerConfig(

@@ -15,6 +15,7 @@ import torch
 from flax import linen as nn
 
 from benchmarks import common, train_vs_torch
+from llmjax.models import stack
 from llmjax.models.transformer import Transformer
 
 SHAPE = "tiny"
@@ -102,17 +103,20 @@ def test_initial_losses_are_near_ln_vocab(models):
     assert abs(loss - math.log(65)) < 0.05, (name, loss)
 
 
-@pytest.mark.parametrize("attention_impl", ["einsum", "jax"])
-def test_same_weights_give_the_same_logits(models, attention_impl):
+@pytest.mark.parametrize("attention_impl,scan_layers",
+                         [("einsum", True), ("jax", True), ("einsum", False)])
+def test_same_weights_give_the_same_logits(models, attention_impl, scan_layers):
   ref, hf, _, _ = models
   model = Transformer(train_vs_torch.llmjax_config(SHAPE, overrides={
-      "attention_impl": attention_impl}))
+      "attention_impl": attention_impl, "scan_layers": scan_layers}))
   _copy_reference_into_hf(ref, hf)
   tokens = np.random.default_rng(0).integers(0, 65, size=(BATCH, SEQ_LEN))
   with torch.no_grad():
     want = ref(torch.from_numpy(tokens))[0].numpy()
     got_hf = hf(input_ids=torch.from_numpy(tokens)).logits.numpy()
-  got = np.asarray(model.apply({"params": _params_from_reference(ref)}, jnp.asarray(tokens)))
+  params = _params_from_reference(ref)
+  params = params if scan_layers else stack.unstack_layers(params)
+  got = np.asarray(model.apply({"params": params}, jnp.asarray(tokens)))
   # Logits are O(0.1) at init; compare against their spread, not only absolutely.
   assert np.std(want) > 1e-3
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
