@@ -27,6 +27,27 @@ from llmjax.layers.position import apply_rope
 from llmjax.sharding.axes import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH
 
 
+def _grouped_queries(q: jax.Array, kv_heads: int, scale: float) -> jax.Array:
+  """`[B, L, N, H]` -> scaled `[B, L, K, G, H]` (G = N / K query heads per kv head)."""
+  b, l, n, h = q.shape
+  q = q.reshape(b, l, kv_heads, n // kv_heads, h)                       # [B, L, K, G, H]
+  return q * jnp.asarray(scale, q.dtype) if scale != 1.0 else q
+
+
+def _scores(equation: str, q: jax.Array, k: jax.Array, mask, bias) -> jax.Array:
+  """float32 scores `[B, K, G, L, S]` of grouped queries against `k`, + bias, masked."""
+  kv_heads, group = q.shape[2], q.shape[3]
+  scores = einsum_f32(equation, q, k)                                   # [B, K, G, L, S]
+  if bias is not None:
+    bias = jnp.broadcast_to(bias, (bias.shape[0], kv_heads * group) + scores.shape[-2:])
+    scores = scores + bias.reshape(bias.shape[0], kv_heads, group,
+                                   *scores.shape[-2:]).astype(jnp.float32)  # [B, K, G, L, S]
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, (mask.shape[0], 1) + scores.shape[-2:])  # [B|1, 1, L, S]
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+  return scores
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                           mask: jax.Array | None = None,
                           dropout_fn=None, bias: jax.Array | None = None,
@@ -49,18 +70,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   if impl == "jax" and dropout_fn is None:
     bias = None if bias is None else bias.astype(q.dtype)  # it wants one dtype throughout
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale)
-  kv_heads = k.shape[2]
-  q = q.reshape(b, l, kv_heads, n // kv_heads, h)                       # [B, L, K, G, H]
-  if scale != 1.0:
-    q = q * jnp.asarray(scale, q.dtype)
-  scores = einsum_f32("BLKGH,BSKH->BKGLS", q, k)                        # [B, K, G, L, S]
-  if bias is not None:
-    bias = jnp.broadcast_to(bias, (bias.shape[0], n) + scores.shape[-2:])  # [B|1, N, L, S]
-    scores = scores + bias.reshape(bias.shape[0], kv_heads, n // kv_heads,
-                                   *scores.shape[-2:]).astype(jnp.float32)  # [B, K, G, L, S]
-  if mask is not None:
-    mask = jnp.broadcast_to(mask, (mask.shape[0], 1) + scores.shape[-2:])  # [B|1, 1, L, S]
-    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+  q = _grouped_queries(q, k.shape[2], scale)                            # [B, L, K, G, H]
+  scores = _scores("BLKGH,BSKH->BKGLS", q, k, mask, bias)               # [B, K, G, L, S]
   probs = jax.nn.softmax(scores, axis=-1)                               # float32
   if dropout_fn is not None:
     probs = dropout_fn(probs)
@@ -195,22 +206,9 @@ def cached_attention(q: jax.Array, parts, scale: float | None = None) -> jax.Arr
     `[B, L, N, H]` in q's dtype.
   """
   b, l, n, h = q.shape
-  kv_heads = parts[0][0].shape[1]
   scale = 1.0 / math.sqrt(h) if scale is None else scale
-  q = q.reshape(b, l, kv_heads, n // kv_heads, h)                       # [B, L, K, G, H]
-  if scale != 1.0:
-    q = q * jnp.asarray(scale, q.dtype)
-  scores = []
-  for k, _, mask, bias in parts:
-    s = einsum_f32("BLKGH,BKSH->BKGLS", q, k)                           # [B, K, G, L, S]
-    if bias is not None:
-      bias = jnp.broadcast_to(bias, (bias.shape[0], n) + s.shape[-2:])  # [B|1, N, L, S]
-      s = s + bias.reshape(bias.shape[0], kv_heads, n // kv_heads,
-                           *s.shape[-2:]).astype(jnp.float32)           # [B, K, G, L, S]
-    if mask is not None:
-      mask = jnp.broadcast_to(mask, (mask.shape[0], 1) + s.shape[-2:])  # [B|1, 1, L, S]
-      s = jnp.where(mask[:, :, None], s, jnp.finfo(jnp.float32).min)
-    scores.append(s)
+  q = _grouped_queries(q, parts[0][0].shape[1], scale)                  # [B, L, K, G, H]
+  scores = [_scores("BLKGH,BKSH->BKGLS", q, k, mask, bias) for k, _, mask, bias in parts]
   probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)     # float32
   out, start = 0.0, 0
   for _, vt, _, _ in parts:
