@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llmjax.layers.linear import Einsum, einsum_f32
+from llmjax.layers.linear import Einsum, einsum_f32, fused_dense
 from llmjax.layers.position import apply_rope
 from llmjax.sharding.axes import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH
 
@@ -99,17 +99,22 @@ class Attention(nn.Module):
     self.dropout = nn.Dropout(rate=cfg.attention_dropout_rate)
 
   def project_qkv(self, x: jax.Array, kv: jax.Array | None = None,
-                  positions: jax.Array | None = None):
+                  positions: jax.Array | None = None, fused: bool = False):
     """q `[B, L, N, H]`, k and v `[B, S, K, H]`; RoPE at `positions` for self-attention.
 
     RoPE is not applied in cross-attention: encoder and decoder positions are not on
-    one axis.
+    one axis. `fused` (self-attention only): one product with the three kernels side
+    by side (`fused_dense`), for decoding steps.
     """
     self_attention = kv is None
     kv = x if self_attention else kv
-    q = nn.with_logical_constraint(self.query(x), (BATCH, LENGTH, HEADS, HEAD_DIM))
-    k = nn.with_logical_constraint(self.key(kv), (BATCH, LENGTH, KV_HEADS, HEAD_DIM))
-    v = nn.with_logical_constraint(self.value(kv), (BATCH, LENGTH, KV_HEADS, HEAD_DIM))
+    if fused and self_attention:
+      q, k, v = fused_dense([self.query, self.key, self.value], x)
+    else:
+      q, k, v = self.query(x), self.key(kv), self.value(kv)
+    q = nn.with_logical_constraint(q, (BATCH, LENGTH, HEADS, HEAD_DIM))
+    k = nn.with_logical_constraint(k, (BATCH, LENGTH, KV_HEADS, HEAD_DIM))
+    v = nn.with_logical_constraint(v, (BATCH, LENGTH, KV_HEADS, HEAD_DIM))
     if self.config.position == "rope" and self_attention:
       if positions is None:
         positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
@@ -177,7 +182,7 @@ class Attention(nn.Module):
         k, vt = k.swapaxes(1, 2).astype(dtype), v.transpose(0, 2, 3, 1).astype(dtype)
       y = cached_attention(q, [(k, vt, mask, bias)], scale)
       return self.out(y), {"key": k, "value": vt}
-    q, k, v = self.project_qkv(x, None, positions)
+    q, k, v = self.project_qkv(x, None, positions, fused=True)
     k_new = k.swapaxes(1, 2).astype(dtype)                              # [B, K, L, H]
     vt_new = v.transpose(0, 2, 3, 1).astype(dtype)                      # [B, K, H, L]
     length = x.shape[1]
