@@ -16,11 +16,13 @@ Parameters (`Einsum` submodules, each with `kernel` and optional `bias`):
   out (HEADS, HEAD_DIM, EMBED)
 """
 
+import itertools
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from llmjax.layers.linear import Einsum, einsum_f32, fused_dense
 from llmjax.layers.position import apply_rope
@@ -48,10 +50,20 @@ def _scores(equation: str, q: jax.Array, k: jax.Array, mask, bias) -> jax.Array:
   return scores
 
 
+def _block(a: jax.Array | None, start: int, end: int) -> jax.Array | None:
+  """Rows start:end and columns :end of a mask or bias `[..., L, S]` (size-1 dims kept)."""
+  if a is None:
+    return None
+  if a.shape[-2] > 1:
+    a = a[..., start:end, :]
+  return a[..., :end] if a.shape[-1] > 1 else a
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                           mask: jax.Array | None = None,
                           dropout_fn=None, bias: jax.Array | None = None,
-                          scale: float | None = None, impl: str = "einsum") -> jax.Array:
+                          scale: float | None = None, impl: str = "einsum",
+                          causal_chunks: int = 1) -> jax.Array:
   """softmax(scale * q k^T + bias + mask) v, grouped over K key/value heads.
 
   Args:
@@ -62,9 +74,24 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     scale: multiplies the queries; None = 1/sqrt(H) (T5 uses 1.0).
     impl: 'einsum' (below) or 'jax' (`jax.nn.dot_product_attention`, which has no
       dropout: with `dropout_fn` it falls back to 'einsum').
+    causal_chunks: only for causal self-attention (L == S, `mask` hides every key after
+      its query): the queries are split into this many chunks and chunk i is scored
+      against keys up to its own end only, skipping the masked upper triangle; with n
+      chunks that is (n + 1) / 2n of the score and probability work. The result is
+      the same (dropout draws differ).
   Returns:
     `[B, L, N, H]` in q's dtype.
   """
+  l = q.shape[1]
+  if causal_chunks > 1 and l > 1:
+    if k.shape[1] != l:
+      raise ValueError(f"causal_chunks needs self-attention (L == S), got {l} vs {k.shape[1]}")
+    bounds = np.linspace(0, l, min(causal_chunks, l) + 1).round().astype(int)
+    return jnp.concatenate([
+        dot_product_attention(q[:, start:end], k[:, :end], v[:, :end],
+                              _block(mask, start, end), dropout_fn, _block(bias, start, end),
+                              scale, impl)
+        for start, end in itertools.pairwise(bounds)], axis=1)
   b, l, n, h = q.shape
   scale = 1.0 / math.sqrt(h) if scale is None else scale
   if impl == "jax" and dropout_fn is None:
@@ -123,19 +150,24 @@ class Attention(nn.Module):
     return q, k, v
 
   def attend(self, q, k, v, mask=None, deterministic: bool = True,
-             bias: jax.Array | None = None) -> jax.Array:
-    """The attention core on projected heads: `[B, L, N, H]` (`bias`: `[B, N, L, S]`)."""
+             bias: jax.Array | None = None, causal: bool = False) -> jax.Array:
+    """The attention core on projected heads: `[B, L, N, H]` (`bias`: `[B, N, L, S]`).
+
+    `causal`: `mask` is causal self-attention's (`config.causal_chunks` may then skip
+    the masked upper triangle)."""
     dropout_fn = None
     if not deterministic and self.config.attention_dropout_rate > 0:
       dropout_fn = lambda p: self.dropout(p, deterministic=False)
     return dot_product_attention(q, k, v, mask, dropout_fn, bias=bias,
                                  scale=self.config.query_scale,
-                                 impl=self.config.attention_impl)
+                                 impl=self.config.attention_impl,
+                                 causal_chunks=self.config.causal_chunks if causal else 1)
 
   def __call__(self, x: jax.Array, kv: jax.Array | None = None, *,
                mask: jax.Array | None = None, positions: jax.Array | None = None,
                deterministic: bool = True, cache: dict | None = None,
-               cache_index: jax.Array | None = None, bias: jax.Array | None = None):
+               cache_index: jax.Array | None = None, bias: jax.Array | None = None,
+               causal: bool = False):
     """Attend from `x [B, L, D]` to `kv [B, S, D]` (default: x itself).
 
     Args:
@@ -146,13 +178,14 @@ class Attention(nn.Module):
       deterministic: False enables attention-probability dropout ('dropout' rng).
       cache: decoding only: `{'key', 'value'}` (layouts: see `_cached`).
       cache_index: int scalar, the cache slot of x's first token (self-attention).
+      causal: `mask` is a causal self-attention mask (see `attend`).
     Returns:
       `[B, L, D]`, or `([B, L, D], new cache)` when `cache` is given.
     """
     if cache is not None:
       return self._cached(x, kv, mask, positions, cache, cache_index, bias)
     q, k, v = self.project_qkv(x, kv, positions)
-    return self.out(self.attend(q, k, v, mask, deterministic, bias))
+    return self.out(self.attend(q, k, v, mask, deterministic, bias, causal and kv is None))
 
   def _cached(self, x, kv, mask, positions, cache, cache_index, bias=None):
     """Attention over a KV cache (llmjax.decode): returns (`[B, L, D]`, new cache).

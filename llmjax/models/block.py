@@ -27,6 +27,7 @@ class TransformerBlock(nn.Module):
 
   config: TransformerConfig
   cross_attention: bool = False
+  causal: bool = False  # decoder blocks: the self-attention mask is causal
 
   def _residual(self, x, branch, norm_name: str, deterministic: bool):
     cfg = self.config
@@ -64,7 +65,8 @@ class TransformerBlock(nn.Module):
 
     def branch(module, name, h, kv, branch_mask, **kw):
       if cache is None:
-        return module(h, kv, mask=branch_mask, deterministic=deterministic, **kw)
+        return module(h, kv, mask=branch_mask, deterministic=deterministic,
+                      causal=self.causal and kv is None, **kw)
       y, new_cache[name] = module(h, kv, mask=branch_mask, cache=cache[name], **kw)
       return y
 

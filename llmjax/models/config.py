@@ -89,6 +89,8 @@ class TransformerConfig:
   init_std: float = 0.02            # normal init of embeddings and projections (GPT-2)
   remat: str = "none"               # 'none' | 'full' | 'dots'
   attention_impl: str = "einsum"    # 'einsum' | 'jax' (jax.nn.dot_product_attention)
+  causal_chunks: int = 1            # decoder self-attention: score query chunk i only
+                                    # against keys up to its end ((n+1)/2n of the work)
   scan_layers: bool = True          # nn.scan over layers (params get a leading LAYERS axis)
   num_encoder_layers: int | None = None  # encoder_decoder only; None = num_layers
   num_token_types: int = 0          # BERT segment (token-type) embeddings; 0 = none
@@ -107,7 +109,7 @@ class TransformerConfig:
     for name in ("dtype", "param_dtype", "logits_dtype"):
       _check_choice(name, getattr(self, name), DTYPES)
     for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "mlp_dim", "max_len",
-                 "relative_buckets", "relative_max_distance"):
+                 "relative_buckets", "relative_max_distance", "causal_chunks"):
       _check_positive(name, getattr(self, name))
 
     derived = tuple(name for name in _DERIVED if getattr(self, name) is None)

@@ -53,7 +53,9 @@ class TransformerStack(nn.Module):
   config: TransformerConfig
   num_layers: int
   cross_attention: bool = False
-  bidirectional: bool = False  # relative position buckets for both directions (encoders)
+  # Encoders: bidirectional attention and relative position buckets for both directions;
+  # decoders (False): causal self-attention.
+  bidirectional: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
@@ -99,14 +101,16 @@ class TransformerStack(nn.Module):
                         metadata_params={nn.PARTITION_NAME: LAYERS})
       if cache is not None:
         args = args[:-2] + (jax.tree.map(lambda *a: jnp.stack(a), *cache), cache_index)
-      x, stacked = scanned(cfg, self.cross_attention, name="layers")(x, *args)
+      causal = not self.bidirectional
+      x, stacked = scanned(cfg, self.cross_attention, causal, name="layers")(x, *args)
       if cache is not None:
         cache = tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(len(cache)))
     else:
       new_cache = []
       for i in range(self.num_layers):
         layer_args = args if cache is None else args[:-2] + (cache[i], cache_index)
-        x = block_cls(cfg, self.cross_attention, name=f"layers_{i}")(x, *layer_args)
+        x = block_cls(cfg, self.cross_attention, not self.bidirectional,
+                      name=f"layers_{i}")(x, *layer_args)
         if cache is not None:
           x, new = x
           new_cache.append(new)

@@ -108,3 +108,25 @@ def test_bf16_attention_close_to_f32():
   assert got.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0.05,
                              atol=0.05 * float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("length,chunks", [(6, 2), (10, 3), (7, 4), (5, 9)])
+@pytest.mark.parametrize("num_kv_heads", [4, 1])
+def test_causal_chunks_equal_one_softmax_over_all_keys(length, chunks, num_kv_heads):
+  from llmjax.layers.attention import dot_product_attention
+  q = _normal(0, (2, length, 4, 3))
+  k, v = _normal(1, (2, length, num_kv_heads, 3)), _normal(2, (2, length, num_kv_heads, 3))
+  seg = np.ones((2, length), np.int32)
+  seg[0, length // 2:] = 2                                      # two packed documents in row 0
+  mask = masks.combine_masks(masks.causal_mask(length), masks.segment_mask(seg, seg))
+  bias = _normal(3, (1, 4, length, length))                     # e.g. T5's relative bias
+  for m, b in [(mask, None), (mask, bias), (masks.causal_mask(length), bias)]:
+    want = dot_product_attention(q, k, v, m, bias=b)
+    got = dot_product_attention(q, k, v, m, bias=b, causal_chunks=chunks)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    grad = lambda n, m=m, b=b: jax.grad(lambda q, k, v: jnp.sum(jnp.sin(dot_product_attention(
+        q, k, v, m, bias=b, causal_chunks=n))), argnums=(0, 1, 2))(q, k, v)
+    for a, c in zip(grad(1), grad(chunks)):
+      np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="L == S"):
+    dot_product_attention(q, k[:, :-1], v[:, :-1], None, causal_chunks=2)

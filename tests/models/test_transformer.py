@@ -149,3 +149,14 @@ def test_embeddings_scale_and_positions(position):
     want = want + np.asarray(sinusoidal_positions(positions, cfg.embed_dim))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   assert ("pos_embed" in params) == (position == "learned")
+
+
+@pytest.mark.parametrize("name", ["tiny", "t5-tiny"])
+def test_causal_chunks_leave_logits_unchanged(name):
+  cfg, tokens, params = _setup(name)
+  kw = {"encoder_tokens": _tokens((2, 14), seed=1)} if cfg.arch == "encoder_decoder" else {}
+  want = _apply(cfg, params, tokens, **kw)
+  np.testing.assert_allclose(_apply(cfg.replace(causal_chunks=3), params, tokens, **kw), want,
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(UserError, match="causal_chunks"):
+    cfg.replace(causal_chunks=0)
