@@ -2,7 +2,15 @@
 
 import os
 
+import pytest
+
 # Must happen before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")  # never reach for GCS metadata in tests
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """A TFDS data directory per test module (datasets are built into it on first use)."""
+  return str(tmp_path_factory.mktemp("tfds"))

@@ -185,7 +185,7 @@ class Attention(nn.Module):
     if cache is not None:
       return self._cached(x, kv, mask, positions, cache, cache_index, bias)
     q, k, v = self.project_qkv(x, kv, positions)
-    return self.out(self.attend(q, k, v, mask, deterministic, bias, causal and kv is None))
+    return self.out(self.attend(q, k, v, mask, deterministic, bias, causal))
 
   def _cached(self, x, kv, mask, positions, cache, cache_index, bias=None):
     """Attention over a KV cache (llmjax.decode): returns (`[B, L, D]`, new cache).

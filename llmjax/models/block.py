@@ -65,15 +65,14 @@ class TransformerBlock(nn.Module):
 
     def branch(module, name, h, kv, branch_mask, **kw):
       if cache is None:
-        return module(h, kv, mask=branch_mask, deterministic=deterministic,
-                      causal=self.causal and kv is None, **kw)
+        return module(h, kv, mask=branch_mask, deterministic=deterministic, **kw)
       y, new_cache[name] = module(h, kv, mask=branch_mask, cache=cache[name], **kw)
       return y
 
     attn = Attention(cfg, name="attention")
     x = self._residual(
         x, lambda h: branch(attn, "self", h, None, mask, positions=positions,
-                            cache_index=cache_index, bias=bias),
+                            cache_index=cache_index, bias=bias, causal=self.causal),
         "attention_norm", deterministic)
     if self.cross_attention:
       if encoded is None and cache is None:

@@ -90,3 +90,17 @@ def random_params(module: nn.Module, *args, seed: int = 0, std: float = 0.3, **k
     return jnp.asarray(noise, leaf.dtype)
 
   return jax.tree_util.tree_map_with_path(sample, nn.unbox(abstract)["params"])
+
+
+def preset_model(name: str, *, std: float = 0.3, seed: int = 0, **overrides):
+  """`(Transformer, random params)` of preset `name` (with config `overrides`).
+
+  Params come from `random_params` on a `[1, 8]` token batch (plus a `[1, 6]` encoder
+  batch for encoder-decoder presets).
+  """
+  from llmjax.models.presets import get_preset
+  from llmjax.models.transformer import Transformer
+  cfg = get_preset(name, **overrides)
+  kw = {"encoder_tokens": np.ones((1, 6), np.int32)} if cfg.arch == "encoder_decoder" else {}
+  model = Transformer(cfg)
+  return model, random_params(model, np.ones((1, 8), np.int32), seed=seed, std=std, **kw)

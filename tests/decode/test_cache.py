@@ -7,17 +7,14 @@ import numpy as np
 import pytest
 
 from llmjax.decode import cache as cache_lib
-from llmjax.models.presets import get_preset
 from llmjax.models.stack import unstack_layers
 from llmjax.models.transformer import Transformer
 from llmjax.testing import reference
 
 
 def _setup(name, scan_layers=True):
-  cfg = get_preset(name, num_layers=2)
-  tokens = np.ones((1, 8), np.int32)
-  kw = {"encoder_tokens": np.ones((1, 6), np.int32)} if cfg.arch == "encoder_decoder" else {}
-  params = reference.random_params(Transformer(cfg), tokens, std=0.1, **kw)
+  model, params = reference.preset_model(name, std=0.1, num_layers=2)
+  cfg = model.config
   if not scan_layers:
     cfg, params = cfg.replace(scan_layers=False), unstack_layers(params)
   return cfg, params

@@ -11,8 +11,6 @@ import pytest
 from llmjax.decode import generate as gen
 from llmjax.decode.sampling import SamplingConfig
 from llmjax.errors import UserError
-from llmjax.models.presets import get_preset
-from llmjax.models.transformer import Transformer
 from llmjax.testing import reference
 
 GREEDY = SamplingConfig(temperature=0.0)
@@ -22,10 +20,7 @@ NEW = 6
 
 @functools.cache
 def _model(name):
-  cfg = get_preset(name)
-  kw = {"encoder_tokens": np.ones((1, 6), np.int32)} if cfg.arch == "encoder_decoder" else {}
-  model = Transformer(cfg)
-  return model, reference.random_params(model, np.ones((1, 8), np.int32), std=0.5, **kw)
+  return reference.preset_model(name, std=0.5)
 
 
 def _naive_greedy(model, params, prompt, steps, **kw):

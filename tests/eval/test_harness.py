@@ -8,17 +8,12 @@ import pytest
 
 from llmjax.errors import UserError
 from llmjax.eval import harness
-from llmjax.models.presets import get_preset
-from llmjax.models.transformer import Transformer
 from llmjax.testing import reference
 
 
 @functools.cache
 def _model(name):
-  cfg = get_preset(name)
-  kw = {"encoder_tokens": np.ones((1, 6), np.int32)} if cfg.arch == "encoder_decoder" else {}
-  model = Transformer(cfg)
-  return model, reference.random_params(model, np.ones((1, 8), np.int32), std=0.3, **kw)
+  return reference.preset_model(name, std=0.3)
 
 
 def _log_softmax(x):

@@ -13,11 +13,6 @@ from llmjax.train import metrics as metrics_lib
 TINY_DATA = "DataConfig.dataset='num2words_translate/en-fr-300'"
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
 @pytest.mark.parametrize("gin_file, extra", [
     ("runs/mlm_pretrain_debug.gin", [TINY_DATA]),
     ("runs/span_corruption_debug.gin", [TINY_DATA, "SpanCorruption.inputs_length=16",

@@ -7,13 +7,8 @@ import shutil
 
 import pytest
 
-from llmjax import cli
 from llmjax.data import tokenizer as tokenizer_lib
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
+from llmjax.testing.runs import debug_train
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +20,7 @@ def trained(tmp_path_factory, data_dir):
 
 
 def _train(workdir, data_dir, params, gin_file="runs/debug.gin"):
-  argv = ["train", f"--gin_file={gin_file}", f"--workdir={workdir}", "--no_sample",
-          f"--gin_param=DataConfig.data_dir={data_dir!r}"]
-  return cli.main(argv + [f"--gin_param={p}" for p in params])
+  return debug_train(workdir, data_dir, *params, gin_file=gin_file)
 
 
 def _snapshot(path):

@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from llmjax import cli
 from llmjax.checkpoint import manager as ckpt_lib
+from llmjax.testing.runs import debug_train
 from llmjax.train import metrics as metrics_lib
 
 COMMON = ["TrainConfig.num_steps=6", "TrainConfig.log_every=1", "TrainConfig.eval_every=1000",
@@ -18,16 +18,8 @@ COMMON = ["TrainConfig.num_steps=6", "TrainConfig.log_every=1", "TrainConfig.eva
           "OptimizerConfig.peak_lr=1e38", "OptimizerConfig.clip_norm=None"]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
 def _train(workdir, data_dir, mode):
-  argv = ["train", "--gin_file=runs/debug.gin", f"--workdir={workdir}", "--no_sample",
-          f"--gin_param=DataConfig.data_dir={data_dir!r}",
-          f"--gin_param=TrainConfig.on_nonfinite={mode!r}"]
-  return cli.main(argv + [f"--gin_param={p}" for p in COMMON])
+  return debug_train(workdir, data_dir, f"TrainConfig.on_nonfinite={mode!r}", *COMMON)
 
 
 def _finite(tree):

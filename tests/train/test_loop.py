@@ -8,19 +8,8 @@ import pytest
 
 from llmjax import cli
 from llmjax.checkpoint import manager as ckpt_lib
+from llmjax.testing.runs import debug_train as _train
 from llmjax.train import metrics as metrics_lib
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
-def _train(workdir, data_dir, *params):
-  argv = ["train", "--gin_file=runs/debug.gin", f"--workdir={workdir}", "--no_sample",
-          f"--gin_param=DataConfig.data_dir={data_dir!r}"]
-  argv += [f"--gin_param={p}" for p in params]
-  return cli.main(argv)
 
 
 def test_debug_smoke_run_writes_everything(tmp_path, data_dir, capsys):

@@ -10,19 +10,9 @@ import pytest
 from llmjax import cli
 from llmjax.checkpoint import manager as ckpt_lib
 from llmjax.models.stack import stack_layers
+from llmjax.testing.runs import debug_train as _train
 from llmjax.train import metrics as metrics_lib
 from llmjax.train import warm_start
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
-def _train(workdir, data_dir, *params):
-  argv = ["train", "--gin_file=runs/debug.gin", f"--workdir={workdir}", "--no_sample",
-          f"--gin_param=DataConfig.data_dir={data_dir!r}"]
-  return cli.main(argv + [f"--gin_param={p}" for p in params])
 
 
 def _params(workdir):
