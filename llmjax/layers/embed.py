@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llmjax.layers.linear import einsum_f32
+from llmjax.layers.linear import matmul
 from llmjax.sharding.axes import EMBED, VOCAB
 
 
@@ -32,4 +32,4 @@ class Embed(nn.Module):
 
   def attend(self, x: jax.Array) -> jax.Array:
     """`x [B, L, D]` -> float32 logits `[B, L, V]` against the same table."""
-    return einsum_f32("BLD,VD->BLV", x.astype(self.dtype), self.embedding.astype(self.dtype))
+    return matmul("BLD,VD->BLV", x.astype(self.dtype), self.embedding.astype(self.dtype))

@@ -94,6 +94,58 @@ def merge_contraction(equation: str, x: jax.Array, y: jax.Array):
   return f"{a.replace(run, 'Z')},{b.replace(run, 'Z')}->{out}", x, y
 
 
+def _merge_free(equation: str, x: jax.Array, kernel: jax.Array):
+  """Merge the free dims of x that lead the output (batch, length) and the free dims
+  of the kernel that end it (heads, head dim), each run into one dim, by free reshapes.
+
+  `('BLD,DNH->BLNH', x [B, L, D], k [D, N, H])` -> `('YD,DX->YX', [B*L, D], [D, N*H])`.
+  Returns `(equation, x, kernel, lead, trail)`, lead/trail the merged shapes (or None).
+  """
+  a, b, out = _letters(equation)
+  lead = ""
+  for c, o in zip(a, out):
+    if c != o or c in b:
+      break
+    lead += c
+  trail = ""
+  for c, o in zip(reversed(b), reversed(out)):
+    if c != o or c in a:
+      break
+    trail = c + trail
+  if "." in equation or "Y" in equation or "X" in equation:
+    return equation, x, kernel, None, None
+  lead_shape = trail_shape = None
+  if len(lead) >= 2:
+    lead_shape = x.shape[:len(lead)]
+    x = x.reshape((math.prod(lead_shape),) + x.shape[len(lead):])
+    a, out = "Y" + a[len(lead):], "Y" + out[len(lead):]
+  if len(trail) >= 2:
+    trail_shape = kernel.shape[len(b) - len(trail):]
+    kernel = kernel.reshape(kernel.shape[:len(b) - len(trail)] + (math.prod(trail_shape),))
+    b, out = b[:-len(trail)] + "X", out[:-len(trail)] + "X"
+  return f"{a},{b}->{out}", x, kernel, lead_shape, trail_shape
+
+
+def matmul(equation: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """`einsum_f32(equation, x, kernel)` as a product of as few dims as possible (same
+  result, float32).
+
+  Leading batch dims of x and trailing dims of the kernel that survive into the output
+  are merged (`'BLD,DNH->BLNH'` runs as `'YD,DX->YX'`), then adjacent contracted dims
+  (`merge_contraction`). Then the forward product and both gradients each contract one
+  dim. With two (`'BLD,BLF->DF'` for a kernel gradient) XLA:CPU copies a transposed
+  operand for every weight gradient and fuses a recomputation of the residual stream
+  into that copy (benchmarks/README.md: about 10% of a small model's train step).
+  """
+  equation, x, kernel, lead, trail = _merge_free(equation, x, kernel)
+  y = einsum_f32(*merge_contraction(equation, x, kernel))
+  if lead is not None:
+    y = y.reshape(lead + y.shape[1:])
+  if trail is not None:
+    y = y.reshape(y.shape[:-1] + trail)
+  return y
+
+
 class Einsum(nn.Module):
   """`y = einsum(equation, x, kernel) + bias` with parameters `kernel` and `bias`.
 
@@ -118,8 +170,7 @@ class Einsum(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
                         self.shape, self.param_dtype)
-    y = einsum_f32(*merge_contraction(self.equation, x.astype(self.dtype),
-                                      kernel.astype(self.dtype)))
+    y = matmul(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
     if self.use_bias:
       # The bias spans the kernel dims that survive into the output, e.g. (N, H).
       kernel_letters = self.equation.split("->")[0].split(",")[1]
