@@ -94,12 +94,13 @@ def merge_contraction(equation: str, x: jax.Array, y: jax.Array):
   return f"{a.replace(run, 'Z')},{b.replace(run, 'Z')}->{out}", x, y
 
 
-def _merge_free(equation: str, x: jax.Array, kernel: jax.Array):
+def _merge_free(equation: str, x: jax.Array, kernel: jax.Array, leading: bool = True):
   """Merge the free dims of x that lead the output (batch, length) and the free dims
   of the kernel that end it (heads, head dim), each run into one dim, by free reshapes.
 
   `('BLD,DNH->BLNH', x [B, L, D], k [D, N, H])` -> `('YD,DX->YX', [B*L, D], [D, N*H])`.
-  Returns `(equation, x, kernel, lead, trail)`, lead/trail the merged shapes (or None).
+  Returns `(equation, x, kernel, lead, trail)`, lead/trail the merged shapes (or None);
+  `leading=False` leaves x's dims as they are.
   """
   a, b, out = _letters(equation)
   lead = ""
@@ -115,7 +116,7 @@ def _merge_free(equation: str, x: jax.Array, kernel: jax.Array):
   if "." in equation or "Y" in equation or "X" in equation:
     return equation, x, kernel, None, None
   lead_shape = trail_shape = None
-  if len(lead) >= 2:
+  if leading and len(lead) >= 2:
     lead_shape = x.shape[:len(lead)]
     x = x.reshape((math.prod(lead_shape),) + x.shape[len(lead):])
     a, out = "Y" + a[len(lead):], "Y" + out[len(lead):]
@@ -136,8 +137,13 @@ def matmul(equation: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
   dim. With two (`'BLD,BLF->DF'` for a kernel gradient) XLA:CPU copies a transposed
   operand for every weight gradient and fuses a recomputation of the residual stream
   into that copy (benchmarks/README.md: about 10% of a small model's train step).
+
+  Low-precision operands keep their leading dims: XLA:CPU runs a bfloat16 kernel
+  gradient contracted over a single leading dim as a float32 Eigen product (at half the
+  speed), and over two as a transposed copy plus a bfloat16 YNNPACK product.
   """
-  equation, x, kernel, lead, trail = _merge_free(equation, x, kernel)
+  low_precision = x.dtype in (jnp.bfloat16, jnp.float16)
+  equation, x, kernel, lead, trail = _merge_free(equation, x, kernel, not low_precision)
   y = einsum_f32(*merge_contraction(equation, x, kernel))
   if lead is not None:
     y = y.reshape(lead + y.shape[1:])
