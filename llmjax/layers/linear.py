@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 Initializer = Callable[..., jax.Array]
+LOW_PRECISION = (jnp.bfloat16, jnp.float16)  # dtypes whose products get custom gradients
 
 
 def einsum_f32(equation: str, *operands: jax.Array) -> jax.Array:
@@ -33,7 +34,7 @@ def einsum_f32(equation: str, *operands: jax.Array) -> jax.Array:
   bf16 dot instructions (benchmarks/README.md). Float32 operands take `jnp.einsum` as is.
   """
   if (len(operands) == 2 and operands[0].dtype == operands[1].dtype
-      and operands[0].dtype in (jnp.bfloat16, jnp.float16) and _transposable(equation)):
+      and operands[0].dtype in LOW_PRECISION and _transposable(equation)):
     return _einsum_low_precision(equation, *operands)
   return jnp.einsum(equation, *operands, preferred_element_type=jnp.float32)
 
@@ -99,13 +100,16 @@ def _merge_free(equation: str, x: jax.Array, kernel: jax.Array, leading: bool = 
   of the kernel that end it (heads, head dim), each run into one dim, by free reshapes.
 
   `('BLD,DNH->BLNH', x [B, L, D], k [D, N, H])` -> `('YD,DX->YX', [B*L, D], [D, N*H])`.
-  Returns `(equation, x, kernel, lead, trail)`, lead/trail the merged shapes (or None);
-  `leading=False` leaves x's dims as they are.
+  Returns `(equation, x, kernel, out_shape)`; `leading=False` leaves x's dims as they are.
   """
   a, b, out = _letters(equation)
+  if "." in equation or "Y" in equation or "X" in equation:
+    return equation, x, kernel, None
+  sizes = dict(zip(a, x.shape)) | dict(zip(b, kernel.shape))
+  out_shape = tuple(sizes[c] for c in out)
   lead = ""
   for c, o in zip(a, out):
-    if c != o or c in b:
+    if not leading or c != o or c in b:
       break
     lead += c
   trail = ""
@@ -113,18 +117,14 @@ def _merge_free(equation: str, x: jax.Array, kernel: jax.Array, leading: bool = 
     if c != o or c in a:
       break
     trail = c + trail
-  if "." in equation or "Y" in equation or "X" in equation:
-    return equation, x, kernel, None, None
-  lead_shape = trail_shape = None
-  if leading and len(lead) >= 2:
-    lead_shape = x.shape[:len(lead)]
-    x = x.reshape((math.prod(lead_shape),) + x.shape[len(lead):])
+  if len(lead) >= 2:
+    x = x.reshape((math.prod(x.shape[:len(lead)]),) + x.shape[len(lead):])
     a, out = "Y" + a[len(lead):], "Y" + out[len(lead):]
   if len(trail) >= 2:
-    trail_shape = kernel.shape[len(b) - len(trail):]
-    kernel = kernel.reshape(kernel.shape[:len(b) - len(trail)] + (math.prod(trail_shape),))
+    keep = len(b) - len(trail)
+    kernel = kernel.reshape(kernel.shape[:keep] + (math.prod(kernel.shape[keep:]),))
     b, out = b[:-len(trail)] + "X", out[:-len(trail)] + "X"
-  return f"{a},{b}->{out}", x, kernel, lead_shape, trail_shape
+  return f"{a},{b}->{out}", x, kernel, out_shape
 
 
 def matmul(equation: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -142,14 +142,10 @@ def matmul(equation: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
   gradient contracted over a single leading dim as a float32 Eigen product (at half the
   speed), and over two as a transposed copy plus a bfloat16 YNNPACK product.
   """
-  low_precision = x.dtype in (jnp.bfloat16, jnp.float16)
-  equation, x, kernel, lead, trail = _merge_free(equation, x, kernel, not low_precision)
+  equation, x, kernel, out_shape = _merge_free(equation, x, kernel,
+                                               leading=x.dtype not in LOW_PRECISION)
   y = einsum_f32(*merge_contraction(equation, x, kernel))
-  if lead is not None:
-    y = y.reshape(lead + y.shape[1:])
-  if trail is not None:
-    y = y.reshape(y.shape[:-1] + trail)
-  return y
+  return y if out_shape is None else y.reshape(out_shape)
 
 
 class Einsum(nn.Module):

@@ -89,6 +89,7 @@ class TransformerStack(nn.Module):
     if cache is not None:
       args, in_axes = args + (cache, cache_index), in_axes + (0, nn.broadcast)
     block_cls = _ScannedBlock if cfg.scan_layers else TransformerBlock
+    causal = not self.bidirectional  # decoder self-attention
     if cfg.remat != "none":
       # Inside scan, CSE cannot undo the remat, so its prevention is only overhead.
       block_cls = nn.remat(block_cls, policy=_REMAT_POLICIES[cfg.remat],
@@ -101,7 +102,6 @@ class TransformerStack(nn.Module):
                         metadata_params={nn.PARTITION_NAME: LAYERS})
       if cache is not None:
         args = args[:-2] + (jax.tree.map(lambda *a: jnp.stack(a), *cache), cache_index)
-      causal = not self.bidirectional
       x, stacked = scanned(cfg, self.cross_attention, causal, name="layers")(x, *args)
       if cache is not None:
         cache = tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(len(cache)))
@@ -109,8 +109,7 @@ class TransformerStack(nn.Module):
       new_cache = []
       for i in range(self.num_layers):
         layer_args = args if cache is None else args[:-2] + (cache[i], cache_index)
-        x = block_cls(cfg, self.cross_attention, not self.bidirectional,
-                      name=f"layers_{i}")(x, *layer_args)
+        x = block_cls(cfg, self.cross_attention, causal, name=f"layers_{i}")(x, *layer_args)
         if cache is not None:
           x, new = x
           new_cache.append(new)
