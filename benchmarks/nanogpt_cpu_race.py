@@ -16,9 +16,7 @@ only (evaluation excluded on both sides), up to the first evaluation at or under
 
 import argparse
 
-from benchmarks import common
-
-FACTORY = "benchmarks.train_vs_torch:"
+from benchmarks import common, train_vs_torch
 
 
 def main():
@@ -31,18 +29,11 @@ def main():
   parser.add_argument("--threads", type=int, default=2)
   parser.add_argument("--shape", default="race")
   parser.add_argument("--impls", default="llmjax,torch-ref",
-                      help="llmjax, llmjax-bf16, torch-ref, torch-ref-compile")
+                      help="as in train_vs_torch (options after @, e.g. llmjax-bf16@devices=2)")
   args = parser.parse_args()
   common.char_corpus(65)
   schedule = {"shape": args.shape, "lr": 1e-3, "warmup": 100, "total_steps": args.max_iters}
-  specs = {"llmjax": ("LlmjaxImpl", {}), "llmjax-bf16": ("LlmjaxImpl", {"dtype": "bfloat16"}),
-           "torch-ref": ("TorchImpl", {"kind": "ref"}),
-           "torch-ref-compile": ("TorchImpl", {"kind": "ref", "compile": True})}
-  workers = []
-  for name in args.impls.split(","):
-    factory, kwargs = specs[name]
-    workers.append(common.Worker(name, FACTORY + factory, {**schedule, **kwargs},
-                                 threads=args.threads))
+  workers = train_vs_torch.make_workers(args.impls, args.threads, **schedule)
   for w in workers:
     info = w.start()
     print(f"{w.name}: {info['params']:,} params, initial loss {info['initial_loss']:.3f}, "

@@ -18,6 +18,11 @@ ratios llmjax / best PyTorch peer (median, p25, min), first-step (compile) time,
 with 6N + 12 L d T FLOPs/token (and the causal-halved variant) against the theoretical
 fp32 peak (common.PEAK_FP32_FLOPS) and against matmul probes measured in the same run.
 
+`--impls` entries take options after `@`: model config overrides (`llmjax@attention_impl=jax`),
+XLA flags (`@xla=--xla_cpu_enable_fast_math=true`) and `@devices=N`, which splits the
+worker's cores into N CPU devices (`--xla_force_host_platform_device_count=N`) and trains
+data parallel over them with the library's "dp" rules, as `llmjax train` does on any mesh.
+
 `--loss_curve` trains llmjax in float32 and in bfloat16 (f32 accumulation), and float32
 from another init seed (the noise yardstick), on the same batches, and compares curves.
 """
@@ -77,12 +82,14 @@ class LlmjaxImpl:
   """llmjax's own train step (`llmjax.train.step.make_train_step`), jitted with donation."""
 
   def __init__(self, shape="nanogpt-char", vocab_size=65, dtype="float32", seed=0,
-               data_seed=1234, lr=1e-3, warmup=0, total_steps=0, overrides=None):
+               data_seed=1234, lr=1e-3, warmup=0, total_steps=0, overrides=None, devices=1):
     import jax
     from flax import linen as nn
 
     from llmjax.models.transformer import Transformer
     from llmjax.optim import optimizers, schedules
+    from llmjax.sharding import mesh as mesh_lib
+    from llmjax.sharding import partition, rules
     from llmjax.train import step as step_lib
     from llmjax.train.state import TrainState
 
@@ -95,6 +102,8 @@ class LlmjaxImpl:
     tx = optimizers.adamw(schedule, b1=0.9, b2=0.99, weight_decay=0.1, clip_norm=1.0)
     objective = NextTokenLM()
 
+    seed_key = jax.random.PRNGKey(seed)
+
     def init(rng):
       tokens = jax.numpy.zeros((1, self.seq_len), jax.numpy.int32)
       params = nn.meta.unbox(model.init(rng, tokens)["params"])
@@ -102,12 +111,27 @@ class LlmjaxImpl:
                         opt_state=tx.init(params),
                         rng=jax.random.key_data(jax.random.PRNGKey(seed + 1)))
 
-    self.state = jax.jit(init)(jax.random.PRNGKey(seed))
+    # `devices` > 1: data parallel over that many CPU devices (the worker sets
+    # --xla_force_host_platform_device_count), placed by the library's "dp" rules as
+    # `llmjax train` does; the initial state is the single-device one, so only the
+    # placement differs.
+    if jax.device_count() < devices:
+      raise ValueError(f"devices={devices} but jax sees {jax.device_count()}; start the "
+                       f"process with XLA_FLAGS=--xla_force_host_platform_device_count={devices}")
+    self.devices = devices
+    mesh = mesh_lib.make_mesh(data=devices, devices=jax.devices()[:devices])
+    dp_rules = rules.get_rules("dp")
+    boxed = jax.eval_shape(lambda r: model.init(r, jax.numpy.zeros((1, self.seq_len),
+                                                                   jax.numpy.int32)), seed_key)
+    shardings = partition.state_shardings(boxed["params"], tx, mesh, "dp")
+    self.batch_sharding = partition.batch_sharding(mesh, dp_rules)
+    self.state = jax.device_put(jax.jit(init)(seed_key), shardings)
     step = step_lib.make_train_step(model, objective, tx, schedule)
-    x, y = self.batch(0)
     start = time.perf_counter()
-    self.step = jax.jit(step, donate_argnums=0).lower(self.state, {"inputs": x, "targets": y})
-    self.step = self.step.compile()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(dp_rules):
+      self.step = jax.jit(step, in_shardings=(shardings, self.batch_sharding),
+                          out_shardings=(shardings, None), donate_argnums=0)
+      self.step = self.step.lower(self.state, self._put(*self.batch(0))).compile()
     self.compile_s = time.perf_counter() - start
     self.cost = (self.step.cost_analysis() or {}) if hasattr(self.step, "cost_analysis") else {}
     self.eval_fn = jax.jit(step_lib.make_eval_step(model, objective))
@@ -118,8 +142,13 @@ class LlmjaxImpl:
     data = self.data.train if split == "train" else self.data.val
     return common.get_batch(data, self.batch_size, self.seq_len, self.data_seed, index)
 
+  def _put(self, x, y):
+    import jax
+    return jax.device_put({"inputs": x, "targets": y}, self.batch_sharding)
+
   def info(self):
     flops = self.cost.get("flops") if isinstance(self.cost, dict) else None
+    flops = flops and flops * self.devices  # SPMD: the cost analysis is per device
     return {"params": self.num_params, "initial_loss": self.initial_loss,
             "compile_s": self.compile_s, "xla_flops": flops}
 
@@ -130,7 +159,7 @@ class LlmjaxImpl:
     for i in range(start, start + n):
       x, y = self.batch(i)
       t0 = time.perf_counter()
-      self.state, metrics = self.step(self.state, {"inputs": x, "targets": y})
+      self.state, metrics = self.step(self.state, self._put(x, y))
       jax.block_until_ready((self.state, metrics))
       times.append(time.perf_counter() - t0)
       losses.append(float(metrics["loss"]))
@@ -264,9 +293,10 @@ class ProbeImpl:
 FACTORY = "benchmarks.train_vs_torch:"
 
 
-def make_workers(args) -> list[common.Worker]:
-  """The implementations `--impls` names, as workers (not started)."""
-  shape = {"shape": args.shape}
+def make_workers(impls: str, threads: int, **kwargs) -> list[common.Worker]:
+  """The implementations `impls` (comma-separated) names, as workers (not started);
+  `kwargs` (shape, schedule) go to every implementation."""
+  shape = kwargs
   specs = {
       "llmjax": (FACTORY + "LlmjaxImpl", shape),
       "llmjax-bf16": (FACTORY + "LlmjaxImpl", {**shape, "dtype": "bfloat16"}),
@@ -277,17 +307,23 @@ def make_workers(args) -> list[common.Worker]:
       "hf-compile": (FACTORY + "TorchImpl", {**shape, "kind": "hf", "compile": True}),
   }
   workers = []
-  for name in args.impls.split(","):
+  for name in impls.split(","):
     base, *options = name.split("@")
+    if base not in specs:
+      raise SystemExit(f"unknown implementation {base!r}; choose from {', '.join(specs)}")
     factory, kwargs = specs[base]
-    kwargs, env = dict(kwargs), {}
-    for option in options:  # llmjax@attention_impl=jax@xla=--xla_cpu_enable_fast_math=true
+    kwargs, flags = dict(kwargs), [common.thread_env(1)["XLA_FLAGS"]]
+    for option in options:  # llmjax@attention_impl=jax@devices=2@xla=--xla_cpu_enable_fast_math=true
       key, _, value = option.partition("=")
       if key == "xla":
-        env["XLA_FLAGS"] = f"{common.thread_env(1)['XLA_FLAGS']} {value}".strip()
+        flags.append(value)
+      elif key == "devices":  # data parallel over CPU devices that split the cores
+        kwargs["devices"] = int(value)
+        flags.append(f"--xla_force_host_platform_device_count={int(value)}")
       else:
         kwargs.setdefault("overrides", {})[key] = _parse_value(value)
-    workers.append(common.Worker(name, factory, kwargs, threads=args.threads, env=env))
+    env = {"XLA_FLAGS": " ".join(f for f in flags if f)}
+    workers.append(common.Worker(name, factory, kwargs, threads=threads, env=env))
   return workers
 
 
@@ -412,7 +448,7 @@ def main():
   common.char_corpus(65)  # build the cache once, before the workers read it
   if args.loss_curve:
     return loss_curve(args)
-  workers = make_workers(args)
+  workers = make_workers(args.impls, args.threads, shape=args.shape)
   workers += [common.Worker("probe-jax", FACTORY + "ProbeImpl", {"backend": "jax"},
                             threads=args.threads),
               common.Worker("probe-torch", FACTORY + "ProbeImpl", {"backend": "torch"},
