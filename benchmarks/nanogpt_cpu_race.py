@@ -8,7 +8,9 @@ nanoGPT's CPU configuration of shakespeare_char (its README: `--device=cpu --com
 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0`): 4 layers, 4 heads, 128 wide,
 64 context, batch 12, AdamW lr 1e-3 (100 warmup steps, cosine to 1e-4 at 2000), betas
 0.9/0.99, weight decay 0.1, clip 1.0, char-level `shakespeare` (vocab 65), the same
-random-crop batches on both sides. The two train in alternating chunks of `--chunk`
+random-crop batches on both sides and, unless `--independent_init`, the same initial
+weights (the PyTorch peers load llmjax's), so both follow one trajectory up to rounding and
+the race measures speed rather than a lucky seed. The two train in alternating chunks of `--chunk`
 steps (so machine drift hits both alike); every `--eval_every` steps both are evaluated
 on the same `--eval_batches` validation batches. Time-to-target counts train-step time
 only (evaluation excluded on both sides), up to the first evaluation at or under target.
@@ -28,6 +30,9 @@ def main():
   parser.add_argument("--eval_batches", type=int, default=20)
   parser.add_argument("--threads", type=int, default=2)
   parser.add_argument("--shape", default="race")
+  parser.add_argument("--independent_init", action="store_true",
+                      help="each side draws its own initial weights (default: the PyTorch "
+                      "peers start from llmjax's, so both follow the same trajectory)")
   parser.add_argument("--impls", default="llmjax,torch-ref",
                       help="as in train_vs_torch (options after @, e.g. llmjax-bf16@devices=2)")
   args = parser.parse_args()
@@ -38,6 +43,14 @@ def main():
     info = w.start()
     print(f"{w.name}: {info['params']:,} params, initial loss {info['initial_loss']:.3f}, "
           f"first step {info['compile_s']:.1f}s", flush=True)
+  source = next((w for w in workers if w.name.startswith("llmjax")), None)
+  if source is not None and not args.independent_init:
+    weights = source.call("gpt2_weights")
+    for w in workers:
+      if not w.name.startswith("llmjax"):
+        loss = w.call("load_gpt2", weights)
+        print(f"{w.name}: starts from {source.name}'s initial weights (loss {loss:.3f})",
+              flush=True)
   state = {w.name: {"time": 0.0, "hit": None, "curve": []} for w in workers}
   try:
     for start in range(0, args.max_iters, args.chunk):

@@ -142,6 +142,16 @@ class LlmjaxImpl:
     data = self.data.train if split == "train" else self.data.val
     return common.get_batch(data, self.batch_size, self.seq_len, self.data_seed, index)
 
+  def gpt2_weights(self):
+    """The current parameters as GPT-2 tensors (HF names, numpy), for `TorchImpl.load_gpt2`."""
+    import jax
+
+    from llmjax.checkpoint.convert import gpt2 as gpt2_convert
+    from llmjax.models.stack import unstack_layers
+    params = jax.device_get(self.state.params)
+    params = unstack_layers(params) if self.cfg.scan_layers else params
+    return gpt2_convert.params_to_hf(params, self.cfg)
+
   def _put(self, x, y):
     import jax
     return jax.device_put({"inputs": x, "targets": y}, self.batch_sharding)
@@ -211,12 +221,36 @@ class TorchImpl:
       self.forward = lambda m, x: m(input_ids=x).logits
     self.model.train()
     self.num_params = sum(p.numel() for p in self.model.parameters())
-    self.opt = torch_gpt.adamw(self.model, lr, betas=(0.9, 0.99), weight_decay=0.1)
+    self.kind = kind
+    self._make_opt = lambda: torch_gpt.adamw(self.model, lr, betas=(0.9, 0.99),
+                                             weight_decay=0.1)
+    self.opt = self._make_opt()
     self.compiled = torch.compile(self.model) if compile else self.model
     self.initial_loss = self.eval_loss([self.batch(INIT_BATCH)])
     start = time.perf_counter()
     self._train_step(*self.batch(0), step=0, update=False)  # compiles (if compiled)
     self.compile_s = time.perf_counter() - start
+
+  def load_gpt2(self, tensors: dict):
+    """Loads GPT-2 tensors (HF names, `LlmjaxImpl.gpt2_weights`): the same initial weights
+    on both sides. HF's Conv1D keeps `[in, out]`; the reference's nn.Linear `[out, in]`."""
+    import torch
+    state = {}
+    for name, value in tensors.items():
+      if self.kind == "ref":
+        name = name.removeprefix("transformer.")
+        if name.endswith("weight") and any(k in name for k in ("c_attn", "c_proj", "c_fc")):
+          value = value.T
+      state[name] = torch.from_numpy(np.ascontiguousarray(value, np.float32))
+    missing, unexpected = self.model.load_state_dict(state, strict=False)
+    allowed = ("lm_head.weight", ".attn.bias", ".masked_bias")  # tied; causal-mask buffers
+    if unexpected or any(not m.endswith(allowed) for m in missing):
+      raise ValueError(f"GPT-2 weights do not fit: missing {missing}, unexpected {unexpected}")
+    if self.kind != "ref":
+      self.model.tie_weights()
+    self.opt = self._make_opt()
+    self.initial_loss = self.eval_loss([self.batch(INIT_BATCH)])
+    return self.initial_loss
 
   def batch(self, index, split="train"):
     import torch

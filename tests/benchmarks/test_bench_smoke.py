@@ -151,3 +151,20 @@ def test_data_parallel_benchmark_step_trains_like_one_device(monkeypatch):
   # near-zero gradients (summed in another order over two devices) may differ by ~1e-5.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4),
                jax.device_get(two.state.params), jax.device_get(one.state.params))
+
+
+@pytest.mark.parametrize("kind", ["ref", "hf"])
+def test_torch_peers_start_from_llmjax_weights_and_follow_its_trajectory(kind, monkeypatch):
+  """The race's default: the PyTorch peer loads llmjax's initial weights, after which the
+  same batches give the same losses on both sides (to float rounding)."""
+  stream = (np.arange(4000) * 11 % 65).astype(np.uint8)
+  monkeypatch.setattr(common, "char_corpus",
+                      lambda vocab_size=65, data_dir=None: common.CharCorpus(stream, stream, 65))
+  ours = train_vs_torch.LlmjaxImpl(shape=SHAPE)
+  theirs = train_vs_torch.TorchImpl(kind=kind, shape=SHAPE, threads=1)
+  assert abs(theirs.initial_loss - ours.initial_loss) > 1e-3  # different draws before
+  loss = theirs.load_gpt2(ours.gpt2_weights())
+  np.testing.assert_allclose(loss, ours.initial_loss, atol=1e-5)
+  _, losses_ours = ours.run(0, 3)
+  _, losses_theirs = theirs.run(0, 3)
+  np.testing.assert_allclose(losses_theirs, losses_ours, atol=1e-4)
