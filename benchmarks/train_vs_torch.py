@@ -103,10 +103,11 @@ class LlmjaxImpl:
     objective = NextTokenLM()
 
     seed_key = jax.random.PRNGKey(seed)
+    tokens = jax.numpy.zeros((1, self.seq_len), jax.numpy.int32)
+    init_params = lambda rng: model.init(rng, tokens)["params"]  # boxed (logical axes)
 
     def init(rng):
-      tokens = jax.numpy.zeros((1, self.seq_len), jax.numpy.int32)
-      params = nn.meta.unbox(model.init(rng, tokens)["params"])
+      params = nn.meta.unbox(init_params(rng))
       return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
                         opt_state=tx.init(params),
                         rng=jax.random.key_data(jax.random.PRNGKey(seed + 1)))
@@ -121,9 +122,7 @@ class LlmjaxImpl:
     self.devices = devices
     mesh = mesh_lib.make_mesh(data=devices, devices=jax.devices()[:devices])
     dp_rules = rules.get_rules("dp")
-    boxed = jax.eval_shape(lambda r: model.init(r, jax.numpy.zeros((1, self.seq_len),
-                                                                   jax.numpy.int32)), seed_key)
-    shardings = partition.state_shardings(boxed["params"], tx, mesh, "dp")
+    shardings = partition.state_shardings(jax.eval_shape(init_params, seed_key), tx, mesh, "dp")
     self.batch_sharding = partition.batch_sharding(mesh, dp_rules)
     self.state = jax.device_put(jax.jit(init)(seed_key), shardings)
     step = step_lib.make_train_step(model, objective, tx, schedule)
@@ -222,9 +221,7 @@ class TorchImpl:
     self.model.train()
     self.num_params = sum(p.numel() for p in self.model.parameters())
     self.kind = kind
-    self._make_opt = lambda: torch_gpt.adamw(self.model, lr, betas=(0.9, 0.99),
-                                             weight_decay=0.1)
-    self.opt = self._make_opt()
+    self.opt = torch_gpt.adamw(self.model, lr, betas=(0.9, 0.99), weight_decay=0.1)
     self.compiled = torch.compile(self.model) if compile else self.model
     self.initial_loss = self.eval_loss([self.batch(INIT_BATCH)])
     start = time.perf_counter()
@@ -233,7 +230,9 @@ class TorchImpl:
 
   def load_gpt2(self, tensors: dict):
     """Loads GPT-2 tensors (HF names, `LlmjaxImpl.gpt2_weights`): the same initial weights
-    on both sides. HF's Conv1D keeps `[in, out]`; the reference's nn.Linear `[out, in]`."""
+    on both sides. HF's Conv1D keeps `[in, out]`; the reference's nn.Linear `[out, in]`.
+    The copy is in place, so tied tables and the (still empty) optimizer keep pointing
+    at the loaded tensors."""
     import torch
     state = {}
     for name, value in tensors.items():
@@ -246,9 +245,6 @@ class TorchImpl:
     allowed = ("lm_head.weight", ".attn.bias", ".masked_bias")  # tied; causal-mask buffers
     if unexpected or any(not m.endswith(allowed) for m in missing):
       raise ValueError(f"GPT-2 weights do not fit: missing {missing}, unexpected {unexpected}")
-    if self.kind != "ref":
-      self.model.tie_weights()
-    self.opt = self._make_opt()
     self.initial_loss = self.eval_loss([self.batch(INIT_BATCH)])
     return self.initial_loss
 
