@@ -82,14 +82,18 @@ class LlmjaxImpl:
   """llmjax's own train step (`llmjax.train.step.make_train_step`), jitted with donation."""
 
   def __init__(self, shape="nanogpt-char", vocab_size=65, dtype="float32", seed=0,
-               data_seed=1234, lr=1e-3, warmup=0, total_steps=0, overrides=None, devices=1):
+               data_seed=1234, lr=1e-3, warmup=0, total_steps=0, overrides=None, devices=1,
+               rules="dp", host_malloc="reuse"):
+    from llmjax.train import host_memory
+    host_memory.configure(host_malloc)  # as the train loop does, before jax starts
     import jax
     from flax import linen as nn
 
     from llmjax.models.transformer import Transformer
     from llmjax.optim import optimizers, schedules
     from llmjax.sharding import mesh as mesh_lib
-    from llmjax.sharding import partition, rules
+    from llmjax.sharding import partition
+    from llmjax.sharding import rules as rules_lib
     from llmjax.train import step as step_lib
     from llmjax.train.state import TrainState
 
@@ -113,21 +117,24 @@ class LlmjaxImpl:
                         rng=jax.random.key_data(jax.random.PRNGKey(seed + 1)))
 
     # `devices` > 1: data parallel over that many CPU devices (the worker sets
-    # --xla_force_host_platform_device_count), placed by the library's "dp" rules as
-    # `llmjax train` does; the initial state is the single-device one, so only the
-    # placement differs.
+    # --xla_force_host_platform_device_count), placed by the library's rule set `rules`
+    # ("dp"; "zero1" splits the optimizer state, "fsdp" the parameters too) as `llmjax
+    # train` does; the initial state is the single-device one, so only the placement
+    # differs.
     if jax.device_count() < devices:
       raise ValueError(f"devices={devices} but jax sees {jax.device_count()}; start the "
                        f"process with XLA_FLAGS=--xla_force_host_platform_device_count={devices}")
     self.devices = devices
-    mesh = mesh_lib.make_mesh(data=devices, devices=jax.devices()[:devices])
-    dp_rules = rules.get_rules("dp")
-    shardings = partition.state_shardings(jax.eval_shape(init_params, seed_key), tx, mesh, "dp")
-    self.batch_sharding = partition.batch_sharding(mesh, dp_rules)
+    axis = {"fsdp": devices} if rules in ("fsdp", "fsdp_tp") else {"data": devices}
+    mesh = mesh_lib.make_mesh(**{"data": 1, **axis}, devices=jax.devices()[:devices])
+    rule_set, mesh_rules = rules, rules_lib.get_rules(rules)
+    shardings = partition.state_shardings(jax.eval_shape(init_params, seed_key), tx, mesh,
+                                          rule_set)
+    self.batch_sharding = partition.batch_sharding(mesh, mesh_rules)
     self.state = jax.device_put(jax.jit(init)(seed_key), shardings)
     step = step_lib.make_train_step(model, objective, tx, schedule)
     start = time.perf_counter()
-    with jax.set_mesh(mesh), nn.logical_axis_rules(dp_rules):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_rules):
       self.step = jax.jit(step, in_shardings=(shardings, self.batch_sharding),
                           out_shardings=(shardings, None), donate_argnums=0)
       self.step = self.step.lower(self.state, self._put(*self.batch(0))).compile()
@@ -350,6 +357,8 @@ def make_workers(impls: str, threads: int, **kwargs) -> list[common.Worker]:
       elif key == "devices":  # data parallel over CPU devices that split the cores
         kwargs["devices"] = int(value)
         flags.append(f"--xla_force_host_platform_device_count={int(value)}")
+      elif key in ("rules", "host_malloc"):  # sharding rule set (dp, zero1, fsdp); reuse|system
+        kwargs[key] = value
       else:
         kwargs.setdefault("overrides", {})[key] = _parse_value(value)
     env = {"XLA_FLAGS": " ".join(f for f in flags if f)}

@@ -28,7 +28,7 @@ from llmjax.scaling import counts
 from llmjax.sharding import mesh as mesh_lib
 from llmjax.sharding import partition
 from llmjax.sharding import rules as rules_lib
-from llmjax.train import inputs, warm_start
+from llmjax.train import host_memory, inputs, warm_start
 from llmjax.train import metrics as metrics_lib
 from llmjax.train import step as step_lib
 from llmjax.train.state import TrainState
@@ -61,6 +61,8 @@ class TrainConfig:
   progress_bar: bool = True
   init_from: str | None = None    # a workdir whose latest params start this run at step 0
                                   # (fine-tuning; see llmjax/train/warm_start.py)
+  host_malloc: str = "reuse"      # reuse | system: keep freed step buffers mapped (CPU;
+                                  # see llmjax/train/host_memory.py)
 
 
 class TrainResult(NamedTuple):
@@ -240,6 +242,7 @@ def train(workdir: str, *, model: TransformerConfig | None = None, data, tokeniz
   """
   optimizer, objective = optimizer or OptimizerConfig(), objective or CausalLM()
   config = config or TrainConfig()
+  host_memory.configure(config.host_malloc)  # before the first jax computation
   workdir = os.path.abspath(workdir)
   _check_workdir(workdir)
   source = warm_start.load(config.init_from) if config.init_from else None
