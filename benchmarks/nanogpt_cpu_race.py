@@ -1,7 +1,9 @@
 """Time to a validation loss of 1.91: llmjax vs the PyTorch reference, side by side.
 
-Command (repository root):
+Command (repository root; the second is the reported setting, see benchmarks/README.md):
   .venv/bin/python -m benchmarks.nanogpt_cpu_race --target 1.91
+  .venv/bin/python -m benchmarks.nanogpt_cpu_race --target 1.91 \
+      --impls llmjax-bf16@devices=2@host_malloc=reuse_threads,torch-ref
 
 nanoGPT's CPU configuration of shakespeare_char (its README: `--device=cpu --compile=False
 --eval_iters=20 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128

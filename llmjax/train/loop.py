@@ -61,8 +61,8 @@ class TrainConfig:
   progress_bar: bool = True
   init_from: str | None = None    # a workdir whose latest params start this run at step 0
                                   # (fine-tuning; see llmjax/train/warm_start.py)
-  host_malloc: str = "reuse"      # reuse | system: keep freed step buffers mapped (CPU;
-                                  # see llmjax/train/host_memory.py)
+  host_malloc: str = "reuse"      # reuse | reuse_threads | system: keep freed step
+                                  # buffers mapped (CPU; llmjax/train/host_memory.py)
 
 
 class TrainResult(NamedTuple):

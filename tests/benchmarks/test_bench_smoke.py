@@ -133,16 +133,21 @@ def test_batches_are_reproducible_next_token_pairs():
   assert not np.array_equal(x, common.get_batch(data, 4, 8, seed=3, index=8)[0])
 
 
-def test_data_parallel_benchmark_step_trains_like_one_device(monkeypatch):
-  """`llmjax@devices=2` (the batch split over two CPU devices by the library's "dp" rules)
-  does the same work as one device: same initial state, same losses and parameters."""
+@pytest.mark.parametrize("rules", ["dp", "zero1", "fsdp"])
+def test_data_parallel_benchmark_step_trains_like_one_device(rules, monkeypatch):
+  """`llmjax@devices=2[@rules=...]` (the batch split over two CPU devices by the library's
+  rule set) does the same work as one device: same initial state, same losses and
+  parameters; zero1 splits the optimizer state, fsdp the parameters too."""
   stream = (np.arange(4000) * 7 % 65).astype(np.uint8)
   monkeypatch.setattr(common, "char_corpus",
                       lambda vocab_size=65, data_dir=None: common.CharCorpus(stream, stream, 65))
   one = train_vs_torch.LlmjaxImpl(shape=SHAPE, lr=1e-2)
-  two = train_vs_torch.LlmjaxImpl(shape=SHAPE, lr=1e-2, devices=2)
+  two = train_vs_torch.LlmjaxImpl(shape=SHAPE, lr=1e-2, devices=2, rules=rules)
   embedding = two.state.params["embed"]["embedding"]
-  assert len(embedding.sharding.device_set) == 2 and embedding.sharding.is_fully_replicated
+  assert len(embedding.sharding.device_set) == 2
+  assert embedding.sharding.is_fully_replicated == (rules != "fsdp")
+  moments = [a for a in jax.tree.leaves(two.state.opt_state) if a.shape == embedding.shape]
+  assert moments and all(a.sharding.is_fully_replicated == (rules == "dp") for a in moments)
   _, losses_one = one.run(0, 4)
   _, losses_two = two.run(0, 4)
   assert losses_one[-1] < losses_one[0] - 0.01  # it trains, so equal losses mean something
@@ -168,3 +173,16 @@ def test_torch_peers_start_from_llmjax_weights_and_follow_its_trajectory(kind, m
   _, losses_ours = ours.run(0, 3)
   _, losses_theirs = theirs.run(0, 3)
   np.testing.assert_allclose(losses_theirs, losses_ours, atol=1e-4)
+
+
+def test_impl_options_reach_the_worker():
+  """`--impls` options after `@`: config overrides, rule set, malloc mode, device count."""
+  (worker,) = train_vs_torch.make_workers(
+      "llmjax-bf16@devices=2@rules=zero1@host_malloc=system@causal_chunks=2", threads=2,
+      shape=SHAPE)
+  assert worker.kwargs == {"shape": SHAPE, "dtype": "bfloat16", "devices": 2,
+                           "rules": "zero1", "host_malloc": "system",
+                           "overrides": {"causal_chunks": 2}}
+  assert "--xla_force_host_platform_device_count=2" in worker.env["XLA_FLAGS"]
+  with pytest.raises(SystemExit, match="unknown implementation"):
+    train_vs_torch.make_workers("llmjax-f16", threads=2, shape=SHAPE)

@@ -19,8 +19,8 @@ import json, resource, sys
 from llmjax.train import host_memory
 applied = host_memory.configure(sys.argv[1])
 import jax, jax.numpy as jnp
-x = jnp.ones((4096, 4096), jnp.float32)
-w = jnp.ones((4096, 8), jnp.float32)
+x = jnp.ones((int(sys.argv[2]), 4096), jnp.float32)
+w = jnp.ones((int(sys.argv[2]), 8), jnp.float32)
 step = jax.jit(lambda x, w: (x.T * 2.0 + 1.0) @ w).lower(x, w).compile()
 temp = step.memory_analysis().temp_size_in_bytes
 faults = []
@@ -33,16 +33,19 @@ print(json.dumps({"applied": applied, "temp": temp, "faults": faults}))
 """
 
 
-def _faults_per_call(mode):
-  out = subprocess.run([sys.executable, "-c", _SCRIPT, mode], capture_output=True, text=True,
+def _faults_per_call(mode, rows):
+  out = subprocess.run([sys.executable, "-c", _SCRIPT, mode, str(rows)], capture_output=True, text=True,
                        check=True, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_reuse_keeps_the_step_block_mapped():
-  system, reuse = _faults_per_call("system"), _faults_per_call("reuse")
+# reuse: a 64 MiB block (the main heap grows to any size); reuse_threads: 40 MiB (over
+# glibc's 32 MiB mmap ceiling, within a thread arena's 64 MiB heap).
+@pytest.mark.parametrize("mode,rows", [("reuse", 4096), ("reuse_threads", 2560)])
+def test_reuse_keeps_the_step_block_mapped(mode, rows):
+  system, reuse = _faults_per_call("system", rows), _faults_per_call(mode, rows)
   pages = system["temp"] / 4096
-  assert system["temp"] >= 64 * 2**20, system
+  assert system["temp"] >= rows * 4096 * 4, system
   if host_memory._glibc() is None or system["faults"] < 0.5 * pages:
     pytest.skip(f"this C library does not unmap the block on free ({system})")
   assert reuse["applied"] and not system["applied"]
@@ -54,7 +57,7 @@ def test_reuse_keeps_the_step_block_mapped():
 
 
 def test_bad_mode_names_the_choices():
-  with pytest.raises(UserError, match="reuse, system"):
+  with pytest.raises(UserError, match="reuse, reuse_threads, system"):
     host_memory.configure("cached")
 
 
