@@ -125,11 +125,11 @@ class LlmjaxImpl:
       raise ValueError(f"devices={devices} but jax sees {jax.device_count()}; start the "
                        f"process with XLA_FLAGS=--xla_force_host_platform_device_count={devices}")
     self.devices = devices
-    axis = {"fsdp": devices} if rules in ("fsdp", "fsdp_tp") else {"data": devices}
-    mesh = mesh_lib.make_mesh(**{"data": 1, **axis}, devices=jax.devices()[:devices])
-    rule_set, mesh_rules = rules, rules_lib.get_rules(rules)
-    shardings = partition.state_shardings(jax.eval_shape(init_params, seed_key), tx, mesh,
-                                          rule_set)
+    fsdp = rules in ("fsdp", "fsdp_tp")  # these split over the 'fsdp' mesh axis
+    mesh = mesh_lib.make_mesh(data=1 if fsdp else devices, fsdp=devices if fsdp else 1,
+                              devices=jax.devices()[:devices])
+    mesh_rules = rules_lib.get_rules(rules)
+    shardings = partition.state_shardings(jax.eval_shape(init_params, seed_key), tx, mesh, rules)
     self.batch_sharding = partition.batch_sharding(mesh, mesh_rules)
     self.state = jax.device_put(jax.jit(init)(seed_key), shardings)
     step = step_lib.make_train_step(model, objective, tx, schedule)
@@ -357,7 +357,7 @@ def make_workers(impls: str, threads: int, **kwargs) -> list[common.Worker]:
       elif key == "devices":  # data parallel over CPU devices that split the cores
         kwargs["devices"] = int(value)
         flags.append(f"--xla_force_host_platform_device_count={int(value)}")
-      elif key in ("rules", "host_malloc"):  # sharding rule set (dp, zero1, fsdp); reuse|system
+      elif key in ("rules", "host_malloc"):  # rule set (dp|zero1|fsdp); malloc mode
         kwargs[key] = value
       else:
         kwargs.setdefault("overrides", {})[key] = _parse_value(value)

@@ -6,6 +6,7 @@ function whose temporaries (a 64 MB transposed copy) XLA:CPU allocates as one bl
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -33,9 +34,13 @@ print(json.dumps({"applied": applied, "temp": temp, "faults": faults}))
 """
 
 
+# One CPU device, whatever XLA_FLAGS the test session runs with.
+_ENV = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu"}
+
+
 def _faults_per_call(mode, rows):
   out = subprocess.run([sys.executable, "-c", _SCRIPT, mode, str(rows)], capture_output=True, text=True,
-                       check=True, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+                       check=True, env=_ENV)
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
