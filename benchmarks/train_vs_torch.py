@@ -171,6 +171,8 @@ class LlmjaxImpl:
   def run(self, start, n):
     """`n` timed steps on batches start..start+n-1: (seconds per step, losses)."""
     import jax
+
+    from llmjax.train import host_memory
     times, losses = [], []
     for i in range(start, start + n):
       x, y = self.batch(i)
@@ -179,6 +181,7 @@ class LlmjaxImpl:
       jax.block_until_ready((self.state, metrics))
       times.append(time.perf_counter() - t0)
       losses.append(float(metrics["loss"]))
+      host_memory.trim_if_grown()  # as the train loop does after each step
     return times, losses
 
   def eval_loss(self, batches):

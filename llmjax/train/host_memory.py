@@ -19,6 +19,16 @@ bfloat16: 0.79x the speed of glibc's defaults), "reuse_threads" keeps the per-th
 arenas and only stops mapping and trimming (0.95x there, 1.43x on one device in float32);
 for the nanoGPT-char step (1.5 GB of temporaries), "reuse" is the one that helps.
 
+Kept blocks can also pile up. XLA:CPU asks for the block with `posix_memalign(64, n)`,
+and glibc 2.36's memalign needs a free chunk of n + 96 bytes: once small allocations take
+the few bytes on either side of a freed block, that hole can never hold the block again
+and the next step grows the heap by a whole block (measured: 1 step in 40 for
+nanoGPT-char; up to every other call for a 64 MB toy block). So the train loop also calls
+`trim_if_grown()` after each step: when the process's resident size has grown by more
+than `slack_bytes` over its size after the first step, `malloc_trim(0)` hands the free
+pages of all holes back to the system (the next step faults its block in once). Resident
+memory stays within the first step's peak plus the slack and one block.
+
 It must run before the XLA backend starts (the first jax computation or device query):
 XLA's threads take their malloc arena at their first allocation and keep it. The train
 loop calls it first thing with `TrainConfig.host_malloc` ("reuse", the default,
@@ -28,13 +38,15 @@ loop calls it first thing with `TrainConfig.host_malloc` ("reuse", the default,
 import ctypes
 import logging
 import platform
+import resource
 
 from llmjax.errors import UserError
 
 MODES = ("reuse", "reuse_threads", "system")
 # mallopt parameters (glibc's malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-_state = {"applied": False, "warned": False}
+_state = {"applied": False, "warned": False, "baseline": None}
+SLACK_BYTES = 256 << 20
 
 
 def _glibc():
@@ -87,3 +99,28 @@ def configure(mode: str = "reuse") -> bool:
   ok = all(libc.mallopt(param, value) == 1 for param, value in settings)
   _state["applied"] = ok
   return ok
+
+
+def _resident_bytes() -> int:
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def trim_if_grown(slack_bytes: int = SLACK_BYTES) -> bool:
+  """Call after each step: if `configure` changed malloc and the process's resident size
+  is more than `slack_bytes` above the baseline (its size at the first call), returns the
+  heap's free pages to the system with `malloc_trim(0)`. Returns whether it trimmed.
+
+  Cheap: one read of /proc/self/statm. (Not `getrusage`'s peak: Linux carries a parent's
+  peak across `exec`, so a child started by a large process would see the parent's.)
+  A no-op when `configure` did not apply a mode.
+  """
+  if not _state["applied"]:
+    return False
+  resident = _resident_bytes()
+  if _state["baseline"] is None:
+    _state["baseline"] = resident
+  if resident - _state["baseline"] <= slack_bytes:
+    return False
+  _glibc().malloc_trim(ctypes.c_size_t(0))
+  return True

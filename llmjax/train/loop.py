@@ -337,6 +337,7 @@ def _run(state, train_step, eval_step, train_iter, make_eval_iter, put, ckpt, me
   def settle(step, metrics):
     nonlocal skipped
     metrics = jax.device_get(metrics)
+    host_memory.trim_if_grown()  # hand back step blocks the heap could not reuse
     if metrics["nonfinite"]:
       skipped += 1
       if cfg.on_nonfinite == "halt":
