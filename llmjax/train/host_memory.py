@@ -92,7 +92,7 @@ def configure(mode: str = "reuse") -> bool:
   if backend_started() and not _state["warned"]:
     _state["warned"] = True
     logging.getLogger(__name__).warning(
-        "host_malloc='reuse' set after the XLA backend started: its threads keep their own "
+        f"host_malloc={mode!r} set after the XLA backend started: its threads keep their own "
         "malloc arenas, so large step buffers may still be unmapped every step. Call "
         "llmjax.train.host_memory.configure() before the first jax computation.")
   settings = [(_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)]  # no mmap; -1: never trim
