@@ -392,13 +392,25 @@ def check_same_work(info: dict[str, dict], tolerance: float = 0.15):
         + ", ".join(f"{n} {v:.3f}" for n, v in losses.items()))
 
 
-def run_rounds(workers, rounds: int, steps: int, tokens_per_step: int):
+def warm_up(workers, steps: int):
+  """`steps` untimed training steps per implementation (batches 1..steps), one after the
+  other: what a training run has behind it after its first few steps (for llmjax, the heap
+  holding its step blocks; glibc's memalign can grow it for a dozen steps, see
+  benchmarks/README.md)."""
+  for w in workers:
+    if steps and not w.name.startswith("probe"):
+      t0 = time.perf_counter()
+      w.call("run", 1, steps)
+      print(f"{w.name}: {steps} warm-up steps {time.perf_counter() - t0:.1f}s", flush=True)
+
+
+def run_rounds(workers, rounds: int, steps: int, tokens_per_step: int, first_batch: int = 1):
   """Round-robin: tokens/s of every worker in every round (probes: GFLOP/s)."""
   results = {w.name: [] for w in workers}
   losses = {w.name: [] for w in workers}
   for r in range(rounds):
     for w in common.rotate(workers, r):
-      times, loss = w.call("run", 1 + r * steps, steps)
+      times, loss = w.call("run", first_batch + r * steps, steps)
       results[w.name].append(times if w.name.startswith("probe") else
                              tokens_per_step * len(times) / sum(times))
       losses[w.name] += loss
@@ -420,7 +432,8 @@ def report(args, info, results):
   impls = [n for n in results if not n.startswith("probe")]
   torch_names = [n for n in impls if not n.startswith("llmjax")]
   print(f"\n{args.shape}: {num_params:,} params, batch {batch} x {seq_len}, "
-        f"{args.rounds} rounds x {args.steps} steps, {args.threads} threads each")
+        f"{args.warmup_steps} warm-up steps, then {args.rounds} rounds x {args.steps} steps, "
+        f"{args.threads} threads each")
   print(f"matmul probe (best of jax/torch, median over rounds): f32 "
         f"{probe['float32'] / 1e9:.0f} GFLOP/s, bf16 {probe['bfloat16'] / 1e9:.0f} GFLOP/s; "
         f"theoretical fp32 peak {common.PEAK_FP32_FLOPS / 1e9:.0f} GFLOP/s")
@@ -481,6 +494,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--rounds", type=int, default=10)
   parser.add_argument("--steps", type=int, default=2, help="timed steps per round")
+  parser.add_argument("--warmup_steps", type=int, default=16,
+                      help="untimed steps per implementation before the first round")
   parser.add_argument("--threads", type=int, default=2)
   parser.add_argument("--shape", default="nanogpt-char", choices=sorted(SHAPES))
   parser.add_argument("--impls", default="llmjax,llmjax-bf16,torch-ref,hf-eager,hf-compile")
@@ -503,7 +518,9 @@ def main():
   try:
     check_same_work(info)
     _, _, _, seq_len, batch = SHAPES[args.shape]
-    results, _ = run_rounds(workers, args.rounds, args.steps, batch * seq_len)
+    warm_up(workers, args.warmup_steps)
+    results, _ = run_rounds(workers, args.rounds, args.steps, batch * seq_len,
+                            first_batch=1 + args.warmup_steps)
     report(args, info, results)
   finally:
     for w in workers:

@@ -91,6 +91,7 @@ class TransformerConfig:
   attention_impl: str = "einsum"    # 'einsum' | 'jax' (jax.nn.dot_product_attention)
   causal_chunks: int = 1            # decoder self-attention: score query chunk i only
                                     # against keys up to its end ((n+1)/2n of the work)
+  fused_qkv: bool = True            # self-attention's q, k, v as one product (same params)
   scan_layers: bool = True          # nn.scan over layers (params get a leading LAYERS axis)
   num_encoder_layers: int | None = None  # encoder_decoder only; None = num_layers
   num_token_types: int = 0          # BERT segment (token-type) embeddings; 0 = none
