@@ -11,7 +11,8 @@ data. Peers: `transformers` GPT2LMHeadModel (eager and torch.compile) and the pl
 PyTorch reference in benchmarks/torch_gpt.py. Parameter counts must be equal and initial
 losses near ln(65) = 4.17 before anything is timed.
 
-Each implementation runs in its own process with 2 threads (common.Worker); per round each
+Each implementation runs in its own process with 2 threads (common.Worker); after its first
+step (compile) each takes `--warmup_steps` untimed steps (default 8), then per round each
 does `--steps` timed steps, every step ending with a device sync (`block_until_ready` /
 `loss.item()`). Reported: tokens/s per implementation (median over rounds), per-round
 ratios llmjax / best PyTorch peer (median, p25, min), first-step (compile) time, and MFU
@@ -494,7 +495,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--rounds", type=int, default=10)
   parser.add_argument("--steps", type=int, default=2, help="timed steps per round")
-  parser.add_argument("--warmup_steps", type=int, default=16,
+  parser.add_argument("--warmup_steps", type=int, default=8,
                       help="untimed steps per implementation before the first round")
   parser.add_argument("--threads", type=int, default=2)
   parser.add_argument("--shape", default="nanogpt-char", choices=sorted(SHAPES))

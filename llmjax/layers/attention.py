@@ -38,8 +38,8 @@ def _grouped_queries(q: jax.Array, kv_heads: int, scale: float) -> jax.Array:
 
 def _scores(equation: str, q: jax.Array, k: jax.Array, mask, bias) -> jax.Array:
   """float32 scores `[B, K, G, L, S]` of grouped queries against `k`, + bias, masked."""
-  kv_heads, group = q.shape[2], q.shape[3]
   scores = einsum_f32(equation, q, k)                                   # [B, K, G, L, S]
+  kv_heads, group = scores.shape[1:3]
   if bias is not None:
     bias = jnp.broadcast_to(bias, (bias.shape[0], kv_heads * group) + scores.shape[-2:])
     scores = scores + bias.reshape(bias.shape[0], kv_heads, group,
@@ -87,6 +87,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     if k.shape[1] != l:
       raise ValueError(f"causal_chunks needs self-attention (L == S), got {l} vs {k.shape[1]}")
     bounds = np.linspace(0, l, min(causal_chunks, l) + 1).round().astype(int)
+    if impl == "einsum":
+      return _chunked_head_major(q, k, v, mask, dropout_fn, bias, scale, bounds)
     return jnp.concatenate([
         dot_product_attention(q[:, start:end], k[:, :end], v[:, :end],
                               _block(mask, start, end), dropout_fn, _block(bias, start, end),
@@ -104,6 +106,32 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     probs = dropout_fn(probs)
   out = einsum_f32("BKGLS,BSKH->BLKGH", probs.astype(v.dtype), v)       # [B, L, K, G, H]
   return out.reshape(b, l, n, h).astype(q.dtype)                         # [B, L, N, H]
+
+
+def _chunked_head_major(q, k, v, mask, dropout_fn, bias, scale, bounds):
+  """The einsum path of `causal_chunks`: query rows bounds[i]:bounds[i+1] against keys
+  :bounds[i+1], with q, k and v transposed once to heads-major `[B, K, (G,) L, H]`.
+
+  Chunks are then slices of each head's rows and the chunk outputs one concatenation.
+  In the backward pass each chunk's key/value gradient is padded and summed in that
+  same layout; sliced from `[B, L, N, H]`, XLA:CPU transposed every chunk's gradient
+  back into it inside each sum (one `[B, L, N, H]` fusion per chunk, ~10% of a
+  bfloat16 nanoGPT-char step; benchmarks/README.md).
+  """
+  b, l, n, h = q.shape
+  scale = 1.0 / math.sqrt(h) if scale is None else scale
+  qh = _grouped_queries(q, k.shape[2], scale).transpose(0, 2, 3, 1, 4)  # [B, K, G, L, H]
+  kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)             # [B, K, S, H]
+  outs = []
+  for start, end in itertools.pairwise(bounds):
+    scores = _scores("BKGLH,BKSH->BKGLS", qh[:, :, :, start:end], kh[:, :, :end],
+                     _block(mask, start, end), _block(bias, start, end))
+    probs = jax.nn.softmax(scores, axis=-1)                             # float32
+    if dropout_fn is not None:
+      probs = dropout_fn(probs)
+    outs.append(einsum_f32("BKGLS,BKSH->BKGLH", probs.astype(v.dtype), vh[:, :, :end]))
+  out = jnp.concatenate(outs, axis=3)                                   # [B, K, G, L, H]
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, l, n, h).astype(q.dtype)
 
 
 class Attention(nn.Module):

@@ -12,7 +12,6 @@ Having one layer is what lets LoRA and fake-quant intercept every projection lat
 """
 
 import functools
-import itertools
 import math
 from collections.abc import Callable
 
@@ -186,32 +185,3 @@ class Einsum(nn.Module):
         raise ValueError(f"Einsum bias needs the kernel's output dims last: {self.equation}")
       y = y + bias.astype(jnp.float32)
     return y.astype(self.dtype)
-
-
-def fused_dense(layers, x: jax.Array) -> list[jax.Array]:
-  """The outputs of several `Einsum`s that read the same `x [..., D]`, from one product.
-
-  Each layer's kernel `(D, ...)` is flattened to `(D, -1)`, the kernels (and biases) are
-  concatenated and multiplied once; the result is split back and reshaped. The same
-  arithmetic as calling each layer; used by one-token decoding steps, which are
-  matrix-vector products bound by reading the weights: one `D x 3D` product streams
-  the memory faster than three `D x D` ones (inside a loop XLA hoists the
-  concatenation, so it is paid once). The layers must be bound (called from a parent's
-  method) and have equations of the form `'BLD,D...->BL...'`.
-  """
-  for layer in layers:
-    a, b, out = _letters(layer.equation)
-    if a[-1] != b[0] or out != a[:-1] + b[1:]:
-      raise ValueError(f"fused_dense needs 'BLD,D...->BL...' equations, got {layer.equation}")
-  params = [layer.variables["params"] for layer in layers]
-  dtype, d = layers[0].dtype, x.shape[-1]
-  kernel = jnp.concatenate([p["kernel"].reshape(d, -1).astype(dtype) for p in params], 1)
-  y = jnp.einsum("...D,DZ->...Z", x.astype(dtype), kernel, preferred_element_type=jnp.float32)
-  if all("bias" in p for p in params):
-    y = y + jnp.concatenate([p["bias"].reshape(-1) for p in params]).astype(jnp.float32)
-  elif any("bias" in p for p in params):
-    raise ValueError("fused_dense needs all layers with a bias or none.")
-  sizes = [math.prod(layer.shape[1:]) for layer in layers]
-  parts = jnp.split(y, list(itertools.accumulate(sizes[:-1])), axis=-1)
-  return [part.reshape(x.shape[:-1] + tuple(layer.shape[1:])).astype(layer.dtype)
-          for part, layer in zip(parts, layers)]

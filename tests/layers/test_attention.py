@@ -84,6 +84,30 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("num_kv_heads,use_bias,dtype", [
+    (4, True, "float32"), (2, False, "float32"), (1, True, "float32"), (2, True, "bfloat16")])
+def test_fused_qkv_equals_separate_projections(num_kv_heads, use_bias, dtype):
+  """One `[D, K, (G+2)H]` product (the default) against three `Einsum` calls: same
+  outputs and same gradients for every parameter and the input."""
+  cfg = _cfg(num_kv_heads=num_kv_heads, use_bias=use_bias, dtype=dtype, position="rope")
+  x, mask = _normal(0, (2, 6, 16)), masks.causal_mask(6)
+  p = _params(cfg, x)
+
+  def run(fused):
+    f = lambda p, x: Attention(cfg.replace(fused_qkv=fused)).apply({"params": p}, x, mask=mask)
+    loss = lambda p, x: jnp.sum(jnp.sin(f(p, x).astype(jnp.float32)))
+    dots = str(jax.make_jaxpr(f)(p, x)).count("dot_general")
+    return f(p, x), jax.grad(loss, argnums=(0, 1))(p, x), dots
+
+  (fused, fused_grads, fused_dots), (sep, sep_grads, sep_dots) = run(True), run(False)
+  assert fused_dots == sep_dots - 2                     # q, k, v: one product instead of three
+  assert fused.dtype == sep.dtype == jnp.dtype(dtype)
+  tol = 1e-5 if dtype == "float32" else 3e-2
+  for a, b in zip(jax.tree.leaves((fused, fused_grads)), jax.tree.leaves((sep, sep_grads))):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * max(1.0, float(np.abs(b).max())))
+
+
 def test_attention_dropout_uses_dropout_rng():
   cfg = _cfg(attention_dropout_rate=0.5)
   x = _normal(0, (1, 6, 16))
