@@ -190,7 +190,8 @@ class Attention(nn.Module):
     """
     cfg = self.config
     kv_heads, group, h = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
-    params = [layer.variables["params"] for layer in (self.query, self.key, self.value)]
+    params = [nn.meta.unbox(layer.variables["params"])  # as `self.param` would return them
+              for layer in (self.query, self.key, self.value)]
     per_kv_head = lambda a: a.reshape(a.shape[:-2] + (kv_heads, -1))    # [.., K, G*H | H]
     kernel = jnp.concatenate([per_kv_head(p["kernel"]).astype(cfg.compute_dtype)
                               for p in params], axis=-1)                 # [D, K, (G+2)H]

@@ -108,6 +108,17 @@ def test_fused_qkv_equals_separate_projections(num_kv_heads, use_bias, dtype):
     np.testing.assert_allclose(a, b, rtol=tol, atol=tol * max(1.0, float(np.abs(b).max())))
 
 
+def test_fused_qkv_takes_boxed_params_from_init():
+  """`apply` with `init`'s logically partitioned (boxed) params, as in a notebook."""
+  cfg = _cfg(num_kv_heads=2)
+  x = _normal(0, (2, 5, 16))
+  boxed = Attention(cfg).init(jax.random.key(0), x)["params"]
+  assert type(boxed["query"]["kernel"]).__name__ == "LogicallyPartitioned"
+  got = Attention(cfg).apply({"params": boxed}, x)
+  want = Attention(cfg.replace(fused_qkv=False)).apply({"params": boxed}, x)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_attention_dropout_uses_dropout_rng():
   cfg = _cfg(attention_dropout_rate=0.5)
   x = _normal(0, (1, 6, 16))
