@@ -398,8 +398,8 @@ def warm_up(workers, steps: int):
   other: what a training run has behind it after its first few steps (for llmjax, the heap
   holding its step blocks; glibc's memalign can grow it for a dozen steps, see
   benchmarks/README.md)."""
-  for w in workers:
-    if steps and not w.name.startswith("probe"):
+  for w in workers if steps else []:
+    if not w.name.startswith("probe"):
       t0 = time.perf_counter()
       w.call("run", 1, steps)
       print(f"{w.name}: {steps} warm-up steps {time.perf_counter() - t0:.1f}s", flush=True)

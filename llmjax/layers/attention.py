@@ -100,12 +100,17 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     bias = None if bias is None else bias.astype(q.dtype)  # it wants one dtype throughout
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale)
   q = _grouped_queries(q, k.shape[2], scale)                            # [B, L, K, G, H]
-  scores = _scores("BLKGH,BSKH->BKGLS", q, k, mask, bias)               # [B, K, G, L, S]
-  probs = jax.nn.softmax(scores, axis=-1)                               # float32
+  out = _softmax_attend("BLKGH,BSKH->BKGLS", "BKGLS,BSKH->BLKGH", q, k, v, mask, bias,
+                        dropout_fn)                                     # [B, L, K, G, H]
+  return out.reshape(b, l, n, h).astype(q.dtype)                         # [B, L, N, H]
+
+
+def _softmax_attend(scores_eq: str, out_eq: str, q, k, v, mask, bias, dropout_fn):
+  """softmax(scores + bias, masked) v in float32, with the layouts the equations name."""
+  probs = jax.nn.softmax(_scores(scores_eq, q, k, mask, bias), axis=-1)  # [B, K, G, L, S]
   if dropout_fn is not None:
     probs = dropout_fn(probs)
-  out = einsum_f32("BKGLS,BSKH->BLKGH", probs.astype(v.dtype), v)       # [B, L, K, G, H]
-  return out.reshape(b, l, n, h).astype(q.dtype)                         # [B, L, N, H]
+  return einsum_f32(out_eq, probs.astype(v.dtype), v)
 
 
 def _chunked_head_major(q, k, v, mask, dropout_fn, bias, scale, bounds):
@@ -122,15 +127,11 @@ def _chunked_head_major(q, k, v, mask, dropout_fn, bias, scale, bounds):
   scale = 1.0 / math.sqrt(h) if scale is None else scale
   qh = _grouped_queries(q, k.shape[2], scale).transpose(0, 2, 3, 1, 4)  # [B, K, G, L, H]
   kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)             # [B, K, S, H]
-  outs = []
-  for start, end in itertools.pairwise(bounds):
-    scores = _scores("BKGLH,BKSH->BKGLS", qh[:, :, :, start:end], kh[:, :, :end],
-                     _block(mask, start, end), _block(bias, start, end))
-    probs = jax.nn.softmax(scores, axis=-1)                             # float32
-    if dropout_fn is not None:
-      probs = dropout_fn(probs)
-    outs.append(einsum_f32("BKGLS,BKSH->BKGLH", probs.astype(v.dtype), vh[:, :, :end]))
-  out = jnp.concatenate(outs, axis=3)                                   # [B, K, G, L, H]
+  out = jnp.concatenate([
+      _softmax_attend("BKGLH,BKSH->BKGLS", "BKGLS,BKSH->BKGLH", qh[:, :, :, start:end],
+                      kh[:, :, :end], vh[:, :, :end], _block(mask, start, end),
+                      _block(bias, start, end), dropout_fn)
+      for start, end in itertools.pairwise(bounds)], axis=3)           # [B, K, G, L, H]
   return out.transpose(0, 3, 1, 2, 4).reshape(b, l, n, h).astype(q.dtype)
 
 
@@ -183,8 +184,8 @@ class Attention(nn.Module):
     Each kernel is viewed per key/value head, `[D, K, G*H]` for the queries (query head
     n = k*G + g, as in `_grouped_queries`) and `[D, K, H]` for keys and values, and the
     three are concatenated along their last dim: one `[D, K, (G+2)H]` kernel. One
-    `[B*L, D] x [D, 3D]` product runs at about twice the FLOP rate of three `D x D`
-    ones on CPU (benchmarks/README.md), in training and in decoding steps alike; the
+    `[B*L, D] x [D, (N+2K)H]` product runs at about twice the FLOP rate of three
+    narrower ones on CPU (benchmarks/README.md), in training and in decoding steps alike; the
     concatenation is the size of the kernels, and a heads-split (tensor parallel)
     kernel stays split along K.
     """
