@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llmjax.errors import UserError
+from llmjax.layers import masks
 from llmjax.layers.linear import Einsum, einsum_f32, matmul
 from llmjax.layers.position import apply_rope
 from llmjax.sharding.axes import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH
@@ -63,7 +65,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                           mask: jax.Array | None = None,
                           dropout_fn=None, bias: jax.Array | None = None,
                           scale: float | None = None, impl: str = "einsum",
-                          causal_chunks: int = 1) -> jax.Array:
+                          causal_chunks: int = 1, causal: bool = False) -> jax.Array:
   """softmax(scale * q k^T + bias + mask) v, grouped over K key/value heads.
 
   Args:
@@ -72,20 +74,28 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     dropout_fn: applied to the attention probabilities (None = no dropout).
     bias: float, broadcastable to `[B, N, L, S]`, added to the scores (T5 relative).
     scale: multiplies the queries; None = 1/sqrt(H) (T5 uses 1.0).
-    impl: 'einsum' (below) or 'jax' (`jax.nn.dot_product_attention`, which has no
-      dropout: with `dropout_fn` it falls back to 'einsum').
-    causal_chunks: only for causal self-attention (L == S, `mask` hides every key after
-      its query): the queries are split into this many chunks and chunk i is scored
-      against keys up to its own end only, skipping the masked upper triangle; with n
-      chunks that is (n + 1) / 2n of the score and probability work. The result is
-      the same (dropout draws differ).
+    impl: 'einsum' (below), 'jax' (`jax.nn.dot_product_attention`, XLA's) or 'cudnn'
+      (the same with `implementation='cudnn'`: cuDNN's fused flash attention, NVIDIA
+      GPUs only, bfloat16/float16; with `causal` it skips the hidden key blocks).
+      'jax' and 'cudnn' have no dropout: with `dropout_fn` they fall back to 'einsum'.
+    causal_chunks: only for causal self-attention (L == S, `causal` or a `mask` that
+      hides every key after its query): the queries are split into this many chunks
+      and chunk i is scored against keys up to its own end only, skipping the masked
+      upper triangle; with n chunks that is (n + 1) / 2n of the score and probability
+      work. The result is the same (dropout draws differ). 'cudnn' ignores it.
+    causal: causal self-attention (L == S): query l never sees a key after it, on top
+      of whatever `mask` hides (`mask` then holds only padding/segments, or is None).
   Returns:
     `[B, L, N, H]` in q's dtype.
   """
   l = q.shape[1]
+  if (causal or causal_chunks > 1) and k.shape[1] != l and l > 1:
+    raise ValueError(f"causal attention needs self-attention (L == S), got {l} vs {k.shape[1]}")
+  if impl == "cudnn" and dropout_fn is None:
+    return _cudnn_attention(q, k, v, mask, bias, scale, causal)
+  if causal:
+    mask = masks.combine_masks(masks.causal_mask(l), mask)
   if causal_chunks > 1 and l > 1:
-    if k.shape[1] != l:
-      raise ValueError(f"causal_chunks needs self-attention (L == S), got {l} vs {k.shape[1]}")
     bounds = np.linspace(0, l, min(causal_chunks, l) + 1).round().astype(int)
     if impl == "einsum":
       return _chunked_head_major(q, k, v, mask, dropout_fn, bias, scale, bounds)
@@ -103,6 +113,22 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   out = _softmax_attend("BLKGH,BSKH->BKGLS", "BKGLS,BSKH->BLKGH", q, k, v, mask, bias,
                         dropout_fn)                                     # [B, L, K, G, H]
   return out.reshape(b, l, n, h).astype(q.dtype)                         # [B, L, N, H]
+
+
+def _cudnn_attention(q, k, v, mask, bias, scale, causal):
+  """`jax.nn.dot_product_attention(implementation='cudnn')`: one fused kernel per pass
+  (the `[B, N, L, S]` scores never reach memory); `causal` is cuDNN's own causal mask,
+  and `mask` (padding, segments) goes in as an additive bias."""
+  if jax.default_backend() != "gpu":
+    raise UserError(f"attention_impl='cudnn' needs an NVIDIA GPU (cuDNN flash attention); "
+                    f"jax runs on {jax.default_backend()!r} here. Use attention_impl='einsum' "
+                    "or 'jax'.")
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    raise UserError(f"attention_impl='cudnn' needs bfloat16 or float16 activations, got "
+                    f"{q.dtype}; set dtype='bfloat16' or use attention_impl='einsum'.")
+  bias = None if bias is None else bias.astype(q.dtype)
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
+                                      is_causal=causal, implementation="cudnn")
 
 
 def _softmax_attend(scores_eq: str, out_eq: str, q, k, v, mask, bias, dropout_fn):
@@ -206,15 +232,16 @@ class Attention(nn.Module):
              bias: jax.Array | None = None, causal: bool = False) -> jax.Array:
     """The attention core on projected heads: `[B, L, N, H]` (`bias`: `[B, N, L, S]`).
 
-    `causal`: `mask` is causal self-attention's (`config.causal_chunks` may then skip
-    the masked upper triangle)."""
+    `causal`: causal self-attention; the causal mask is applied here, on top of `mask`
+    (`config.causal_chunks` may then skip the masked upper triangle)."""
     dropout_fn = None
     if not deterministic and self.config.attention_dropout_rate > 0:
       dropout_fn = lambda p: self.dropout(p, deterministic=False)
     return dot_product_attention(q, k, v, mask, dropout_fn, bias=bias,
                                  scale=self.config.query_scale,
                                  impl=self.config.attention_impl,
-                                 causal_chunks=self.config.causal_chunks if causal else 1)
+                                 causal_chunks=self.config.causal_chunks if causal else 1,
+                                 causal=causal)
 
   def __call__(self, x: jax.Array, kv: jax.Array | None = None, *,
                mask: jax.Array | None = None, positions: jax.Array | None = None,
@@ -231,7 +258,8 @@ class Attention(nn.Module):
       deterministic: False enables attention-probability dropout ('dropout' rng).
       cache: decoding only: `{'key', 'value'}` (layouts: see `_cached`).
       cache_index: int scalar, the cache slot of x's first token (self-attention).
-      causal: `mask` is a causal self-attention mask (see `attend`).
+      causal: causal self-attention: the causal mask is applied on top of `mask`
+        (see `attend`); ignored with `cache` (the cache's mask is complete).
     Returns:
       `[B, L, D]`, or `([B, L, D], new cache)` when `cache` is given.
     """

@@ -44,7 +44,8 @@ def prefix_lm_mask(is_prefix: jax.Array) -> jax.Array:
   `is_prefix [B, L]` marks the prefix (input) tokens of each row (Raffel et al. 2020,
   "prefix LM"). A prefix key is visible to every query: queries after it could see it
   causally anyway, and prefix queries see the whole prefix. Combine with `segment_mask`
-  for packed rows.
+  for packed rows. It is a complete mask: apply it through non-causal attention (a
+  causal block would AND the plain causal mask back in).
   """
   causal = causal_mask(is_prefix.shape[-1])              # [1, 1, L, L]
   return jnp.logical_or(causal, is_prefix[:, None, None, :])

@@ -27,7 +27,7 @@ class TransformerBlock(nn.Module):
 
   config: TransformerConfig
   cross_attention: bool = False
-  causal: bool = False  # decoder blocks: the self-attention mask is causal
+  causal: bool = False  # decoder blocks: self-attention adds the causal mask to `mask`
 
   def _residual(self, x, branch, norm_name: str, deterministic: bool):
     cfg = self.config
@@ -47,7 +47,9 @@ class TransformerBlock(nn.Module):
 
     Args:
       x: `[B, L, D]` the residual stream.
-      mask: self-attention mask, broadcastable to `[B, 1, L, L]` (`[B, 1, L, T]` cached).
+      mask: self-attention mask, broadcastable to `[B, 1, L, L]` (`[B, 1, L, T]` cached);
+        a `causal` block adds the causal mask itself (except when cached), so None or
+        segment/padding masks suffice.
       positions: int `[B, L]` (used by RoPE).
       encoded: `[B, S, D]` encoder output; required iff `cross_attention` (except when
         decoding from a cache that already holds the cross-attention keys/values).

@@ -32,9 +32,10 @@ ACTIVATIONS = ("relu", "gelu", "gelu_exact", "silu", "swiglu", "geglu")
 GATED_ACTIVATIONS = ("swiglu", "geglu")
 REMATS = ("none", "full", "dots")
 # 'einsum': llmjax's own softmax core (layers/attention.py); 'jax': jax.nn.dot_product_attention
-# (cuDNN flash attention on GPUs where available, XLA elsewhere; attention dropout falls back
-# to 'einsum'). See benchmarks/README.md for which is faster where.
-ATTENTION_IMPLS = ("einsum", "jax")
+# (XLA's); 'cudnn': the same with implementation='cudnn', cuDNN's fused flash attention
+# (NVIDIA GPUs, bfloat16/float16). 'jax' and 'cudnn' fall back to 'einsum' under attention
+# dropout. See benchmarks/README.md for which is faster where.
+ATTENTION_IMPLS = ("einsum", "jax", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
 
 # Fields whose `None` default is derived from other fields in `__post_init__`.
@@ -134,6 +135,9 @@ class TransformerConfig:
       raise UserError(
           f"num_heads={self.num_heads} is not a multiple of num_kv_heads="
           f"{self.num_kv_heads}; pick num_kv_heads dividing num_heads (1 = multi-query).")
+    if self.attention_impl == "cudnn" and self.dtype == "float32":
+      raise UserError("attention_impl='cudnn' (cuDNN flash attention) needs dtype='bfloat16' "
+                      "or 'float16'; use attention_impl='einsum' or 'jax' for float32.")
     if self.position == "rope" and self.head_dim % 2:
       raise UserError(f"position='rope' needs an even head_dim, got {self.head_dim}; "
                       "change head_dim (or embed_dim / num_heads).")

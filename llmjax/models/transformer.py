@@ -171,8 +171,9 @@ class Transformer(nn.Module):
       raise UserError("decode(): pass `encoded` (the encoder output) exactly when "
                       f"arch='encoder_decoder'; this config has arch={cfg.arch!r}.")
     positions = _default_positions(tokens, positions)
-    seg_mask = None if segment_ids is None else masks.segment_mask(segment_ids, segment_ids)
-    mask = masks.combine_masks(masks.causal_mask(tokens.shape[1]), seg_mask)
+    # The decoder's blocks are causal (they add the causal mask themselves, which lets
+    # attention_impl='cudnn' skip the hidden blocks); `mask` only separates documents.
+    mask = None if segment_ids is None else masks.segment_mask(segment_ids, segment_ids)
     cross_mask = None
     if encoded is not None and (segment_ids is not None or encoder_segment_ids is not None):
       q_seg = jnp.ones_like(tokens) if segment_ids is None else segment_ids

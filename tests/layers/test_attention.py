@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from llmjax.errors import UserError
 from llmjax.layers import masks
 from llmjax.layers.attention import Attention
 from llmjax.models.config import TransformerConfig
@@ -165,3 +166,55 @@ def test_causal_chunks_equal_one_softmax_over_all_keys(length, chunks, num_kv_he
       np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match="L == S"):
     dot_product_attention(q, k[:, :-1], v[:, :-1], None, causal_chunks=2)
+
+
+@pytest.mark.parametrize("impl,chunks", [("einsum", 1), ("einsum", 3), ("jax", 1), ("jax", 2)])
+def test_causal_flag_adds_the_causal_mask(impl, chunks):
+  from llmjax.layers.attention import dot_product_attention
+  length = 7
+  q = _normal(0, (2, length, 4, 3))
+  k, v = _normal(1, (2, length, 2, 3)), _normal(2, (2, length, 2, 3))
+  seg = np.ones((2, length), np.int32)
+  seg[1, 4:] = 2
+  for extra in (None, masks.segment_mask(seg, seg)):
+    full = masks.combine_masks(masks.causal_mask(length), extra)
+    want = reference.attention(np.asarray(q, np.float64), k, v, np.asarray(full))
+    got = dot_product_attention(q, k, v, extra, impl=impl, causal=True, causal_chunks=chunks)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="L == S"):
+    dot_product_attention(q, k[:, :-1], v[:, :-1], None, causal=True)
+
+
+def test_cudnn_attention_says_what_it_needs():
+  with pytest.raises(UserError, match="bfloat16"):
+    _cfg(attention_impl="cudnn")                         # float32 activations
+  if jax.default_backend() == "gpu":
+    pytest.skip("this machine has the GPU that attention_impl='cudnn' needs")
+  cfg = _cfg(attention_impl="cudnn", dtype="bfloat16")
+  x = jnp.ones((1, 4, 16), jnp.bfloat16)
+  with pytest.raises(UserError, match="NVIDIA GPU.*'einsum'"):
+    Attention(cfg).init(jax.random.PRNGKey(0), x, causal=True)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU")
+@pytest.mark.parametrize("num_kv_heads", [8, 2])
+def test_cudnn_attention_matches_einsum_on_gpu(num_kv_heads):
+  from llmjax.layers.attention import dot_product_attention
+  b, length, h = 2, 256, 64
+  q = jnp.asarray(_normal(0, (b, length, 8, h)), jnp.bfloat16)
+  k = jnp.asarray(_normal(1, (b, length, num_kv_heads, h)), jnp.bfloat16)
+  v = jnp.asarray(_normal(2, (b, length, num_kv_heads, h)), jnp.bfloat16)
+  seg = np.ones((b, length), np.int32)
+  seg[0, 100:] = 2
+  for extra in (None, masks.segment_mask(seg, seg)):
+    def loss(q, k, v, impl, extra=extra):
+      out = dot_product_attention(q, k, v, extra, impl=impl, causal=True)
+      return jnp.sum(jnp.sin(out.astype(jnp.float32))), out
+    f32 = [a.astype(jnp.float32) for a in (q, k, v)]
+    (_, want), want_grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(*f32, "einsum")
+    (_, got), got_grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True),
+                                  static_argnums=3)(q, k, v, "cudnn")
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=2e-2, rtol=2e-2)
+    for g, w in zip(got_grads, want_grads):
+      np.testing.assert_allclose(np.asarray(g, np.float32), w,
+                                 atol=3e-2 * float(jnp.abs(w).max()), rtol=3e-2)
