@@ -26,6 +26,9 @@ import numpy as np
 # Theoretical fp32 peak of this 2-core AMD EPYC (Zen 4): 2 cores x 2 FMA pipes x 16 lanes
 # x 2 flops x ~2 GHz sustained all-core clock.
 PEAK_FP32_FLOPS = 2 * 2 * 16 * 2 * 2.0e9
+# Dense bf16 tensor-core peak of an H100 SXM (NVIDIA's datasheet, without sparsity): the
+# MFU yardstick of `--device gpu` runs.
+PEAK_H100_BF16_FLOPS = 989e12
 CACHE_DIR = os.path.join(os.environ.get("TMPDIR", "/tmp"), "llmjax_bench")
 
 
@@ -82,6 +85,21 @@ def char_corpus(vocab_size: int = 65, data_dir: str | None = None) -> CharCorpus
     return CharCorpus(f["train"], f["val"], int(f["vocab_size"]))
 
 
+def random_corpus(vocab_size: int, length: int = 4_000_000, seed: int = 0) -> CharCorpus:
+  """Uniform random token ids: the data of shapes with a real tokenizer's vocabulary
+  (GPT-2's 50257) that no bundled dataset is tokenized for. Speed does not depend on
+  the ids; the initial-loss check (ln V) still holds."""
+  rng = np.random.default_rng(seed)
+  ids = lambda n: rng.integers(0, vocab_size, n, dtype=np.int32)
+  return CharCorpus(ids(length), ids(length // 10), vocab_size)
+
+
+def corpus(vocab_size: int) -> CharCorpus:
+  """The benchmark data for a vocabulary: char-level Shakespeare up to 256 pieces,
+  `random_corpus` beyond."""
+  return char_corpus(vocab_size) if vocab_size <= 256 else random_corpus(vocab_size)
+
+
 def get_batch(data: np.ndarray, batch_size: int, seq_len: int, seed: int, index: int):
   """nanoGPT's `get_batch`: random crops; batch `index` of stream `seed` is reproducible.
 
@@ -112,8 +130,9 @@ def train_flops_per_token(num_params: int, num_layers: int, width: int, seq_len:
 
 
 def matmul_probe(backend: str, dtype: str = "float32", n: int = 1024, m: int = 4096,
-                 reps: int = 5) -> float:
-  """Sustained GFLOP/s of an `[m, n] @ [n, n]` matmul (bf16 accumulates in f32)."""
+                 reps: int = 5, device: str = "cpu") -> float:
+  """Sustained GFLOP/s of an `[m, n] @ [n, n]` matmul (bf16 accumulates in f32) on
+  `device` ('cpu', or 'gpu': jax's default GPU backend, torch's 'cuda')."""
   a = np.random.default_rng(0).standard_normal((m, n), np.float32)
   b = np.random.default_rng(1).standard_normal((n, n), np.float32)
   if backend == "jax":
@@ -124,9 +143,11 @@ def matmul_probe(backend: str, dtype: str = "float32", n: int = 1024, m: int = 4
     run = lambda: f(x, y).block_until_ready()
   else:
     import torch
-    x = torch.from_numpy(a).to(getattr(torch, dtype))
-    y = torch.from_numpy(b).to(getattr(torch, dtype))
-    run = lambda: x @ y
+    where = "cuda" if device == "gpu" else "cpu"
+    x = torch.from_numpy(a).to(where, getattr(torch, dtype))
+    y = torch.from_numpy(b).to(where, getattr(torch, dtype))
+    sync = torch.cuda.synchronize if device == "gpu" else lambda: None
+    run = lambda: (x @ y, sync())
   run()
   best = math.inf
   for _ in range(reps):

@@ -111,10 +111,12 @@ class GPT(nn.Module):
     return logits, loss
 
 
-def adamw(model: nn.Module, lr: float, betas=(0.9, 0.99), weight_decay: float = 0.1):
+def adamw(model: nn.Module, lr: float, betas=(0.9, 0.99), weight_decay: float = 0.1,
+          fused: bool = False):
   """AdamW with decay on matrices only (not biases, norms or embedding tables).
 
-  The same parameter split as `llmjax.optim.optimizers.DEFAULT_NO_DECAY`.
+  The same parameter split as `llmjax.optim.optimizers.DEFAULT_NO_DECAY`. `fused`: one
+  CUDA kernel for the whole update (nanoGPT uses it on GPUs).
   """
   tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
   decay, no_decay = [], []
@@ -122,4 +124,4 @@ def adamw(model: nn.Module, lr: float, betas=(0.9, 0.99), weight_decay: float = 
     (no_decay if id(p) in tables or p.dim() < 2 else decay).append(p)
   groups = [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
-  return torch.optim.AdamW(groups, lr=lr, betas=betas)
+  return torch.optim.AdamW(groups, lr=lr, betas=betas, **({"fused": True} if fused else {}))

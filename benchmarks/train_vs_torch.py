@@ -24,6 +24,15 @@ XLA flags (`@xla=--xla_cpu_enable_fast_math=true`) and `@devices=N`, which split
 worker's cores into N CPU devices (`--xla_force_host_platform_device_count=N`) and trains
 data parallel over them with the library's "dp" rules, as `llmjax train` does on any mesh.
 
+`--device gpu --shape gpt2-124m` (a GPU machine): GPT-2 124M at 1024 context, batch 12,
+random token ids (no GPT-2-tokenized data is bundled), every worker on the one GPU (JAX
+allocating on demand), PyTorch peers with fused AdamW and, with `@dtype=bfloat16`,
+autocast mixed precision; MFU against the H100's 989 TFLOP/s dense bf16 peak and a bf16
+matmul probe (8192^3) measured in the same run. The command of the reported run:
+  python3 -m benchmarks.train_vs_torch --device gpu --shape gpt2-124m --rounds 5 --steps 10 \
+    --warmup_steps 3 --impls llmjax-bf16,llmjax-bf16@attention_impl=cudnn,\
+torch-ref@dtype=bfloat16,torch-ref-compile@dtype=bfloat16
+
 `--loss_curve` trains llmjax in float32 and in bfloat16 (f32 accumulation), and float32
 from another init seed (the noise yardstick), on the same batches, and compares curves.
 """
@@ -41,7 +50,9 @@ SHAPES = {  # (num_layers, num_heads, width, seq_len, batch_size)
     "nanogpt-char": (6, 6, 384, 256, 16),
     "race": (4, 4, 128, 64, 12),      # nanoGPT's shakespeare_char CPU config
     "tiny": (2, 2, 32, 16, 4),        # smoke tests
+    "gpt2-124m": (12, 12, 768, 1024, 12),  # --device gpu: nanoGPT's GPT-2 micro-batch
 }
+VOCAB = {"gpt2-124m": 50257}  # others: 65 (char-level Shakespeare)
 INIT_BATCH = 10**9  # the batch index of the initial-loss check (never trained on)
 
 
@@ -53,10 +64,12 @@ FAST_SMALL_MODEL = {"scan_layers": False}
 CAUSAL_CHUNK = 64
 
 
-def llmjax_config(shape: str, vocab_size: int = 65, dtype: str = "float32", overrides=None):
+def llmjax_config(shape: str, vocab_size: int | None = None, dtype: str = "float32",
+                  overrides=None):
   """The llmjax `TransformerConfig` of a benchmark shape (GPT-2 style, exact GELU)."""
   from llmjax.models.presets import get_preset
   layers, heads, width, seq_len, _ = SHAPES[shape]
+  vocab_size = vocab_size or VOCAB.get(shape, 65)
   return get_preset("nanogpt-char", vocab_size=vocab_size, num_layers=layers,
                     num_heads=heads, embed_dim=width, mlp_dim=4 * width, max_len=seq_len,
                     dropout_rate=0.0, dtype=dtype,
@@ -64,9 +77,10 @@ def llmjax_config(shape: str, vocab_size: int = 65, dtype: str = "float32", over
                        **(overrides or {})})
 
 
-def torch_model(kind: str, shape: str, vocab_size: int = 65):
+def torch_model(kind: str, shape: str, vocab_size: int | None = None):
   """The PyTorch peer of a shape: 'ref' (torch_gpt.GPT) or 'hf' (GPT2LMHeadModel)."""
   layers, heads, width, seq_len, _ = SHAPES[shape]
+  vocab_size = vocab_size or VOCAB.get(shape, 65)
   if kind == "ref":
     from benchmarks import torch_gpt
     return torch_gpt.GPT(torch_gpt.GPTConfig(vocab_size, seq_len, layers, heads, width, 0.0))
@@ -82,7 +96,7 @@ def torch_model(kind: str, shape: str, vocab_size: int = 65):
 class LlmjaxImpl:
   """llmjax's own train step (`llmjax.train.step.make_train_step`), jitted with donation."""
 
-  def __init__(self, shape="nanogpt-char", vocab_size=65, dtype="float32", seed=0,
+  def __init__(self, shape="nanogpt-char", vocab_size=None, dtype="float32", seed=0,
                data_seed=1234, lr=1e-3, warmup=0, total_steps=0, overrides=None, devices=1,
                rules="dp", host_malloc="reuse"):
     from llmjax.train import host_memory
@@ -100,7 +114,7 @@ class LlmjaxImpl:
 
     self.seq_len, self.batch_size = SHAPES[shape][3:]
     self.cfg = llmjax_config(shape, vocab_size, dtype, overrides)
-    self.data, self.data_seed = common.char_corpus(vocab_size), data_seed
+    self.data, self.data_seed = common.corpus(self.cfg.vocab_size), data_seed
     model = Transformer(self.cfg)
     schedule = (schedules.make_schedule(lr, total_steps, warmup, "cosine", 0.1)
                 if total_steps else lambda _: lr)
@@ -214,17 +228,27 @@ class NextTokenLM:
 class TorchImpl:
   """A PyTorch peer: 'ref' (benchmarks/torch_gpt.py) or 'hf' (GPT2LMHeadModel)."""
 
-  def __init__(self, kind="ref", compile=False, shape="nanogpt-char", vocab_size=65, seed=0,
-               data_seed=1234, lr=1e-3, warmup=0, total_steps=0, threads=2):
+  def __init__(self, kind="ref", compile=False, shape="nanogpt-char", vocab_size=None, seed=0,
+               data_seed=1234, lr=1e-3, warmup=0, total_steps=0, threads=2, dtype="float32",
+               device="cpu"):
+    import contextlib
+
     import torch
 
     from benchmarks import torch_gpt
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     self.seq_len, self.batch_size = SHAPES[shape][3:]
-    self.data, self.data_seed = common.char_corpus(vocab_size), data_seed
-    self.lr_args = (lr, total_steps, warmup, 0.1)
     self.model = torch_model(kind, shape, vocab_size)
+    self.data = common.corpus(self.model.config.vocab_size)
+    self.data_seed = data_seed
+    self.lr_args = (lr, total_steps, warmup, 0.1)
+    # 'gpu': CUDA, fused AdamW; bfloat16 is autocast's mixed precision (f32 weights and
+    # optimizer, bf16 matmuls and attention), as nanoGPT trains on GPUs.
+    self.device = "cuda" if device == "gpu" else "cpu"
+    self.model.to(self.device)
+    self.autocast = (lambda: torch.autocast(self.device, dtype=torch.bfloat16)) \
+        if dtype == "bfloat16" else contextlib.nullcontext
     if kind == "ref":
       self.forward = lambda m, x: m(x)[0]
     else:
@@ -232,7 +256,8 @@ class TorchImpl:
     self.model.train()
     self.num_params = sum(p.numel() for p in self.model.parameters())
     self.kind = kind
-    self.opt = torch_gpt.adamw(self.model, lr, betas=(0.9, 0.99), weight_decay=0.1)
+    self.opt = torch_gpt.adamw(self.model, lr, betas=(0.9, 0.99), weight_decay=0.1,
+                               fused=self.device == "cuda")
     self.compiled = torch.compile(self.model) if compile else self.model
     self.initial_loss = self.eval_loss([self.batch(INIT_BATCH)])
     start = time.perf_counter()
@@ -251,7 +276,7 @@ class TorchImpl:
         name = name.removeprefix("transformer.")
         if name.endswith("weight") and any(k in name for k in ("c_attn", "c_proj", "c_fc")):
           value = value.T
-      state[name] = torch.from_numpy(np.ascontiguousarray(value, np.float32))
+      state[name] = torch.from_numpy(np.ascontiguousarray(value, np.float32)).to(self.device)
     missing, unexpected = self.model.load_state_dict(state, strict=False)
     allowed = ("lm_head.weight", ".attn.bias", ".masked_bias")  # tied; causal-mask buffers
     if unexpected or any(not m.endswith(allowed) for m in missing):
@@ -260,10 +285,14 @@ class TorchImpl:
     return self.initial_loss
 
   def batch(self, index, split="train"):
-    import torch
     data = self.data.train if split == "train" else self.data.val
     x, y = common.get_batch(data, self.batch_size, self.seq_len, self.data_seed, index)
-    return torch.from_numpy(x).long(), torch.from_numpy(y).long()
+    return self._tensors(x, y)
+
+  def _tensors(self, x, y):
+    import torch
+    return (torch.from_numpy(x).long().to(self.device),
+            torch.from_numpy(y).long().to(self.device))
 
   def info(self):
     return {"params": self.num_params, "initial_loss": self.initial_loss,
@@ -271,7 +300,8 @@ class TorchImpl:
 
   def _loss(self, x, y):
     import torch.nn.functional as F
-    logits = self.forward(self.compiled, x)
+    with self.autocast():
+      logits = self.forward(self.compiled, x)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
 
   def _train_step(self, x, y, step, update=True):
@@ -306,37 +336,38 @@ class TorchImpl:
     return float(np.mean(losses))
 
   def eval_split(self, split, num_batches, seed=99):
-    import torch
     data = self.data.val if split == "val" else self.data.train
     batches = [common.get_batch(data, self.batch_size, self.seq_len, seed, i)
                for i in range(num_batches)]
-    return self.eval_loss([(torch.from_numpy(x).long(), torch.from_numpy(y).long())
-                           for x, y in batches])
+    return self.eval_loss([self._tensors(x, y) for x, y in batches])
 
 
 class ProbeImpl:
   """Matmul probes in the same run: what a plain GEMM sustains right now."""
 
-  def __init__(self, backend="jax", threads=2):
+  def __init__(self, backend="jax", threads=2, device="cpu"):
     if backend == "torch":
       import torch
       torch.set_num_threads(threads)
-    self.backend = backend
+    self.backend, self.device = backend, device
 
   def info(self):
     return {}
 
   def run(self, start, n):
-    return ([common.matmul_probe(self.backend, "float32"),
-             common.matmul_probe(self.backend, "bfloat16")], [])
+    size = {"n": 8192, "m": 8192, "reps": 20} if self.device == "gpu" else {}
+    return ([common.matmul_probe(self.backend, "float32", device=self.device, **size),
+             common.matmul_probe(self.backend, "bfloat16", device=self.device, **size)], [])
 
 
 FACTORY = "benchmarks.train_vs_torch:"
 
 
-def make_workers(impls: str, threads: int, **kwargs) -> list[common.Worker]:
+def make_workers(impls: str, threads: int, device: str = "cpu",
+                 **kwargs) -> list[common.Worker]:
   """The implementations `impls` (comma-separated) names, as workers (not started);
-  `kwargs` (shape, schedule) go to every implementation."""
+  `kwargs` (shape, schedule) go to every implementation. `device='gpu'`: every worker
+  trains on the GPU (JAX allocating on demand, so that the workers share its memory)."""
   shape = kwargs
   specs = {
       "llmjax": (FACTORY + "LlmjaxImpl", shape),
@@ -347,6 +378,7 @@ def make_workers(impls: str, threads: int, **kwargs) -> list[common.Worker]:
       "hf-eager": (FACTORY + "TorchImpl", {**shape, "kind": "hf"}),
       "hf-compile": (FACTORY + "TorchImpl", {**shape, "kind": "hf", "compile": True}),
   }
+  gpu_env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"} if device == "gpu" else {}
   workers = []
   for name in impls.split(","):
     base, *options = name.split("@")
@@ -354,6 +386,8 @@ def make_workers(impls: str, threads: int, **kwargs) -> list[common.Worker]:
       raise SystemExit(f"unknown implementation {base!r}; choose from {', '.join(specs)}")
     factory, kwargs = specs[base]
     kwargs, flags = dict(kwargs), [common.thread_env(1)["XLA_FLAGS"]]
+    if device == "gpu" and factory.endswith("TorchImpl"):
+      kwargs["device"] = device
     for option in options:  # llmjax@attention_impl=jax@devices=2@xla=--xla_cpu_enable_fast_math=true
       key, _, value = option.partition("=")
       if key == "xla":
@@ -361,11 +395,11 @@ def make_workers(impls: str, threads: int, **kwargs) -> list[common.Worker]:
       elif key == "devices":  # data parallel over CPU devices that split the cores
         kwargs["devices"] = int(value)
         flags.append(f"--xla_force_host_platform_device_count={int(value)}")
-      elif key in ("rules", "host_malloc"):  # rule set (dp|zero1|fsdp); malloc mode
+      elif key in ("rules", "host_malloc", "dtype"):  # rule set; malloc mode; torch's dtype
         kwargs[key] = value
       else:
         kwargs.setdefault("overrides", {})[key] = _parse_value(value)
-    env = {"XLA_FLAGS": " ".join(f for f in flags if f)}
+    env = {"XLA_FLAGS": " ".join(f for f in flags if f), **gpu_env}
     workers.append(common.Worker(name, factory, kwargs, threads=threads, env=env))
   return workers
 
@@ -379,16 +413,21 @@ def _parse_value(text: str):
   return {"True": True, "False": False, "None": None}.get(text, text)
 
 
-def check_same_work(info: dict[str, dict], tolerance: float = 0.15):
-  """Equal parameter counts, initial losses within `tolerance` of ln(V) and each other."""
+def check_same_work(info: dict[str, dict], vocab_size: int = 65, tolerance: float = 0.15):
+  """Equal parameter counts, initial losses within `tolerance` of ln(V) and of each other.
+
+  At init the logits have a standard deviation of ~0.02 sqrt(D) (tied embeddings on a
+  normalized residual), which adds about half its square to ln(V): 0.08 at the char
+  shapes, 0.15 at GPT-2's width; hence a wider `tolerance` there."""
   counts = {name: i["params"] for name, i in info.items() if "params" in i}
   if len(set(counts.values())) > 1:
     raise SystemExit(f"parameter counts differ: {counts}")
   losses = {name: i["initial_loss"] for name, i in info.items() if "initial_loss" in i}
-  target = math.log(65)
+  target = math.log(vocab_size)
   bad = {n: v for n, v in losses.items() if abs(v - target) > tolerance}
-  if bad:
-    raise SystemExit(f"initial losses {bad} are not within {tolerance} of ln(65)={target:.3f}")
+  if bad or max(losses.values()) - min(losses.values()) > tolerance:
+    raise SystemExit(f"initial losses {losses} are not all within {tolerance} of "
+                     f"ln({vocab_size})={target:.3f} and of each other")
   print(f"same work: {next(iter(counts.values())):,} parameters everywhere; initial losses "
         + ", ".join(f"{n} {v:.3f}" for n, v in losses.items()))
 
@@ -432,12 +471,18 @@ def report(args, info, results):
            "causal": common.train_flops_per_token(num_params, layers, width, seq_len, True)}
   impls = [n for n in results if not n.startswith("probe")]
   torch_names = [n for n in impls if not n.startswith("llmjax")]
+  # MFU yardsticks: this CPU's fp32 peak and f32 probe; on a GPU, the H100's dense bf16
+  # peak and the bf16 probe.
+  gpu = args.device == "gpu"
+  peak, (probe_dtype, other) = ((common.PEAK_H100_BF16_FLOPS, ("bfloat16", "float32")) if gpu
+                                else (common.PEAK_FP32_FLOPS, ("float32", "bfloat16")))
+  where = "GPU" if gpu else f"{args.threads} threads each"
   print(f"\n{args.shape}: {num_params:,} params, batch {batch} x {seq_len}, "
         f"{args.warmup_steps} warm-up steps, then {args.rounds} rounds x {args.steps} steps, "
-        f"{args.threads} threads each")
-  print(f"matmul probe (best of jax/torch, median over rounds): f32 "
-        f"{probe['float32'] / 1e9:.0f} GFLOP/s, bf16 {probe['bfloat16'] / 1e9:.0f} GFLOP/s; "
-        f"theoretical fp32 peak {common.PEAK_FP32_FLOPS / 1e9:.0f} GFLOP/s")
+        f"{where}")
+  print(f"matmul probe (best of jax/torch, median over rounds): {probe_dtype} "
+        f"{probe[probe_dtype] / 1e9:.0f} GFLOP/s, {other} {probe[other] / 1e9:.0f} GFLOP/s; "
+        f"theoretical peak {peak / 1e9:.0f} GFLOP/s ({'H100 SXM bf16' if gpu else 'fp32'})")
   for name in impls:
     if info[name].get("xla_flops"):
       print(f"{name}: XLA cost analysis {info[name]['xla_flops'] / 1e9:.3g} GFLOP/step vs "
@@ -445,12 +490,12 @@ def report(args, info, results):
   rows = []
   for name in impls:
     tps = statistics.median(results[name])
-    mfu = tps * flops["6N+12LdT"] / common.PEAK_FP32_FLOPS
+    mfu = tps * flops["6N+12LdT"] / peak
     rows.append([name, f"{tps:.0f}", f"{info[name]['compile_s']:.1f}", f"{mfu:.1%}",
-                 f"{tps * flops['causal'] / common.PEAK_FP32_FLOPS:.1%}",
-                 f"{tps * flops['6N+12LdT'] / probe['float32']:.1%}"])
+                 f"{tps * flops['causal'] / peak:.1%}",
+                 f"{tps * flops['6N+12LdT'] / probe[probe_dtype]:.1%}"])
   common.print_table(rows, ["impl", "tokens/s", "first step s", "MFU peak",
-                            "MFU peak causal", "vs f32 probe"])
+                            "MFU peak causal", f"vs {probe_dtype} probe"])
   if torch_names:
     best = [max(results[n][r] for n in torch_names) for r in range(args.rounds)]
     print("\nper-round ratio vs the best PyTorch peer of that round:")
@@ -502,22 +547,25 @@ def main():
   parser.add_argument("--impls", default="llmjax,llmjax-bf16,torch-ref,hf-eager,hf-compile")
   parser.add_argument("--loss_curve", action="store_true")
   parser.add_argument("--curve_steps", type=int, default=200)
+  parser.add_argument("--device", default="cpu", choices=("cpu", "gpu"),
+                      help="gpu: every implementation (and probe) on the machine's GPU")
   args = parser.parse_args()
-  common.char_corpus(65)  # build the cache once, before the workers read it
+  common.corpus(VOCAB.get(args.shape, 65))  # build the cache once, before the workers read it
   if args.loss_curve:
     return loss_curve(args)
-  workers = make_workers(args.impls, args.threads, shape=args.shape)
-  workers += [common.Worker("probe-jax", FACTORY + "ProbeImpl", {"backend": "jax"},
-                            threads=args.threads),
-              common.Worker("probe-torch", FACTORY + "ProbeImpl", {"backend": "torch"},
-                            threads=args.threads)]
+  workers = make_workers(args.impls, args.threads, args.device, shape=args.shape)
+  probe_env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+  workers += [common.Worker(f"probe-{backend}", FACTORY + "ProbeImpl",
+                            {"backend": backend, "device": args.device},
+                            threads=args.threads, env=probe_env)
+              for backend in ("jax", "torch")]
   info = {}
   for w in workers:
     info[w.name] = w.start()
     if "compile_s" in info[w.name]:
       print(f"{w.name}: built, first step {info[w.name]['compile_s']:.1f}s", flush=True)
   try:
-    check_same_work(info)
+    check_same_work(info, VOCAB.get(args.shape, 65), 0.3 if args.shape in VOCAB else 0.15)
     _, _, _, seq_len, batch = SHAPES[args.shape]
     warm_up(workers, args.warmup_steps)
     results, _ = run_rounds(workers, args.rounds, args.steps, batch * seq_len,

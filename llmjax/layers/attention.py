@@ -16,7 +16,9 @@ Parameters (`Einsum` submodules, each with `kernel` and optional `bias`):
   out (HEADS, HEAD_DIM, EMBED)
 """
 
+import functools
 import itertools
+import logging
 import math
 
 import flax.linen as nn
@@ -76,7 +78,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     scale: multiplies the queries; None = 1/sqrt(H) (T5 uses 1.0).
     impl: 'einsum' (below), 'jax' (`jax.nn.dot_product_attention`, XLA's) or 'cudnn'
       (the same with `implementation='cudnn'`: cuDNN's fused flash attention, NVIDIA
-      GPUs only, bfloat16/float16; with `causal` it skips the hidden key blocks).
+      GPUs, bfloat16/float16; with `causal` it skips the hidden key blocks; without a
+      GPU it falls back to 'einsum' with a warning, so one config runs everywhere).
       'jax' and 'cudnn' have no dropout: with `dropout_fn` they fall back to 'einsum'.
     causal_chunks: only for causal self-attention (L == S, `causal` or a `mask` that
       hides every key after its query): the queries are split into this many chunks
@@ -92,7 +95,11 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   if (causal or causal_chunks > 1) and k.shape[1] != l and l > 1:
     raise ValueError(f"causal attention needs self-attention (L == S), got {l} vs {k.shape[1]}")
   if impl == "cudnn" and dropout_fn is None:
-    return _cudnn_attention(q, k, v, mask, bias, scale, causal)
+    if jax.default_backend() == "gpu":
+      return _cudnn_attention(q, k, v, mask, bias, scale, causal)
+    _warn_once(f"attention_impl='cudnn' needs an NVIDIA GPU; jax runs on "
+               f"{jax.default_backend()!r} here, so attention uses 'einsum' (same result).")
+    impl = "einsum"
   if causal:
     mask = masks.combine_masks(masks.causal_mask(l), mask)
   if causal_chunks > 1 and l > 1:
@@ -115,14 +122,15 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   return out.reshape(b, l, n, h).astype(q.dtype)                         # [B, L, N, H]
 
 
+@functools.cache
+def _warn_once(message: str):
+  logging.getLogger(__name__).warning(message)
+
+
 def _cudnn_attention(q, k, v, mask, bias, scale, causal):
   """`jax.nn.dot_product_attention(implementation='cudnn')`: one fused kernel per pass
   (the `[B, N, L, S]` scores never reach memory); `causal` is cuDNN's own causal mask,
   and `mask` (padding, segments) goes in as an additive bias."""
-  if jax.default_backend() != "gpu":
-    raise UserError(f"attention_impl='cudnn' needs an NVIDIA GPU (cuDNN flash attention); "
-                    f"jax runs on {jax.default_backend()!r} here. Use attention_impl='einsum' "
-                    "or 'jax'.")
   if q.dtype not in (jnp.bfloat16, jnp.float16):
     raise UserError(f"attention_impl='cudnn' needs bfloat16 or float16 activations, got "
                     f"{q.dtype}; set dtype='bfloat16' or use attention_impl='einsum'.")
