@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llmjax.layers.linear import matmul
+from llmjax.layers.linear import matmul, pad_axis_to
 from llmjax.sharding.axes import EMBED, VOCAB
 
 
@@ -30,6 +30,11 @@ class Embed(nn.Module):
     """int `tokens [B, L]` -> `[B, L, D]` in the compute dtype."""
     return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
 
-  def attend(self, x: jax.Array) -> jax.Array:
-    """`x [B, L, D]` -> float32 logits `[B, L, V]` against the same table."""
-    return matmul("BLD,VD->BLV", x.astype(self.dtype), self.embedding.astype(self.dtype))
+  def attend(self, x: jax.Array, pad_to: int = 1) -> jax.Array:
+    """`x [B, L, D]` -> float32 logits `[B, L, V]` against the same table.
+
+    `pad_to`: the product runs over the table padded with zero rows to a multiple of
+    this, and the logits are sliced back to V (GPU tiles divide the padded width)."""
+    table = pad_axis_to(self.embedding.astype(self.dtype), 0, pad_to)
+    logits = matmul("BLD,VD->BLV", x.astype(self.dtype), table)
+    return logits[..., :self.vocab_size] if table.shape[0] != self.vocab_size else logits

@@ -147,6 +147,17 @@ def matmul(equation: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
   return y if out_shape is None else y.reshape(out_shape)
 
 
+def pad_axis_to(a: jax.Array, axis: int, multiple: int) -> jax.Array:
+  """`a` with zeros appended along `axis` up to a multiple of `multiple` (as is if it
+  divides already)."""
+  size = a.shape[axis]
+  if multiple <= 1 or size % multiple == 0:
+    return a
+  widths = [(0, 0)] * a.ndim
+  widths[axis] = (0, -size % multiple)
+  return jnp.pad(a, widths)
+
+
 class Einsum(nn.Module):
   """`y = einsum(equation, x, kernel) + bias` with parameters `kernel` and `bias`.
 
@@ -157,6 +168,9 @@ class Einsum(nn.Module):
     use_bias: add a bias over the kernel dimensions that appear in the output.
     kernel_init: initializer of the kernel.
     dtype: compute dtype; param_dtype: storage dtype.
+    pad_last_to: compute with the kernel's last axis zero-padded to a multiple of this
+      and slice the output back (that axis must end the output, e.g. 'BLD,DV->BLV'):
+      a product whose width tiles divide runs faster on GPUs; parameters unchanged.
   """
 
   equation: str
@@ -166,12 +180,20 @@ class Einsum(nn.Module):
   kernel_init: Initializer = nn.initializers.normal(0.02)
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  pad_last_to: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
                         self.shape, self.param_dtype)
-    y = matmul(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+    kernel = kernel.astype(self.dtype)
+    if self.pad_last_to > 1:
+      if self.equation[-1] != self.equation.split("->")[0][-1]:
+        raise ValueError(f"pad_last_to needs the kernel's last axis to end the output: "
+                         f"{self.equation}")
+      kernel = pad_axis_to(kernel, -1, self.pad_last_to)
+    y = matmul(self.equation, x.astype(self.dtype), kernel)
+    y = y[..., :self.shape[-1]] if y.shape[-1] != self.shape[-1] else y
     if self.use_bias:
       # The bias spans the kernel dims that survive into the output, e.g. (N, H).
       kernel_letters = self.equation.split("->")[0].split(",")[1]

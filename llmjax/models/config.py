@@ -73,6 +73,9 @@ class TransformerConfig:
   dtype: str = "float32"            # compute dtype of activations
   param_dtype: str = "float32"      # storage dtype of parameters
   logits_dtype: str = "float32"     # dtype of returned logits (the loss wants float32)
+  logits_pad_to: int = 1            # the logits product runs over V padded (zero rows) to a
+                                    # multiple of this, sliced back: GPU tiles divide it
+                                    # (GPT-2's 50257 -> 50304 at 128); params unchanged
   position: str = "learned"         # 'learned' | 'sinusoidal' | 'rope' | 'none'
   rope_theta: float = 10_000.0
   relative_buckets: int = 32        # t5_relative: buckets of the relative position bias
@@ -111,7 +114,8 @@ class TransformerConfig:
     for name in ("dtype", "param_dtype", "logits_dtype"):
       _check_choice(name, getattr(self, name), DTYPES)
     for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "mlp_dim", "max_len",
-                 "relative_buckets", "relative_max_distance", "causal_chunks"):
+                 "relative_buckets", "relative_max_distance", "causal_chunks",
+                 "logits_pad_to"):
       _check_positive(name, getattr(self, name))
 
     derived = tuple(name for name in _DERIVED if getattr(self, name) is None)

@@ -83,7 +83,8 @@ class Transformer(nn.Module):
                                       cross_attention=cfg.arch == "encoder_decoder")
     if not cfg.tie_embeddings:
       self.lm_head = Einsum("BLD,DV->BLV", (cfg.embed_dim, cfg.vocab_size), (EMBED, VOCAB),
-                            kernel_init=nn.initializers.normal(cfg.init_std), **kw)
+                            kernel_init=nn.initializers.normal(cfg.init_std),
+                            pad_last_to=cfg.logits_pad_to, **kw)
 
   def embed_tokens(self, tokens: jax.Array, positions: jax.Array,
                    deterministic: bool = True,
@@ -111,7 +112,7 @@ class Transformer(nn.Module):
   def logits(self, x: jax.Array) -> jax.Array:
     """`[B, L, D]` -> logits `[B, L, V]` in `logits_dtype` (tied or `lm_head`)."""
     cfg = self.config
-    y = self.embed.attend(x) if cfg.tie_embeddings else self.lm_head(x)
+    y = self.embed.attend(x, cfg.logits_pad_to) if cfg.tie_embeddings else self.lm_head(x)
     if cfg.logits_bias:
       y = y + self.logits_bias.astype(y.dtype)
     return nn.with_logical_constraint(y.astype(cfg.output_dtype), (BATCH, LENGTH, VOCAB))

@@ -160,3 +160,26 @@ def test_causal_chunks_leave_logits_unchanged(name):
                              rtol=1e-5, atol=1e-5)
   with pytest.raises(UserError, match="causal_chunks"):
     cfg.replace(causal_chunks=0)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-llama"])  # tied table; untied lm_head
+def test_padded_logits_product_changes_nothing(name):
+  cfg = get_preset(name, vocab_size=100)                   # 100 = no multiple of 64
+  tokens = _tokens((2, 12), vocab=100)
+  params = reference.random_params(Transformer(cfg), tokens, std=0.1)
+  padded = cfg.replace(logits_pad_to=64)                   # the product runs over 128
+  shapes = lambda c: jax.tree.map(jnp.shape, nn.meta.unbox(jax.eval_shape(
+      Transformer(c).init, jax.random.PRNGKey(0), tokens)["params"]))
+  assert shapes(padded) == shapes(cfg)                     # same parameters, same checkpoints
+  want, got = _apply(cfg, params, tokens), _apply(padded, params, tokens)
+  assert got.shape == (2, 12, 100)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+  def loss(c, p):
+    logits = Transformer(c).apply({"params": p}, tokens)
+    return jnp.sum(jax.nn.log_softmax(logits)[..., 3])
+  grads = [jax.grad(functools.partial(loss, c))(params) for c in (cfg, padded)]
+  # float32 sums in another order (the tied table adds lookup and logits gradients)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *grads)
+  with pytest.raises(UserError, match="logits_pad_to"):
+    cfg.replace(logits_pad_to=0)
