@@ -186,3 +186,30 @@ def test_impl_options_reach_the_worker():
   assert "--xla_force_host_platform_device_count=2" in worker.env["XLA_FLAGS"]
   with pytest.raises(SystemExit, match="unknown implementation"):
     train_vs_torch.make_workers("llmjax-f16", threads=2, shape=SHAPE)
+
+
+def test_gpu_runs_put_every_worker_on_the_gpu():
+  """`--device gpu`: PyTorch peers get the device and the dtype option; JAX workers
+  allocate on demand so that several share the GPU's memory."""
+  ours, theirs = train_vs_torch.make_workers(
+      "llmjax-bf16@attention_impl=cudnn,torch-ref-compile@dtype=bfloat16", threads=2,
+      device="gpu", shape="gpt2-124m")
+  assert ours.kwargs == {"shape": "gpt2-124m", "dtype": "bfloat16",
+                         "overrides": {"attention_impl": "cudnn"}}
+  assert theirs.kwargs == {"shape": "gpt2-124m", "kind": "ref", "compile": True,
+                           "device": "gpu", "dtype": "bfloat16"}
+  assert all(w.env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false" for w in (ours, theirs))
+  (cpu,) = train_vs_torch.make_workers("torch-ref", threads=2, shape=SHAPE)
+  assert "device" not in cpu.kwargs and "XLA_PYTHON_CLIENT_PREALLOCATE" not in cpu.env
+
+
+def test_gpt2_shape_has_gpt2_vocabulary_and_random_ids():
+  cfg = train_vs_torch.llmjax_config("gpt2-124m")
+  assert (cfg.vocab_size, cfg.max_len, cfg.num_layers, cfg.embed_dim) == (50257, 1024, 12, 768)
+  data = common.corpus(50257)
+  assert data.train.max() < 50257 and len(np.unique(data.train[:100_000])) > 40_000
+  np.testing.assert_array_equal(data.val, common.random_corpus(50257).val)  # seeded
+  info = {"a": {"params": 7, "initial_loss": 10.98}, "b": {"params": 7, "initial_loss": 10.97}}
+  train_vs_torch.check_same_work(info, 50257, 0.3)
+  with pytest.raises(SystemExit, match="initial losses"):
+    train_vs_torch.check_same_work({**info, "c": {"params": 7, "initial_loss": 4.2}}, 50257, 0.3)
