@@ -28,10 +28,12 @@ data parallel over them with the library's "dp" rules, as `llmjax train` does on
 random token ids (no GPT-2-tokenized data is bundled), every worker on the one GPU (JAX
 allocating on demand), PyTorch peers with fused AdamW and, with `@dtype=bfloat16`,
 autocast mixed precision; MFU against the H100's 989 TFLOP/s dense bf16 peak and a bf16
-matmul probe (8192^3) measured in the same run. The command of the reported run:
-  python3 -m benchmarks.train_vs_torch --device gpu --shape gpt2-124m --rounds 5 --steps 10 \
-    --warmup_steps 3 --impls llmjax-bf16,llmjax-bf16@attention_impl=cudnn,\
-torch-ref@dtype=bfloat16,torch-ref-compile@dtype=bfloat16
+matmul probe (8192^3) measured in the same run. The reported run (benchmarks/README.md):
+  python3 -m benchmarks.train_vs_torch --device gpu --shape gpt2-124m --rounds 3 --steps 10 \
+    --warmup_steps 3 --impls llmjax-bf16@attention_impl=cudnn,torch-ref-compile@dtype=bfloat16
+Use `@attention_impl=cudnn` there: the CPU default (einsum attention in 16 causal chunks)
+takes minutes to compile on a GPU. JAX and PyTorch keep their memory pools, so more than
+two JAX workers at once can run an 80 GB GPU out of memory.
 
 `--loss_curve` trains llmjax in float32 and in bfloat16 (f32 accumulation), and float32
 from another init seed (the noise yardstick), on the same batches, and compares curves.
