@@ -556,7 +556,7 @@ def main():
   if args.loss_curve:
     return loss_curve(args)
   workers = make_workers(args.impls, args.threads, args.device, shape=args.shape)
-  probe_env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+  probe_env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"} if args.device == "gpu" else {}
   workers += [common.Worker(f"probe-{backend}", FACTORY + "ProbeImpl",
                             {"backend": backend, "device": args.device},
                             threads=args.threads, env=probe_env)

@@ -102,6 +102,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     impl = "einsum"
   if causal:
     mask = masks.combine_masks(masks.causal_mask(l), mask)
+  scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
   if causal_chunks > 1 and l > 1:
     bounds = np.linspace(0, l, min(causal_chunks, l) + 1).round().astype(int)
     if impl == "einsum":
@@ -112,7 +113,6 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                               scale, impl)
         for start, end in itertools.pairwise(bounds)], axis=1)
   b, l, n, h = q.shape
-  scale = 1.0 / math.sqrt(h) if scale is None else scale
   if impl == "jax" and dropout_fn is None:
     bias = None if bias is None else bias.astype(q.dtype)  # it wants one dtype throughout
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale)
@@ -158,7 +158,6 @@ def _chunked_head_major(q, k, v, mask, dropout_fn, bias, scale, bounds):
   bfloat16 nanoGPT-char step; benchmarks/README.md).
   """
   b, l, n, h = q.shape
-  scale = 1.0 / math.sqrt(h) if scale is None else scale
   qh = _grouped_queries(q, k.shape[2], scale).transpose(0, 2, 3, 1, 4)  # [B, K, G, L, H]
   kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)             # [B, K, S, H]
   out = jnp.concatenate([

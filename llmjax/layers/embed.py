@@ -36,5 +36,4 @@ class Embed(nn.Module):
     `pad_to`: the product runs over the table padded with zero rows to a multiple of
     this, and the logits are sliced back to V (GPU tiles divide the padded width)."""
     table = pad_axis_to(self.embedding.astype(self.dtype), 0, pad_to)
-    logits = matmul("BLD,VD->BLV", x.astype(self.dtype), table)
-    return logits[..., :self.vocab_size] if table.shape[0] != self.vocab_size else logits
+    return matmul("BLD,VD->BLV", x.astype(self.dtype), table)[..., :self.vocab_size]

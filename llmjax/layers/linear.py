@@ -192,8 +192,7 @@ class Einsum(nn.Module):
         raise ValueError(f"pad_last_to needs the kernel's last axis to end the output: "
                          f"{self.equation}")
       kernel = pad_axis_to(kernel, -1, self.pad_last_to)
-    y = matmul(self.equation, x.astype(self.dtype), kernel)
-    y = y[..., :self.shape[-1]] if y.shape[-1] != self.shape[-1] else y
+    y = matmul(self.equation, x.astype(self.dtype), kernel)[..., :self.shape[-1]]
     if self.use_bias:
       # The bias spans the kernel dims that survive into the output, e.g. (N, H).
       kernel_letters = self.equation.split("->")[0].split(",")[1]
