@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llmjax.errors import UserError
-from llmjax.layers import masks
+from llmjax.layers import attention_vjp, masks
 from llmjax.layers.linear import Einsum, einsum_f32, matmul
 from llmjax.layers.position import apply_rope
 from llmjax.sharding.axes import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH
@@ -103,6 +103,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   if causal:
     mask = masks.combine_masks(masks.causal_mask(l), mask)
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+  if impl == "einsum" and dropout_fn is None and bias is None and l > 1:
+    chunks = min(causal_chunks, l)  # hand-written backward pass (attention_vjp)
+    bounds = tuple(int(x) for x in np.linspace(0, l, chunks + 1).round())
+    return attention_vjp.attention(q, k, v, mask, scale, bounds, chunks > 1)
   if causal_chunks > 1 and l > 1:
     bounds = np.linspace(0, l, min(causal_chunks, l) + 1).round().astype(int)
     if impl == "einsum":

@@ -1,5 +1,7 @@
 """Attention against a naive numpy softmax(QK^T/sqrt(H))V; GQA/MQA/MHA equivalences."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -222,3 +224,62 @@ def test_cudnn_attention_matches_einsum_on_gpu(num_kv_heads):
     for g, w in zip(got_grads, want_grads):
       np.testing.assert_allclose(np.asarray(g, np.float32), w,
                                  atol=3e-2 * float(jnp.abs(w).max()), rtol=3e-2)
+
+
+def _naive_jnp_attention(q, k, v, mask, scale):
+  """Plain jnp softmax attention with K/V heads repeated (autodiff gives its gradients)."""
+  group = q.shape[2] // k.shape[2]
+  k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+  scores = jnp.einsum("blnh,bsnh->bnls", q.astype(jnp.float32) * scale, k.astype(jnp.float32))
+  if mask is not None:
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  return jnp.einsum("bnls,bsnh->blnh", jax.nn.softmax(scores, -1), v.astype(jnp.float32))
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("causal,chunks,kv_length", [(True, 1, 9), (True, 3, 9), (False, 1, 9),
+                                                     (False, 1, 5)])
+def test_hand_written_backward_matches_autodiff_of_naive_attention(num_kv_heads, causal, chunks,
+                                                                   kv_length):
+  """The einsum path's custom VJP (layers/attention_vjp.py) against jax.grad of a plain
+  softmax attention: causal (in chunks or not), bidirectional and cross-attention, with
+  packed segments and padding queries whose every key is masked."""
+  from llmjax.layers.attention import dot_product_attention
+  length = 9
+  q = _normal(0, (2, length, 4, 3))
+  k, v = _normal(1, (2, kv_length, num_kv_heads, 3)), _normal(2, (2, kv_length, num_kv_heads, 3))
+  cotangent = _normal(3, (2, length, 4, 3))
+  q_seg = np.array([[1] * 4 + [2] * 3 + [0] * 2, [1] * 9], np.int32)  # row 0 ends in padding
+  k_seg = q_seg if kv_length == length else np.array([[1, 1, 2, 2, 0], [1] * 5], np.int32)
+  for extra in (None, masks.segment_mask(q_seg, k_seg)):
+    full = masks.combine_masks(masks.causal_mask(length), extra) if causal else extra
+    loss = lambda q, k, v, e=extra, c=causal, bias=None: jnp.sum(cotangent * dot_product_attention(
+        q, k, v, e, bias=bias, causal=c, causal_chunks=chunks))
+    want_loss = lambda q, k, v, m=full: jnp.sum(cotangent * _naive_jnp_attention(q, k, v, m, 3**-0.5))
+    assert "custom_vjp_call" in str(jax.make_jaxpr(loss)(q, k, v))
+    np.testing.assert_allclose(loss(q, k, v), want_loss(q, k, v), rtol=1e-5, atol=1e-5)
+    got = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    for a, b in zip(got, jax.jit(jax.grad(want_loss, argnums=(0, 1, 2)))(q, k, v)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # A (zero) bias takes the autodiffed einsum path: same gradients, padding rows included.
+    zero_bias = np.zeros((1, 4, length, kv_length), np.float32)
+    autodiff = jax.jit(jax.grad(functools.partial(loss, bias=zero_bias), argnums=(0, 1, 2)))(q, k, v)
+    assert "custom_vjp_call" not in str(jax.make_jaxpr(functools.partial(loss, bias=zero_bias))(q, k, v))
+    for a, b in zip(got, autodiff):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_hand_written_backward_in_bfloat16_close_to_float32():
+  """bfloat16 q/k/v: gradients come back in bfloat16, within bf16 rounding of float32's."""
+  from llmjax.layers.attention import dot_product_attention
+  q, k, v = (_normal(i, (2, 16, 4, 8)) for i in range(3))
+  cotangent = _normal(3, (2, 16, 4, 8))
+  grads = {}
+  for dtype in (jnp.float32, jnp.bfloat16):
+    loss = lambda q, k, v: jnp.sum(cotangent * dot_product_attention(
+        q, k, v, None, causal=True, causal_chunks=4).astype(jnp.float32))
+    grads[dtype] = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*(jnp.asarray(a, dtype) for a in (q, k, v)))
+  for a, b in zip(grads[jnp.bfloat16], grads[jnp.float32]):
+    assert a.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=0.05,
+                               atol=0.03 * float(np.abs(b).max()))
