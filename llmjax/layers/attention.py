@@ -76,7 +76,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     dropout_fn: applied to the attention probabilities (None = no dropout).
     bias: float, broadcastable to `[B, N, L, S]`, added to the scores (T5 relative).
     scale: multiplies the queries; None = 1/sqrt(H) (T5 uses 1.0).
-    impl: 'einsum' (below), 'jax' (`jax.nn.dot_product_attention`, XLA's) or 'cudnn'
+    impl: 'einsum' (below; without dropout and bias, for L > 1, with the hand-written
+      backward pass of `attention_vjp`), 'jax' (`jax.nn.dot_product_attention`, XLA's) or 'cudnn'
       (the same with `implementation='cudnn'`: cuDNN's fused flash attention, NVIDIA
       GPUs, bfloat16/float16; with `causal` it skips the hidden key blocks; without a
       GPU it falls back to 'einsum' with a warning, so one config runs everywhere).
