@@ -278,7 +278,8 @@ class TorchImpl:
         name = name.removeprefix("transformer.")
         if name.endswith("weight") and any(k in name for k in ("c_attn", "c_proj", "c_fc")):
           value = value.T
-      state[name] = torch.from_numpy(np.ascontiguousarray(value, np.float32)).to(self.device)
+      value = np.array(value, np.float32)  # a writable copy: from_numpy warns on read-only arrays
+      state[name] = torch.from_numpy(value).to(self.device)
     missing, unexpected = self.model.load_state_dict(state, strict=False)
     allowed = ("lm_head.weight", ".attn.bias", ".masked_bias")  # tied; causal-mask buffers
     if unexpected or any(not m.endswith(allowed) for m in missing):
