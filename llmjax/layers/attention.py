@@ -28,6 +28,7 @@ import numpy as np
 
 from llmjax.errors import UserError
 from llmjax.layers import attention_vjp, masks
+from llmjax.layers.attention_vjp import block, from_heads, to_heads
 from llmjax.layers.linear import Einsum, einsum_f32, matmul
 from llmjax.layers.position import apply_rope
 from llmjax.sharding.axes import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH
@@ -52,15 +53,6 @@ def _scores(equation: str, q: jax.Array, k: jax.Array, mask, bias) -> jax.Array:
     mask = jnp.broadcast_to(mask, (mask.shape[0], 1) + scores.shape[-2:])  # [B|1, 1, L, S]
     scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
   return scores
-
-
-def _block(a: jax.Array | None, start: int, end: int) -> jax.Array | None:
-  """Rows start:end and columns :end of a mask or bias `[..., L, S]` (size-1 dims kept)."""
-  if a is None:
-    return None
-  if a.shape[-2] > 1:
-    a = a[..., start:end, :]
-  return a[..., :end] if a.shape[-1] > 1 else a
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
@@ -104,18 +96,17 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   if causal:
     mask = masks.combine_masks(masks.causal_mask(l), mask)
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+  chunks = min(causal_chunks, l)
+  bounds = tuple(int(x) for x in np.linspace(0, l, chunks + 1).round())
   if impl == "einsum" and dropout_fn is None and bias is None and l > 1:
-    chunks = min(causal_chunks, l)  # hand-written backward pass (attention_vjp)
-    bounds = tuple(int(x) for x in np.linspace(0, l, chunks + 1).round())
     return attention_vjp.attention(q, k, v, mask, scale, bounds, chunks > 1)
-  if causal_chunks > 1 and l > 1:
-    bounds = np.linspace(0, l, min(causal_chunks, l) + 1).round().astype(int)
+  if chunks > 1:
     if impl == "einsum":
       return _chunked_head_major(q, k, v, mask, dropout_fn, bias, scale, bounds)
     return jnp.concatenate([
         dot_product_attention(q[:, start:end], k[:, :end], v[:, :end],
-                              _block(mask, start, end), dropout_fn, _block(bias, start, end),
-                              scale, impl)
+                              block(mask, start, end, end), dropout_fn,
+                              block(bias, start, end, end), scale, impl)
         for start, end in itertools.pairwise(bounds)], axis=1)
   b, l, n, h = q.shape
   if impl == "jax" and dropout_fn is None:
@@ -153,7 +144,8 @@ def _softmax_attend(scores_eq: str, out_eq: str, q, k, v, mask, bias, dropout_fn
 
 
 def _chunked_head_major(q, k, v, mask, dropout_fn, bias, scale, bounds):
-  """The einsum path of `causal_chunks`: query rows bounds[i]:bounds[i+1] against keys
+  """The einsum path of `causal_chunks` with dropout or a bias (autodiffed; without
+  them `attention_vjp` runs): query rows bounds[i]:bounds[i+1] against keys
   :bounds[i+1], with q, k and v transposed once to heads-major `[B, K, (G,) L, H]`.
 
   Chunks are then slices of each head's rows and the chunk outputs one concatenation.
@@ -162,15 +154,13 @@ def _chunked_head_major(q, k, v, mask, dropout_fn, bias, scale, bounds):
   back into it inside each sum (one `[B, L, N, H]` fusion per chunk, ~10% of a
   bfloat16 nanoGPT-char step; benchmarks/README.md).
   """
-  b, l, n, h = q.shape
-  qh = _grouped_queries(q, k.shape[2], scale).transpose(0, 2, 3, 1, 4)  # [B, K, G, L, H]
-  kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)             # [B, K, S, H]
+  qh, kh, vh = to_heads(q, k, v, scale)                                # [B, K, (G,) L, H]
   out = jnp.concatenate([
       _softmax_attend("BKGLH,BKSH->BKGLS", "BKGLS,BKSH->BKGLH", qh[:, :, :, start:end],
-                      kh[:, :, :end], vh[:, :, :end], _block(mask, start, end),
-                      _block(bias, start, end), dropout_fn)
+                      kh[:, :, :end], vh[:, :, :end], block(mask, start, end, end),
+                      block(bias, start, end, end), dropout_fn)
       for start, end in itertools.pairwise(bounds)], axis=3)           # [B, K, G, L, H]
-  return out.transpose(0, 3, 1, 2, 4).reshape(b, l, n, h).astype(q.dtype)
+  return from_heads(out, q.dtype)
 
 
 class Attention(nn.Module):

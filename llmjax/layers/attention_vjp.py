@@ -29,16 +29,19 @@ def _einsum(equation: str, a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.einsum(equation, a, b, preferred_element_type=F32)
 
 
-def _rows(mask: jax.Array | None, start: int, end: int, keys: int) -> jax.Array | None:
-  """Query rows start:end and keys :keys of a mask `[B|1, 1, L, S]`, as `[B|1, 1, 1, l, s]`
-  (broadcast over K and G); size-1 dims stay."""
-  if mask is None:
+def block(a: jax.Array | None, start: int, end: int, keys: int) -> jax.Array | None:
+  """Query rows start:end and keys :keys of a mask or bias `[..., L, S]` (size-1 dims
+  stay)."""
+  if a is None:
     return None
-  if mask.shape[-2] > 1:
-    mask = mask[..., start:end, :]
-  if mask.shape[-1] > 1:
-    mask = mask[..., :keys]
-  return mask[:, :, None]
+  if a.shape[-2] > 1:
+    a = a[..., start:end, :]
+  return a[..., :keys] if a.shape[-1] > 1 else a
+
+
+def _chunk_mask(mask, start, end, keys):
+  """`block` of a mask `[B|1, 1, L, S]` as `[B|1, 1, 1, l, s]` (broadcast over K and G)."""
+  return None if mask is None else block(mask, start, end, keys)[:, :, None]
 
 
 def _forward(qh, kh, vh, mask, bounds, key_ends):
@@ -46,7 +49,7 @@ def _forward(qh, kh, vh, mask, bounds, key_ends):
   probs, outs = [], []
   for (start, end), keys in zip(itertools.pairwise(bounds), key_ends):
     scores = _einsum("bkglh,bksh->bkgls", qh[:, :, :, start:end], kh[:, :, :keys])
-    chunk_mask = _rows(mask, start, end, keys)
+    chunk_mask = _chunk_mask(mask, start, end, keys)
     if chunk_mask is not None:  # the float32 minimum: a fully masked row stays finite
       scores = jnp.where(chunk_mask, scores, jnp.finfo(F32).min)
     p = jax.nn.softmax(scores, axis=-1).astype(vh.dtype)
@@ -55,14 +58,17 @@ def _forward(qh, kh, vh, mask, bounds, key_ends):
   return probs, jnp.concatenate(outs, axis=3)                           # [B, K, G, L, H]
 
 
-def _to_heads(q, k, v, scale):
+def to_heads(q, k, v, scale):
+  """`[B, L, N, H]` queries (times `scale`) and `[B, S, K, H]` keys/values -> heads-major
+  `[B, K, G, L, H]` and `[B, K, S, H]` (G = N / K query heads per key/value head)."""
   b, l, n, h = q.shape
   kv_heads = k.shape[2]
-  qh = (q * jnp.asarray(scale, q.dtype)).reshape(b, l, kv_heads, n // kv_heads, h)
-  return qh.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  q = q * jnp.asarray(scale, q.dtype) if scale != 1.0 else q
+  qh = q.reshape(b, l, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)
+  return qh, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
 
-def _from_heads(x, dtype):
+def from_heads(x, dtype):
   """`[B, K, G, L, H]` -> `[B, L, K*G, H]` in `dtype`."""
   b, kv_heads, group, l, h = x.shape
   return x.transpose(0, 3, 1, 2, 4).reshape(b, l, kv_heads * group, h).astype(dtype)
@@ -89,9 +95,9 @@ def _key_ends(bounds, causal_chunks, keys):
 
 
 def _attention_fwd(q, k, v, mask, scale, bounds, causal_chunks):
-  qh, kh, vh = _to_heads(q, k, v, scale)
+  qh, kh, vh = to_heads(q, k, v, scale)
   probs, out = _forward(qh, kh, vh, mask, bounds, _key_ends(bounds, causal_chunks, k.shape[1]))
-  out = _from_heads(out, q.dtype)
+  out = from_heads(out, q.dtype)
   return out, (qh, kh, vh, mask, probs, out)
 
 
@@ -109,14 +115,14 @@ def _attention_bwd(scale, bounds, causal_chunks, residuals, d_out):
     d_o = d_oh[:, :, :, start:end]                                      # [B, K, G, l, H]
     d_p = _einsum("bkglh,bksh->bkgls", d_o, vh[:, :, :keys])
     d_s = p.astype(F32) * (d_p - row_sums[:, :, :, start:end, None])
-    chunk_mask = _rows(mask, start, end, keys)
+    chunk_mask = _chunk_mask(mask, start, end, keys)
     if chunk_mask is not None:  # a fully masked row has uniform p; its scores got no gradient
       d_s = jnp.where(chunk_mask, d_s, 0.0)
     d_s = d_s.astype(qh.dtype)
     d_q.append(_einsum("bkgls,bksh->bkglh", d_s, kh[:, :, :keys]))
     d_k = d_k.at[:, :, :keys].add(_einsum("bkgls,bkglh->bksh", d_s, qh[:, :, :, start:end]))
     d_v = d_v.at[:, :, :keys].add(_einsum("bkgls,bkglh->bksh", p, d_o))
-  d_q = _from_heads(jnp.concatenate(d_q, axis=3) * scale, qh.dtype)
+  d_q = from_heads(jnp.concatenate(d_q, axis=3) * scale, qh.dtype)
   d_k, d_v = d_k.transpose(0, 2, 1, 3), d_v.transpose(0, 2, 1, 3)     # [B, S, K, H]
   return d_q, d_k.astype(kh.dtype), d_v.astype(vh.dtype), None
 
