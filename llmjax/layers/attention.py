@@ -29,7 +29,7 @@ import numpy as np
 from llmjax.errors import UserError
 from llmjax.layers import attention_vjp, masks
 from llmjax.layers.attention_vjp import block, from_heads, to_heads
-from llmjax.layers.linear import Einsum, einsum_f32, matmul
+from llmjax.layers.linear import Einsum, einsum_f32, matmul, one_row_layout, row_vector_product
 from llmjax.layers.position import apply_rope
 from llmjax.sharding.axes import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH
 
@@ -215,18 +215,29 @@ class Attention(nn.Module):
     `[B*L, D] x [D, (N+2K)H]` product runs at about twice the FLOP rate of three
     narrower ones on CPU (benchmarks/README.md), in training and in decoding steps alike; the
     concatenation is the size of the kernels, and a heads-split (tensor parallel)
-    kernel stays split along K.
+    kernel stays split along K. A one-row product on CPU (a decoding step at batch 1)
+    concatenates the kernels output-major instead, `[K, (G+2)H, D]`, for
+    `row_vector_product`.
     """
     cfg = self.config
     kv_heads, group, h = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
     params = [nn.meta.unbox(layer.variables["params"])  # as `self.param` would return them
               for layer in (self.query, self.key, self.value)]
     per_kv_head = lambda a: a.reshape(a.shape[:-2] + (kv_heads, -1))    # [.., K, G*H | H]
-    kernel = jnp.concatenate([per_kv_head(p["kernel"]).astype(cfg.compute_dtype)
-                              for p in params], axis=-1)                 # [D, K, (G+2)H]
-    y = matmul("BLD,DKT->BLKT", x.astype(cfg.compute_dtype), kernel)    # float32
-    if cfg.use_bias:
-      y = y + jnp.concatenate([per_kv_head(p["bias"]) for p in params], -1).astype(jnp.float32)
+    parts = [per_kv_head(p["kernel"]).astype(cfg.compute_dtype) for p in params]
+    x = x.astype(cfg.compute_dtype)
+    biases = [per_kv_head(p["bias"]) for p in params] if cfg.use_bias else None
+    if one_row_layout("BLD,DX->BLX", x, cfg.compute_dtype) is not None:  # a decoding step at batch 1, on CPU
+      kernel = jnp.concatenate([a.transpose(1, 2, 0) for a in parts], axis=1)  # [K, (G+2)H, D]
+      bias = None if biases is None else jnp.concatenate(biases, -1)    # [K, (G+2)H]
+      y = row_vector_product(x.reshape(1, -1), kernel.reshape(-1, x.shape[-1]),
+                             None if bias is None else bias.reshape(-1))
+      y = y.reshape(x.shape[:2] + kernel.shape[:2])
+    else:
+      kernel = jnp.concatenate(parts, axis=-1)                           # [D, K, (G+2)H]
+      y = matmul("BLD,DKT->BLKT", x, kernel)    # float32
+      if biases is not None:
+        y = y + jnp.concatenate(biases, -1).astype(jnp.float32)
     q, k, v = jnp.split(y.astype(cfg.compute_dtype), [group * h, (group + 1) * h], axis=-1)
     return q.reshape(q.shape[:2] + (cfg.num_heads, h)), k, v
 

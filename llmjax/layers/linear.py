@@ -147,6 +147,44 @@ def matmul(equation: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
   return y if out_shape is None else y.reshape(out_shape)
 
 
+def row_vector_product(x: jax.Array, kernel_t: jax.Array, bias: jax.Array | None = None):
+  """`x [1, I] @ kernel_t.T + bias` for an output-major `kernel_t [O, I]`: float32 `[1, O]`.
+
+  For one-row products on CPU (a batch-1 decoding step streams every weight from memory
+  once per token). XLA:CPU fuses a matrix-vector product whose matrix is the transpose
+  of an `[O, I]` array into one loop of row-wise dot products split over the cores,
+  while the parameters' `[I, O]` layout runs as a single-threaded product: a nanoGPT-char
+  batch-1 decoding step is ~1.4x as fast (benchmarks/README.md, decoding). The bias
+  rides along as one more column of the kernel, against a 1 appended to x. That
+  concatenation is also what puts the kernel in `[O, I + 1]` layout once, before a
+  decoding loop: XLA hoists a loop-invariant concatenation out of the loop but leaves a
+  lone transpose in it, where it folds into the product; and with no add after the
+  product nothing pulls the product into another kind of fusion. (Einsums without a bias
+  pass zeros, for the same reason.) Costs a copy of the kernels while a decoding loop
+  runs. See `one_row_layout` for when it applies.
+  """
+  if bias is not None:
+    kernel_t = jnp.concatenate([kernel_t, bias.reshape(-1, 1).astype(kernel_t.dtype)], 1)
+    x = jnp.concatenate([x, jnp.ones((1, 1), x.dtype)], axis=1)         # [1, I + 1]
+  return jnp.matmul(x, kernel_t.T, preferred_element_type=jnp.float32)  # [1, O]
+
+
+def one_row_layout(equation: str, x: jax.Array, dtype=jnp.float32):
+  """`(I, C)` when the product is a float32 vector times a matrix on CPU: x's free dims
+  are all 1 and the kernel is its C contracted dims (in x's order, I elements) then the
+  output dims, as in every `Einsum` of the network; else None (the general `matmul`).
+  Low-precision compute keeps the general product (its bias is added in float32)."""
+  a, b, out = _letters(equation)
+  contracted = "".join(c for c in a if c in b)
+  free = a[:len(a) - len(contracted)]
+  if (jax.default_backend() != "cpu" or jnp.dtype(dtype) != jnp.float32
+      or not contracted or a != free + contracted
+      or not b.startswith(contracted) or out != free + b[len(contracted):]
+      or math.prod(x.shape[:len(free)]) != 1):
+    return None
+  return math.prod(x.shape[len(free):]), len(contracted)
+
+
 def pad_axis_to(a: jax.Array, axis: int, multiple: int) -> jax.Array:
   """`a` with zeros appended along `axis` up to a multiple of `multiple` (as is if it
   divides already)."""
@@ -187,21 +225,29 @@ class Einsum(nn.Module):
     kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
                         self.shape, self.param_dtype)
     kernel = kernel.astype(self.dtype)
+    _, kernel_letters, out_letters = _letters(self.equation)
+    # The bias spans the kernel dims that survive into the output, e.g. (N, H).
+    keep = [i for i, c in enumerate(kernel_letters) if c in out_letters]
+    bias = None
+    if self.use_bias:
+      bias_init = nn.with_logical_partitioning(nn.initializers.zeros,
+                                               tuple(self.axes[i] for i in keep))
+      bias = self.param("bias", bias_init, tuple(self.shape[i] for i in keep),
+                        self.param_dtype)
+    one_row = None if self.pad_last_to > 1 else one_row_layout(self.equation, x, self.dtype)
+    if one_row is not None:
+      inputs, contracted = one_row
+      y = row_vector_product(x.reshape(1, inputs).astype(self.dtype),
+                             kernel.reshape(inputs, -1).T,
+                             jnp.zeros(kernel.shape[contracted:]) if bias is None else bias)
+      return y.reshape(x.shape[:x.ndim - contracted] + self.shape[contracted:]).astype(self.dtype)
     if self.pad_last_to > 1:
       if self.equation[-1] != self.equation.split("->")[0][-1]:
         raise ValueError(f"pad_last_to needs the kernel's last axis to end the output: "
                          f"{self.equation}")
       kernel = pad_axis_to(kernel, -1, self.pad_last_to)
     y = matmul(self.equation, x.astype(self.dtype), kernel)[..., :self.shape[-1]]
-    if self.use_bias:
-      # The bias spans the kernel dims that survive into the output, e.g. (N, H).
-      kernel_letters = self.equation.split("->")[0].split(",")[1]
-      out_letters = self.equation.split("->")[1]
-      keep = [i for i, c in enumerate(kernel_letters) if c in out_letters]
-      bias_init = nn.with_logical_partitioning(nn.initializers.zeros,
-                                               tuple(self.axes[i] for i in keep))
-      bias = self.param("bias", bias_init, tuple(self.shape[i] for i in keep),
-                        self.param_dtype)
+    if bias is not None:
       if not out_letters.endswith("".join(kernel_letters[i] for i in keep)):
         raise ValueError(f"Einsum bias needs the kernel's output dims last: {self.equation}")
       y = y + bias.astype(jnp.float32)

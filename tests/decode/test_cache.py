@@ -37,19 +37,21 @@ def _prefill_and_steps(model, params, tokens, positions, valid, step_tokens):
   return prefill_logits, step_logits.transpose(1, 0, 2)                  # [B, S, V]
 
 
+# One row: each step is a vector times the matrices (`linear.row_vector_product` on CPU).
+@pytest.mark.parametrize("lengths", [(5, 3), (6,)], ids=["two_rows", "one_row"])
 @pytest.mark.parametrize("name,scan_layers", [("tiny", True), ("tiny", False),
                                               ("tiny-llama", True), ("tiny-llama", False)])
-def test_prefill_then_steps_equal_full_forward(name, scan_layers):
+def test_prefill_then_steps_equal_full_forward(name, scan_layers, lengths):
   cfg, params = _setup(name, scan_layers)
   model = Transformer(cfg)
   rng = np.random.default_rng(0)
-  lengths, steps = (5, 3), 4
+  steps = 4
   rows = [rng.integers(1, 128, n + steps).astype(np.int32) for n in lengths]
   tokens, valid, positions = cache_lib.left_pad([list(r[:n]) for r, n in zip(rows, lengths)])
   step_tokens = np.stack([r[n:] for r, n in zip(rows, lengths)])
   prefill, stepped = _prefill_and_steps(model, params, tokens, positions, valid, step_tokens)
   # Right-padded full forward: causality makes the padding irrelevant to earlier logits.
-  full = np.zeros((2, max(lengths) + steps), np.int32)
+  full = np.zeros((len(lengths), max(lengths) + steps), np.int32)
   for b, r in enumerate(rows):
     full[b, :len(r)] = r
   want = np.asarray(jax.jit(model.apply)({"params": params}, full))
@@ -59,21 +61,22 @@ def test_prefill_then_steps_equal_full_forward(name, scan_layers):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_encoder_decoder_cross_attention_cache_equals_full_forward():
+@pytest.mark.parametrize("batch", [2, 1])
+def test_encoder_decoder_cross_attention_cache_equals_full_forward(batch):
   cfg, params = _setup("t5-tiny")
   model = Transformer(cfg)
   rng = np.random.default_rng(1)
-  enc = rng.integers(1, 128, (2, 6)).astype(np.int32)
-  enc_valid = np.array([[1] * 6, [1] * 4 + [0] * 2], bool)           # row 1 right-padded
-  dec = rng.integers(1, 128, (2, 5)).astype(np.int32)
+  enc = rng.integers(1, 128, (2, 6)).astype(np.int32)[:batch]
+  enc_valid = np.array([[1] * 6, [1] * 4 + [0] * 2], bool)[:batch]  # row 1 right-padded
+  dec = rng.integers(1, 128, (2, 5)).astype(np.int32)[:batch]
 
   @jax.jit
   def cached(params):
     apply = functools.partial(model.apply, {"params": params})
     encoded = apply(enc, enc_valid.astype(np.int32), method=Transformer.encode)
-    cache = cache_lib.init_cache(cfg, 2, 5, encoder_len=6)
+    cache = cache_lib.init_cache(cfg, batch, 5, encoder_len=6)
     cache["encoder_valid"] = enc_valid
-    positions = np.tile(np.arange(5, dtype=np.int32), (2, 1))
+    positions = np.tile(np.arange(5, dtype=np.int32), (batch, 1))
     logits, cache = apply(dec[:, :2], positions[:, :2], cache, None, encoded,
                           method=Transformer.decode_cached)
     out = [logits]

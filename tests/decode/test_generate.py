@@ -48,6 +48,45 @@ def test_greedy_equals_repeated_argmax_of_full_forward(name):
     assert list(out.tokens[row]) == _naive_greedy(model, params, prompt, NEW)
 
 
+@pytest.mark.parametrize("name", ["tiny", "tiny-llama"])
+def test_one_row_greedy_equals_repeated_argmax_of_full_forward(name):
+  """Batch 1: every step's products are row-vector products (`row_vector_product`)."""
+  model, params = _model(name)
+  out = gen.generate(model, params, PROMPTS[:1], max_new_tokens=NEW, sampling=GREEDY)
+  assert list(out.tokens[0]) == _naive_greedy(model, params, PROMPTS[0], NEW)
+
+
+def _loop_bodies(hlo: str) -> list[str]:
+  """The while-loop bodies' computations in a compiled module's text."""
+  names = re.findall(r"body=%([\w.-]+)", hlo)
+  return [c for c in hlo.split("\n\n") if any(c.lstrip().startswith(f"%{b} ") for b in names)]
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-llama"])
+def test_one_row_decoding_transposes_the_kernels_once_before_the_loop(name):
+  """At batch 1 the loop body runs no weight product as a plain `dot` (only the batched
+  attention products over the cache remain) and makes no kernel-sized array on any step:
+  the output-major kernels (with their bias column) are built once, before the loop."""
+  model, params = _model(name)
+  tokens, valid, positions = gen.cache_lib.left_pad(PROMPTS[:1])
+  hlo = gen._generate.lower(model, params, tokens, valid, positions, jax.random.key(0), -1, 0,
+                            0, sampling=GREEDY, max_new_tokens=NEW, listen=False)
+  hlo = hlo.compile().as_text()
+  cfg = model.config
+  d, f = cfg.embed_dim, cfg.mlp_dim
+  assert f"f32[{f},{d + 1}]" in hlo                   # an MLP input kernel, [F, D + 1]
+  bodies = _loop_bodies(hlo)
+  dots = [line for c in bodies for line in c.splitlines() if " dot(" in line]
+  assert bodies and dots and all("lhs_batch_dims" in line for line in dots), dots
+  made = []
+  for line in (line for c in bodies for line in c.splitlines()):
+    shape = re.search(r"= f32\[([\d,]+)\]\S* (\S+)\(", line)
+    if (shape and shape.group(2) not in ("get-tuple-element", "parameter", "bitcast", "tuple")
+        and np.prod([int(n) for n in shape.group(1).split(",")]) >= d * d):
+      made.append(line.strip()[:120])
+  assert not made, made
+
+
 def test_rows_stop_independently_at_eos():
   model, params = _model("tiny")
   free = _greedy("tiny").tokens

@@ -1,11 +1,18 @@
 """`Einsum` helpers: merged contractions compute the same products."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llmjax.layers.linear import Einsum, matmul, merge_contraction
+from llmjax.layers.linear import (
+  Einsum,
+  matmul,
+  merge_contraction,
+  one_row_layout,
+  row_vector_product,
+)
 
 
 def _normal(*shape, seed=0):
@@ -93,3 +100,55 @@ def test_einsum_layer_gradients_contract_one_dim(equation, x_shape, shape, dtype
 
   counts = _contracted_dims(jax.grad(loss, argnums=(0, 1)), params, x)
   assert counts == ([1, 1, 1] if dtype == jnp.float32 else [1, 1, 2])
+
+
+def test_row_vector_product_with_and_without_bias():
+  x, kernel_t, bias = _normal(1, 6), _normal(4, 6, seed=1), _normal(4, seed=2)
+  got = row_vector_product(jnp.asarray(x), jnp.asarray(kernel_t), jnp.asarray(bias))
+  assert got.shape == (1, 4) and got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), x @ kernel_t.T + bias, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(row_vector_product(x, kernel_t)), x @ kernel_t.T,
+                             rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("equation,x_shape,shape,want", [
+    ("BLD,DNH->BLNH", (1, 1, 6), (6, 2, 3), (6, 1)),    # query, key, value
+    ("BLNH,NHD->BLD", (1, 1, 2, 3), (2, 3, 5), (6, 2)),  # attention output
+    ("BLD,DF->BLF", (1, 1, 6), (6, 5), (6, 1)),          # MLP
+    ("BD,DC->BC", (1, 6), (6, 3), (6, 1)),               # pooler / classifier
+    ("BLD,DF->BLF", (2, 1, 6), (6, 5), None),            # two rows: a matrix product
+    ("BLD,DF->BLF", (1, 2, 6), (6, 5), None),
+    ("BLD,VD->BLV", (1, 1, 6), (5, 6), None),            # kernel not [contracted | out]
+    ("BLNH,HND->BLD", (1, 1, 2, 3), (3, 2, 5), None),    # contracted in another order
+])
+def test_one_row_layout(equation, x_shape, shape, want):
+  assert one_row_layout(equation, np.zeros(x_shape, np.float32)) == want
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+@pytest.mark.parametrize("equation,x_shape,shape", [
+    ("BLD,DNH->BLNH", (1, 1, 6), (6, 2, 3)),
+    ("BLNH,NHD->BLD", (1, 1, 2, 3), (2, 3, 5)),
+    ("BLD,DF->BLF", (1, 1, 6), (6, 5)),
+    ("BD,DC->BC", (1, 6), (6, 3)),
+])
+def test_one_row_einsum_equals_numpy(equation, x_shape, shape, use_bias):
+  """A one-row `Einsum` (a batch-1 decoding step) runs as `row_vector_product` over the
+  output-major kernel (a transpose, and the bias or zeros as an extra column) and
+  computes the same product; a bfloat16 layer keeps the general product."""
+  layer = Einsum(equation, shape, (None,) * len(shape), use_bias=use_bias)
+  x = _normal(*x_shape)
+  params = jax.tree.map(lambda a: jnp.asarray(_normal(*a.shape, seed=3)),
+                        nn.meta.unbox(layer.init(jax.random.key(0), jnp.asarray(x))))
+  p = params["params"]
+  want = np.einsum(equation, x, np.asarray(p["kernel"]))
+  if use_bias:
+    want = want + np.asarray(p["bias"])
+  got = layer.apply(params, jnp.asarray(x))
+  assert got.shape == want.shape
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  prims = {e.primitive.name for e in jax.make_jaxpr(layer.apply)(params, x).jaxpr.eqns}
+  assert {"transpose", "concatenate", "dot_general"} <= prims        # the one-row path ran
+  low = Einsum(equation, shape, (None,) * len(shape), use_bias=use_bias, dtype=jnp.bfloat16)
+  np.testing.assert_allclose(np.asarray(low.apply(params, jnp.asarray(x)), np.float32), want,
+                             rtol=5e-2, atol=1e-1)
