@@ -227,7 +227,7 @@ class Attention(nn.Module):
     parts = [per_kv_head(p["kernel"]).astype(cfg.compute_dtype) for p in params]
     x = x.astype(cfg.compute_dtype)
     biases = [per_kv_head(p["bias"]) for p in params] if cfg.use_bias else None
-    if one_row_layout("BLD,DX->BLX", x, cfg.compute_dtype) is not None:  # a decoding step at batch 1, on CPU
+    if one_row_layout("BLD,DX->BLX", x, cfg.compute_dtype) is not None:  # batch-1 decoding
       kernel = jnp.concatenate([a.transpose(1, 2, 0) for a in parts], axis=1)  # [K, (G+2)H, D]
       bias = None if biases is None else jnp.concatenate(biases, -1)    # [K, (G+2)H]
       y = row_vector_product(x.reshape(1, -1), kernel.reshape(-1, x.shape[-1]),
