@@ -148,8 +148,7 @@ def test_decoding_loop_updates_the_cache_in_place():
   k, h = cfg.num_kv_heads, cfg.head_dim
   cache_shapes = [f"f32[2,{k},{length},{h}]", f"f32[2,{k},{h},{length}]"]
   assert all(s in hlo for s in cache_shapes)          # the layout the check is about
-  bodies = [c for c in hlo.split("\n\n")                 # the loop bodies' computations
-            if any(c.lstrip().startswith(f"%{b} ") for b in re.findall(r"body=%([\w.-]+)", hlo))]
+  bodies = _loop_bodies(hlo)
   moved = [line for c in bodies for line in c.splitlines()
            if (" copy(" in line or "transpose(" in line)
            and any(f"= {s}" in line for s in cache_shapes)]
