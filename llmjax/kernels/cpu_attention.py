@@ -1,0 +1,151 @@
+"""FlashAttention on XLA:CPU: `flash_attention_cpu.cc` behind `jax.ffi`, with its own VJP.
+
+`attention_impl='cpu_flash'` routes training and prefill attention here on the CPU backend.
+XLA:CPU runs attention's batched products single-threaded at about half PyTorch's rate and
+moves q/k/v into heads-major layouts around them; the kernel reads the model's layouts,
+keeps the softmax online in cache-sized tiles (FlashAttention, Dao et al. 2022), skips
+the key tiles a causal mask hides and uses XLA's intra-op threads.
+
+The C++ source is compiled with the machine's C++ compiler (`$CXX`, else g++ or c++;
+`-O3 -march=native`) the first time it is needed, into `$LLMJAX_KERNEL_CACHE` (default
+`~/.cache/llmjax/kernels`), keyed by a hash of the source, the flags and jaxlib's
+version; later processes load the cached library. Without a compiler `available()` is
+False and callers fall back to XLA's attention with one warning.
+"""
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+SOURCE = pathlib.Path(__file__).with_name("flash_attention_cpu.cc")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+FORWARD, BACKWARD = "llmjax_flash_attention_fwd", "llmjax_flash_attention_bwd"
+F32 = jnp.float32
+
+log = logging.getLogger(__name__)
+
+
+def _compiler() -> str | None:
+  for name in (os.environ.get("CXX"), "g++", "c++"):
+    if name and shutil.which(name):
+      return shutil.which(name)
+  return None
+
+
+def build(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
+  """Compiles the kernel (or finds it in the cache) and returns the library's path.
+
+  Raises:
+    RuntimeError: no C++ compiler, or the compiler failed (its output is in the message).
+  """
+  cxx = _compiler()
+  if cxx is None:
+    raise RuntimeError("no C++ compiler found (set $CXX, or install g++) to build the "
+                       "CPU flash-attention kernel")
+  source = SOURCE.read_bytes()
+  key = hashlib.sha256(source + repr((FLAGS, jaxlib.__version__)).encode()).hexdigest()[:16]
+  cache_dir = pathlib.Path(cache_dir or os.environ.get("LLMJAX_KERNEL_CACHE")
+                           or pathlib.Path.home() / ".cache" / "llmjax" / "kernels")
+  library = cache_dir / f"flash_attention_cpu-{key}.so"
+  if library.exists():
+    return library
+  cache_dir.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:  # then renamed: atomic
+    partial = pathlib.Path(tmp) / library.name
+    command = [cxx, *FLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", str(partial)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+      raise RuntimeError(f"building the CPU flash-attention kernel failed:\n"
+                         f"{' '.join(command)}\n{result.stderr[-4000:]}")
+    os.replace(partial, library)
+  log.info("built the CPU flash-attention kernel: %s", library)
+  return library
+
+
+@functools.cache
+def available() -> bool:
+  """Whether the kernel can run here: the CPU backend, and a library built and registered
+  (False, with the reason logged once, otherwise)."""
+  if jax.default_backend() != "cpu":
+    return False
+  try:
+    library = ctypes.cdll.LoadLibrary(str(build()))
+  except (RuntimeError, OSError) as e:
+    log.warning("attention_impl='cpu_flash' is not available, using XLA's attention: %s", e)
+    return False
+  for name, symbol in ((FORWARD, library.LlmjaxFlashAttentionForward),
+                       (BACKWARD, library.LlmjaxFlashAttentionBackward)):
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
+    jax.ffi.register_ffi_target_as_batch_partitionable(name)  # data parallel stays local
+  return True
+
+
+def _mask_operand(mask, q, k):
+  """A `[B|1, 1, L|1, S|1]` mask as the kernel's `[B, L, S]` booleans (a `[B, 1, 1]`
+  placeholder when there is none: every operand leads with the batch)."""
+  b, l, s = q.shape[0], q.shape[1], k.shape[1]
+  if mask is None:
+    return jnp.ones((b, 1, 1), jnp.bool_)
+  return jnp.broadcast_to(mask.astype(jnp.bool_), (b, 1, l, s))[:, 0]
+
+
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                    scale: float, causal: bool) -> jax.Array:
+  """softmax(scale * q k^T, masked) v in float32: `[B, L, N, H]`.
+
+  Args:
+    q: `[B, L, N, H]`; k, v: `[B, S, K, H]`, N % K == 0 (query head n reads kv head
+      n // (N / K)). Any float dtype; computed and returned in float32.
+    mask: boolean, broadcastable to `[B, 1, L, S]` (True = may attend), or None.
+    scale: multiplies the scores.
+    causal: query l sees keys <= l only (L == S); the hidden key tiles are skipped.
+
+  A query that may attend to no key gets zeros (and passes no gradient).
+  Raises:
+    RuntimeError: the kernel cannot run here (see `available()`).
+  """
+  if not available():
+    raise RuntimeError("the CPU flash-attention kernel is not available here (it needs "
+                       "the CPU backend and a C++ compiler; the log says why)")
+  return _flash(q.astype(F32), k.astype(F32), v.astype(F32), mask, scale, causal)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _flash(q, k, v, mask, scale, causal):
+  return _forward(q, k, v, mask, scale, causal)[0]
+
+
+def _attrs(mask, scale, causal):
+  return {"scale": np.float32(scale), "causal": bool(causal), "has_mask": mask is not None}
+
+
+def _forward(q, k, v, mask, scale, causal):
+  b, l, n, _ = q.shape
+  out, lse = jax.ffi.ffi_call(FORWARD, (jax.ShapeDtypeStruct(q.shape, F32),
+                                        jax.ShapeDtypeStruct((b, n, l), F32)),
+                              vmap_method="sequential")(
+      q, k, v, _mask_operand(mask, q, k), **_attrs(mask, scale, causal))
+  return out, (q, k, v, mask, out, lse)
+
+
+def _backward(scale, causal, residuals, d_out):
+  q, k, v, mask, out, lse = residuals
+  d_q, d_k, d_v = jax.ffi.ffi_call(
+      BACKWARD, tuple(jax.ShapeDtypeStruct(x.shape, F32) for x in (q, k, v)),
+      vmap_method="sequential")(q, k, v, _mask_operand(mask, q, k), out, lse,
+                                d_out.astype(F32), **_attrs(mask, scale, causal))
+  return d_q, d_k, d_v, None
+
+
+_flash.defvjp(_forward, _backward)
