@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llmjax.errors import UserError
+from llmjax.kernels import cpu_attention
 from llmjax.layers import attention_vjp, masks
 from llmjax.layers.attention_vjp import block, from_heads, to_heads
 from llmjax.layers.linear import Einsum, einsum_f32, matmul, one_row_layout, row_vector_product
@@ -72,8 +73,13 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
       backward pass of `attention_vjp`), 'jax' (`jax.nn.dot_product_attention`, XLA's) or 'cudnn'
       (the same with `implementation='cudnn'`: cuDNN's fused flash attention, NVIDIA
       GPUs, bfloat16/float16; with `causal` it skips the hidden key blocks; without a
-      GPU it falls back to 'einsum' with a warning, so one config runs everywhere).
-      'jax' and 'cudnn' have no dropout: with `dropout_fn` they fall back to 'einsum'.
+      GPU it falls back to 'einsum' with a warning, so one config runs everywhere) or
+      'cpu_flash' (`llmjax.kernels.cpu_attention`: FlashAttention in C++ for XLA:CPU,
+      float32 inside, for L > 1 without a bias; causal key tiles are skipped, and a
+      query that sees no key gets zeros; elsewhere it falls back to 'einsum', with a
+      warning unless it is a one-token decode step).
+      'jax', 'cudnn' and 'cpu_flash' have no dropout: with `dropout_fn` they fall back
+      to 'einsum'.
     causal_chunks: only for causal self-attention (L == S, `causal` or a `mask` that
       hides every key after its query): the queries are split into this many chunks
       and chunk i is scored against keys up to its own end only, skipping the masked
@@ -93,9 +99,16 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     _warn_once(f"attention_impl='cudnn' needs an NVIDIA GPU; jax runs on "
                f"{jax.default_backend()!r} here, so attention uses 'einsum' (same result).")
     impl = "einsum"
+  scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+  if impl == "cpu_flash":
+    reason = _cpu_flash_unsupported(l, dropout_fn, bias)
+    if reason is None:
+      return cpu_attention.flash_attention(q, k, v, mask, scale, causal).astype(q.dtype)
+    if l > 1:
+      _warn_once(f"attention_impl='cpu_flash' {reason}; attention uses 'einsum' here.")
+    impl = "einsum"
   if causal:
     mask = masks.combine_masks(masks.causal_mask(l), mask)
-  scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
   chunks = min(causal_chunks, l)
   bounds = tuple(int(x) for x in np.linspace(0, l, chunks + 1).round())
   if impl == "einsum" and dropout_fn is None and bias is None and l > 1:
@@ -116,6 +129,19 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   out = _softmax_attend("BLKGH,BSKH->BKGLS", "BKGLS,BSKH->BLKGH", q, k, v, mask, bias,
                         dropout_fn)                                     # [B, L, K, G, H]
   return out.reshape(b, l, n, h).astype(q.dtype)                         # [B, L, N, H]
+
+
+def _cpu_flash_unsupported(l, dropout_fn, bias) -> str | None:
+  """Why the CPU kernel cannot take this call (None: it can)."""
+  if l == 1:
+    return "is for L > 1 (one-token decode steps read the KV cache)"
+  if dropout_fn is not None:
+    return "has no attention dropout (set dropout_rate=0 to use it)"
+  if bias is not None:
+    return "takes no score bias (T5's relative positions)"
+  if not cpu_attention.available():
+    return f"needs the CPU backend and a C++ compiler (jax runs on {jax.default_backend()!r})"
+  return None
 
 
 @functools.cache

@@ -35,7 +35,7 @@ REMATS = ("none", "full", "dots")
 # (XLA's); 'cudnn': the same with implementation='cudnn', cuDNN's fused flash attention
 # (NVIDIA GPUs, bfloat16/float16). 'jax' and 'cudnn' fall back to 'einsum' under attention
 # dropout. See benchmarks/README.md for which is faster where.
-ATTENTION_IMPLS = ("einsum", "jax", "cudnn")
+ATTENTION_IMPLS = ("einsum", "jax", "cudnn", "cpu_flash")
 DTYPES = ("float32", "bfloat16", "float16")
 
 # Fields whose `None` default is derived from other fields in `__post_init__`.
@@ -92,7 +92,7 @@ class TransformerConfig:
   scale_embeddings: bool = False    # multiply token embeddings by sqrt(D)
   init_std: float = 0.02            # normal init of embeddings and projections (GPT-2)
   remat: str = "none"               # 'none' | 'full' | 'dots'
-  attention_impl: str = "einsum"    # 'einsum' | 'jax' (jax.nn.dot_product_attention)
+  attention_impl: str = "einsum"    # 'einsum' | 'jax' | 'cudnn' | 'cpu_flash' (C++ kernel)
   causal_chunks: int = 1            # decoder self-attention: score query chunk i only
                                     # against keys up to its end ((n+1)/2n of the work)
   fused_qkv: bool = True            # self-attention's q, k, v as one product (same params)

@@ -1,0 +1,156 @@
+"""The C++ FlashAttention kernel for XLA:CPU against naive attention, in the model, and
+its build and fallbacks."""
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llmjax.kernels import cpu_attention
+from llmjax.layers import attention
+from llmjax.models.presets import get_preset
+from llmjax.models.transformer import Transformer
+from llmjax.testing import reference
+
+pytestmark = pytest.mark.skipif(not cpu_attention.available(),
+                                reason="needs the CPU backend and a C++ compiler")
+
+
+def _naive(q, k, v, mask, scale, causal):
+  """Plain jnp softmax attention (repeated kv heads); a query that sees no key gives 0."""
+  b, l, n, h = q.shape
+  s, kv_heads = k.shape[1], k.shape[2]
+  k, v = (jnp.repeat(a, n // kv_heads, axis=2) for a in (k, v))
+  visible = jnp.ones((b, 1, l, s), bool)
+  if mask is not None:
+    visible = visible & mask
+  if causal:
+    visible = visible & jnp.tril(jnp.ones((l, s), bool))
+  scores = jnp.where(visible, jnp.einsum("blnh,bsnh->bnls", q, k) * scale, -jnp.inf)
+  top = jnp.max(scores, -1, keepdims=True)
+  p = jnp.exp(scores - jnp.where(jnp.isfinite(top), top, 0.0))
+  total = p.sum(-1, keepdims=True)
+  return jnp.einsum("bnls,bsnh->blnh", p / jnp.where(total > 0, total, 1.0), v)
+
+
+def _normal(rng, shape):
+  return jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+
+CASES = {  # (B, L, S, N, K, H, causal, mask): L and S off the 64-wide tiles on purpose
+    "mha-causal": (2, 100, 100, 4, 4, 16, True, None),
+    "gqa-causal-segments": (2, 130, 130, 6, 2, 32, True, "segments"),
+    "mqa-bidirectional-padding": (3, 70, 70, 4, 1, 64, False, "padding"),
+    "cross-attention": (2, 37, 150, 4, 2, 8, False, "random"),
+    "fully-masked-queries": (2, 65, 65, 2, 2, 16, True, "empty-rows"),
+    "short": (1, 3, 3, 2, 1, 8, True, None),
+}
+
+
+def _mask(kind, rng, b, l, s):
+  if kind is None:
+    return None
+  if kind == "segments":  # two packed documents per row
+    seg = (np.arange(l)[None] >= rng.integers(1, l, size=(b, 1))).astype(np.int32)
+    return jnp.asarray(seg[:, None, :, None] == seg[:, None, None, :])
+  if kind == "padding":   # the last keys of each row are padding: [B, 1, 1, S]
+    return jnp.asarray(np.arange(s)[None, None, None] < rng.integers(1, s, size=(b, 1, 1, 1)))
+  if kind == "random":
+    return jnp.asarray(rng.random((b, 1, l, s)) > 0.3)
+  mask = np.ones((b, 1, l, s), bool)
+  mask[0, 0, [0, 5, 64]] = False                          # queries that see nothing
+  return jnp.asarray(mask)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_kernel_matches_naive_attention_and_its_gradients(case):
+  b, l, s, n, kv_heads, h, causal, kind = CASES[case]
+  rng = np.random.default_rng(len(case))
+  q, d_out = _normal(rng, (b, l, n, h)), _normal(rng, (b, l, n, h))
+  k, v = _normal(rng, (b, s, kv_heads, h)), _normal(rng, (b, s, kv_heads, h))
+  mask, scale = _mask(kind, rng, b, l, s), 0.7 / np.sqrt(h)
+
+  def loss(fn, q, k, v):
+    return jnp.sum(fn(q, k, v, mask, scale, causal) * d_out)
+  got = jax.jit(cpu_attention.flash_attention, static_argnums=(4, 5))(q, k, v, mask, scale, causal)
+  want = _naive(q, k, v, mask, scale, causal)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  if kind is None and not causal or case == "mha-causal":  # and a float64 numpy reference
+    np.testing.assert_allclose(
+        got, reference.attention(q * scale * np.sqrt(h), k, v,
+                                 jnp.tril(jnp.ones((l, s), bool)) if causal else None),
+        rtol=1e-5, atol=1e-5)
+  grads = jax.jit(jax.grad(functools.partial(loss, cpu_attention.flash_attention),
+                           argnums=(0, 1, 2)))(q, k, v)
+  want_grads = jax.grad(functools.partial(loss, _naive), argnums=(0, 1, 2))(q, k, v)
+  for name, g, w in zip("qkv", grads, want_grads):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=2e-5, err_msg=f"d{name}")
+  if kind == "empty-rows":
+    assert not np.any(got[0, [0, 5, 64]]) and not np.any(grads[0][0, [0, 5, 64]])
+
+
+def test_bfloat16_inputs_are_computed_in_float32():
+  rng = np.random.default_rng(0)
+  q, k, v = (_normal(rng, (2, 40, 4, 16)).astype(jnp.bfloat16) for _ in range(3))
+  out = cpu_attention.flash_attention(q, k, v, None, 0.25, True)
+  assert out.dtype == jnp.float32
+  want = _naive(*(a.astype(jnp.float32) for a in (q, k, v)), None, 0.25, True)
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+  grads = jax.grad(lambda q: cpu_attention.flash_attention(q, k, v, None, 0.25, True).sum())(q)
+  assert grads.dtype == jnp.bfloat16
+
+
+def _model_loss(cfg, params, tokens, **kw):
+  logits = Transformer(cfg).apply({"params": params}, tokens, **kw)
+  return jnp.sum(jax.nn.log_softmax(logits.astype(jnp.float32))[..., 5])
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-llama", "bert-tiny", "t5-tiny"])
+def test_model_with_cpu_flash_matches_einsum(name):
+  """Same logits and gradients as the einsum path, and the kernel is really in the graph
+  (T5 keeps einsum for its biased self-attention; its cross-attention takes the kernel)."""
+  cfg = get_preset(name, max_len=128)
+  rng = np.random.default_rng(1)
+  tokens = rng.integers(1, 128, size=(2, 70)).astype(np.int32)
+  kw = {}
+  if cfg.arch == "encoder_decoder":
+    kw["encoder_tokens"] = rng.integers(1, 128, size=(2, 33)).astype(np.int32)
+  params = reference.random_params(Transformer(cfg), tokens, std=0.1, **kw)
+  flash = cfg.replace(attention_impl="cpu_flash")
+  assert "llmjax_flash_attention_fwd" in str(jax.make_jaxpr(
+      functools.partial(_model_loss, flash, tokens=tokens, **kw))(params))
+  for fn in (_model_loss, jax.grad(_model_loss, argnums=1)):
+    want = jax.jit(functools.partial(fn, cfg, tokens=tokens, **kw))(params)
+    got = jax.jit(functools.partial(fn, flash, tokens=tokens, **kw))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), got, want)
+
+
+def test_falls_back_to_einsum_with_dropout_and_for_decode_steps(caplog):
+  rng = np.random.default_rng(2)
+  q, k, v = (_normal(rng, (2, 8, 2, 4)) for _ in range(3))
+  want = attention.dot_product_attention(q, k, v, causal=True)
+  with caplog.at_level(logging.WARNING):
+    got = attention.dot_product_attention(q, k, v, causal=True, impl="cpu_flash",
+                                          dropout_fn=lambda p: p)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  assert "has no attention dropout" in caplog.text
+  step = jax.make_jaxpr(lambda q: attention.dot_product_attention(q, k, v, impl="cpu_flash"))
+  assert "ffi_call" not in str(step(q[:, :1]))             # one query: the einsum path
+
+
+def test_build_caches_the_library_and_reports_what_failed(tmp_path, monkeypatch):
+  first = cpu_attention.build(tmp_path)
+  stamp = first.stat().st_mtime_ns
+  assert cpu_attention.build(tmp_path) == first and first.stat().st_mtime_ns == stamp
+  broken = tmp_path / "broken.cc"
+  broken.write_text("this is not C++\n")
+  monkeypatch.setattr(cpu_attention, "SOURCE", broken)
+  with pytest.raises(RuntimeError, match="building the CPU flash-attention kernel failed"):
+    cpu_attention.build(tmp_path)
+  assert not list(tmp_path.glob("tmp*"))                  # no half-written library left
+  monkeypatch.setattr(cpu_attention.shutil, "which", lambda name: None)
+  with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+    cpu_attention.build(tmp_path)
