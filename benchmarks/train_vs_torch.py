@@ -60,9 +60,11 @@ INIT_BATCH = 10**9  # the batch index of the initial-loss check (never trained o
 
 # What these small models train fastest with on CPU (see benchmarks/README.md, "Profile"):
 # unrolled layers (the scanned stack spends ~1/3 of the step stacking and slicing
-# per-layer residuals; `llmjax-scan` measures the scanned default), and causal attention
-# in query chunks of 64 (`causal_chunks`: 256 tokens -> 4 chunks, 5/8 of the score work).
-FAST_SMALL_MODEL = {"scan_layers": False}
+# per-layer residuals; `llmjax-scan` measures the scanned default), and attention in the
+# C++ FlashAttention kernel (`attention_impl='cpu_flash'`; `llmjax@attention_impl=einsum`
+# measures XLA's, which takes causal query chunks of 64: 256 tokens -> 4 chunks, 5/8 of
+# the score work).
+FAST_SMALL_MODEL = {"scan_layers": False, "attention_impl": "cpu_flash"}
 CAUSAL_CHUNK = 64
 
 

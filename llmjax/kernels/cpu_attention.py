@@ -17,16 +17,21 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import pathlib
 import shutil
 import subprocess
 import tempfile
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
+from jax.sharding import PartitionSpec
+
+from llmjax.sharding import axes
 
 SOURCE = pathlib.Path(__file__).with_name("flash_attention_cpu.cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
@@ -87,8 +92,38 @@ def available() -> bool:
   for name, symbol in ((FORWARD, library.LlmjaxFlashAttentionForward),
                        (BACKWARD, library.LlmjaxFlashAttentionBackward)):
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
-    jax.ffi.register_ffi_target_as_batch_partitionable(name)  # data parallel stays local
   return True
+
+
+def _shard_specs(q, k):
+  """How the kernel's operands split over the ambient mesh (`jax.set_mesh`): like the
+  activations (the BATCH rule over B, HEADS / KV_HEADS over N / K where they divide), so
+  a data- or head-parallel step runs attention on each device's own shard. Returns the
+  specs of `[B, L, N, H]`, `[B, S, K, H]` and `[B, N, L]` operands (Nones: no mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return None, None, None
+
+  def split(name, size):
+    names = nn.logical_to_mesh_axes((name,))[0]
+    if names is None:
+      return None
+    ways = math.prod(mesh.shape[n] for n in (names if isinstance(names, tuple) else (names,)))
+    return names if size % ways == 0 else None
+  batch = split(axes.BATCH, q.shape[0])
+  heads, kv_heads = split(axes.HEADS, q.shape[2]), split(axes.KV_HEADS, k.shape[2])
+  if (heads is None) != (kv_heads is None):  # query head n must meet kv head n // G
+    heads = kv_heads = None
+  queries = PartitionSpec(batch, None, heads, None)
+  keys = PartitionSpec(batch, None, kv_heads, None)
+  return queries, keys, PartitionSpec(batch, heads, None)
+
+
+def _shard_mapped(call, in_specs, out_specs):
+  """`call` per shard (`jax.shard_map`), or as is without a mesh."""
+  if in_specs[0] is None:
+    return call
+  return jax.shard_map(call, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
 def _mask_operand(mask, q, k):
@@ -131,20 +166,33 @@ def _attrs(mask, scale, causal):
 
 
 def _forward(q, k, v, mask, scale, causal):
-  b, l, n, _ = q.shape
-  out, lse = jax.ffi.ffi_call(FORWARD, (jax.ShapeDtypeStruct(q.shape, F32),
-                                        jax.ShapeDtypeStruct((b, n, l), F32)),
-                              vmap_method="sequential")(
-      q, k, v, _mask_operand(mask, q, k), **_attrs(mask, scale, causal))
+  queries, keys, rows = _shard_specs(q, k)
+  masks = None if queries is None else PartitionSpec(queries[0])
+
+  def call(q, k, v, mask_operand):
+    b, l, n, _ = q.shape
+    return jax.ffi.ffi_call(FORWARD, (jax.ShapeDtypeStruct(q.shape, F32),
+                                      jax.ShapeDtypeStruct((b, n, l), F32)),
+                            vmap_method="sequential")(
+        q, k, v, mask_operand, **_attrs(mask, scale, causal))
+  out, lse = _shard_mapped(call, (queries, keys, keys, masks), (queries, rows))(
+      q, k, v, _mask_operand(mask, q, k))
   return out, (q, k, v, mask, out, lse)
 
 
 def _backward(scale, causal, residuals, d_out):
   q, k, v, mask, out, lse = residuals
-  d_q, d_k, d_v = jax.ffi.ffi_call(
-      BACKWARD, tuple(jax.ShapeDtypeStruct(x.shape, F32) for x in (q, k, v)),
-      vmap_method="sequential")(q, k, v, _mask_operand(mask, q, k), out, lse,
-                                d_out.astype(F32), **_attrs(mask, scale, causal))
+  queries, keys, rows = _shard_specs(q, k)
+  masks = None if queries is None else PartitionSpec(queries[0])
+
+  def call(q, k, v, mask_operand, out, lse, d_out):
+    return jax.ffi.ffi_call(
+        BACKWARD, tuple(jax.ShapeDtypeStruct(x.shape, F32) for x in (q, k, v)),
+        vmap_method="sequential")(q, k, v, mask_operand, out, lse, d_out,
+                                  **_attrs(mask, scale, causal))
+  d_q, d_k, d_v = _shard_mapped(
+      call, (queries, keys, keys, masks, queries, rows, queries), (queries, keys, keys))(
+      q, k, v, _mask_operand(mask, q, k), out, lse, d_out.astype(F32))
   return d_q, d_k, d_v, None
 
 

@@ -4,6 +4,7 @@ its build and fallbacks."""
 import functools
 import logging
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +14,8 @@ from llmjax.kernels import cpu_attention
 from llmjax.layers import attention
 from llmjax.models.presets import get_preset
 from llmjax.models.transformer import Transformer
+from llmjax.sharding import mesh as mesh_lib
+from llmjax.sharding import rules as rules_lib
 from llmjax.testing import reference
 
 pytestmark = pytest.mark.skipif(not cpu_attention.available(),
@@ -154,3 +157,28 @@ def test_build_caches_the_library_and_reports_what_failed(tmp_path, monkeypatch)
   monkeypatch.setattr(cpu_attention.shutil, "which", lambda name: None)
   with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
     cpu_attention.build(tmp_path)
+
+
+@pytest.mark.parametrize("rule_set,mesh_shape,local", [
+    ("dp", (8, 1, 1), (1, 2)),           # [B, L, N, H] shard: batch 1 of 8, kv heads 2 of 2
+    ("fsdp_tp", (2, 2, 2), (2, 1)),      # batch over data x fsdp, heads over tensor
+])
+def test_under_a_mesh_each_device_runs_its_own_shard(rule_set, mesh_shape, local):
+  rng = np.random.default_rng(3)
+  q, k, v = _normal(rng, (8, 40, 4, 8)), _normal(rng, (8, 40, 2, 8)), _normal(rng, (8, 40, 2, 8))
+  mask = jnp.asarray(rng.random((8, 1, 40, 40)) > 0.2)
+
+  def grads(q, k, v):
+    return jax.grad(lambda *a: jnp.sum(cpu_attention.flash_attention(*a, mask, 0.3, True) ** 2),
+                    argnums=(0, 1, 2))(q, k, v)
+  want = jax.jit(grads)(q, k, v)
+  with jax.set_mesh(mesh_lib.make_mesh(*mesh_shape)), \
+       nn.logical_axis_rules(rules_lib.get_rules(rule_set)):
+    step = jax.jit(grads)
+    got = step(q, k, v)
+    hlo = step.lower(q, k, v).compile().as_text()
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), got, want)
+  calls = [line for line in hlo.splitlines() if "custom_call_target=\"llmjax_flash" in line]
+  assert len(calls) == 2
+  batch, kv_heads = local
+  assert all(f"f32[{batch},40,{kv_heads},8]" in line for line in calls)  # k: the local shard
