@@ -12,9 +12,9 @@ from llmjax.models.transformer import Transformer
 from llmjax.testing import reference
 
 
-def _setup(name, scan_layers=True):
+def _setup(name, scan_layers=True, attention_impl="einsum"):
   model, params = reference.preset_model(name, std=0.1, num_layers=2)
-  cfg = model.config
+  cfg = model.config.replace(attention_impl=attention_impl)
   if not scan_layers:
     cfg, params = cfg.replace(scan_layers=False), unstack_layers(params)
   return cfg, params
@@ -39,10 +39,12 @@ def _prefill_and_steps(model, params, tokens, positions, valid, step_tokens):
 
 # One row: each step is a vector times the matrices (`linear.row_vector_product` on CPU).
 @pytest.mark.parametrize("lengths", [(5, 3), (6,)], ids=["two_rows", "one_row"])
-@pytest.mark.parametrize("name,scan_layers", [("tiny", True), ("tiny", False),
-                                              ("tiny-llama", True), ("tiny-llama", False)])
-def test_prefill_then_steps_equal_full_forward(name, scan_layers, lengths):
-  cfg, params = _setup(name, scan_layers)
+@pytest.mark.parametrize("name,scan_layers,impl", [
+    ("tiny", True, "einsum"), ("tiny", False, "einsum"), ("tiny-llama", True, "einsum"),
+    ("tiny-llama", False, "einsum"),
+    ("tiny-llama", True, "cpu_flash")])  # the prefill in the C++ kernel (on CPU)
+def test_prefill_then_steps_equal_full_forward(name, scan_layers, impl, lengths):
+  cfg, params = _setup(name, scan_layers, impl)
   model = Transformer(cfg)
   rng = np.random.default_rng(0)
   steps = 4
