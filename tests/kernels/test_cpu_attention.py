@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(not cpu_attention.available(),
 
 def _naive(q, k, v, mask, scale, causal):
   """Plain jnp softmax attention (repeated kv heads); a query that sees no key gives 0."""
-  b, l, n, h = q.shape
+  b, l, n, _ = q.shape
   s, kv_heads = k.shape[1], k.shape[2]
   k, v = (jnp.repeat(a, n // kv_heads, axis=2) for a in (k, v))
   visible = jnp.ones((b, 1, l, s), bool)
