@@ -8,9 +8,10 @@ the key tiles a causal mask hides and uses XLA's intra-op threads.
 
 The C++ source is compiled with the machine's C++ compiler (`$CXX`, else g++ or c++;
 `-O3 -march=native`) the first time it is needed, into `$LLMJAX_KERNEL_CACHE` (default
-`~/.cache/llmjax/kernels`), keyed by a hash of the source, the flags and jaxlib's
-version; later processes load the cached library. Without a compiler `available()` is
-False and callers fall back to XLA's attention with one warning.
+`~/.cache/llmjax/kernels`), keyed by a hash of the source, the flags, the compiler,
+jaxlib's version and the CPU's features; later processes load the cached library.
+Without a compiler `available()` is False and callers fall back to XLA's attention with
+one warning.
 """
 
 import ctypes
@@ -48,6 +49,17 @@ def _compiler() -> str | None:
   return None
 
 
+def _machine() -> str:
+  """What `-march=native` compiles for: the architecture and its CPU feature flags (a
+  cache shared between machines must not hand one machine's build to another)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      flags = next((line for line in f if line.startswith("flags")), "")
+  except OSError:
+    flags = ""
+  return f"{os.uname().machine} {flags}"
+
+
 def build(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
   """Compiles the kernel (or finds it in the cache) and returns the library's path.
 
@@ -59,7 +71,8 @@ def build(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
     raise RuntimeError("no C++ compiler found (set $CXX, or install g++) to build the "
                        "CPU flash-attention kernel")
   source = SOURCE.read_bytes()
-  key = hashlib.sha256(source + repr((FLAGS, jaxlib.__version__)).encode()).hexdigest()[:16]
+  key = hashlib.sha256(source + repr((FLAGS, jaxlib.__version__, cxx, _machine())).encode())
+  key = key.hexdigest()[:16]
   cache_dir = pathlib.Path(cache_dir or os.environ.get("LLMJAX_KERNEL_CACHE")
                            or pathlib.Path.home() / ".cache" / "llmjax" / "kernels")
   library = cache_dir / f"flash_attention_cpu-{key}.so"
