@@ -60,11 +60,14 @@ INIT_BATCH = 10**9  # the batch index of the initial-loss check (never trained o
 
 # What these small models train fastest with on CPU (see benchmarks/README.md, "Profile"):
 # unrolled layers (the scanned stack spends ~1/3 of the step stacking and slicing
-# per-layer residuals; `llmjax-scan` measures the scanned default), and attention in the
-# C++ FlashAttention kernel (`attention_impl='cpu_flash'`; `llmjax@attention_impl=einsum`
-# measures XLA's, which takes causal query chunks of 64: 256 tokens -> 4 chunks, 5/8 of
-# the score work).
-FAST_SMALL_MODEL = {"scan_layers": False, "attention_impl": "cpu_flash"}
+# per-layer residuals; `llmjax-scan` measures the scanned default) and, in float32,
+# attention in the C++ FlashAttention kernel (`attention_impl='cpu_flash'`: +6% per
+# nanoGPT-char step). The kernel computes in float32, so in bfloat16 XLA's einsum path
+# (bfloat16 products with float32 accumulation, causal query chunks of 64) is as fast at
+# 256 tokens and 6% faster at the race's 64; `llmjax-bf16@attention_impl=cpu_flash` and
+# `llmjax@attention_impl=einsum` measure the other choice.
+FAST_SMALL_MODEL = {"scan_layers": False}
+FAST_ATTENTION = {"float32": "cpu_flash", "bfloat16": "einsum"}
 CAUSAL_CHUNK = 64
 
 
@@ -77,8 +80,8 @@ def llmjax_config(shape: str, vocab_size: int | None = None, dtype: str = "float
   return get_preset("nanogpt-char", vocab_size=vocab_size, num_layers=layers,
                     num_heads=heads, embed_dim=width, mlp_dim=4 * width, max_len=seq_len,
                     dropout_rate=0.0, dtype=dtype,
-                    **{**FAST_SMALL_MODEL, "causal_chunks": max(1, seq_len // CAUSAL_CHUNK),
-                       **(overrides or {})})
+                    **{**FAST_SMALL_MODEL, "attention_impl": FAST_ATTENTION.get(dtype, "einsum"),
+                       "causal_chunks": max(1, seq_len // CAUSAL_CHUNK), **(overrides or {})})
 
 
 def torch_model(kind: str, shape: str, vocab_size: int | None = None):
