@@ -4,7 +4,9 @@
 XLA:CPU runs attention's batched products single-threaded at about half PyTorch's rate and
 moves q/k/v into heads-major layouts around them; the kernel reads the model's layouts,
 keeps the softmax online in cache-sized tiles (FlashAttention, Dao et al. 2022), skips
-the key tiles a causal mask hides and uses XLA's intra-op threads.
+the key tiles a causal mask hides and uses XLA's intra-op threads. Attention dropout is
+drawn in the kernel from a hash of (seed, batch, head, query, key), so the backward pass
+redraws the forward's bits; `dropout_keep_mask` computes the same bits in numpy.
 
 The C++ source is compiled with the machine's C++ compiler (`$CXX`, else g++ or c++;
 `-O3 -march=native`) the first time it is needed, into `$LLMJAX_KERNEL_CACHE` (default
@@ -149,7 +151,8 @@ def _mask_operand(mask, q, k):
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
-                    scale: float, causal: bool) -> jax.Array:
+                    scale: float, causal: bool, dropout_rate: float = 0.0,
+                    dropout_rng: jax.Array | None = None) -> jax.Array:
   """softmax(scale * q k^T, masked) v in float32: `[B, L, N, H]`.
 
   Args:
@@ -158,6 +161,10 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | 
     mask: boolean, broadcastable to `[B, 1, L, S]` (True = may attend), or None.
     scale: multiplies the scores.
     causal: query l sees keys <= l only (L == S); the hidden key tiles are skipped.
+    dropout_rate: attention-probability dropout in [0, 1): each probability is kept with
+      probability 1 - rate (and scaled by 1 / (1 - rate)), by bits the kernel hashes from
+      `dropout_rng` and (batch, head, query, key) (`dropout_keep_mask` draws the same).
+    dropout_rng: a PRNG key; required when dropout_rate > 0.
 
   A query that may attend to no key gets zeros (and passes no gradient).
   Raises:
@@ -166,47 +173,103 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | 
   if not available():
     raise RuntimeError("the CPU flash-attention kernel is not available here (it needs "
                        "the CPU backend and a C++ compiler; the log says why)")
-  return _flash(q.astype(F32), k.astype(F32), v.astype(F32), mask, scale, causal)
+  if not 0.0 <= dropout_rate < 1.0:
+    raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
+  if dropout_rate > 0 and dropout_rng is None:
+    raise ValueError("dropout_rate > 0 needs a dropout_rng (a jax.random key)")
+  seed = (dropout_seed(dropout_rng) if dropout_rate > 0 else jnp.zeros((2,), jnp.uint32))
+  return _flash(q.astype(F32), k.astype(F32), v.astype(F32), mask, seed, scale, causal,
+                float(dropout_rate))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _flash(q, k, v, mask, scale, causal):
-  return _forward(q, k, v, mask, scale, causal)[0]
+def dropout_seed(rng: jax.Array) -> jax.Array:
+  """The kernel's two 32-bit seed words from a PRNG key."""
+  return jax.random.bits(rng, (2,), jnp.uint32)
 
 
-def _attrs(mask, scale, causal):
-  return {"scale": np.float32(scale), "causal": bool(causal), "has_mask": mask is not None}
+def _mix(h):
+  """murmur3's 32-bit finalizer (numpy uint32; the kernel's `Mix`)."""
+  h = h ^ (h >> 16)
+  h = h * np.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * np.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
 
 
-def _forward(q, k, v, mask, scale, causal):
+def dropout_keep_mask(seed, rate: float, batch: int, heads: int, q_len: int,
+                      k_len: int) -> np.ndarray:
+  """The kernel's dropout draws as a boolean `[B, N, L, S]` array (True = kept), computed
+  independently in numpy from `seed` (`dropout_seed`'s two words): for reference
+  implementations and tests."""
+  with np.errstate(over="ignore"):
+    s0, s1 = (np.uint32(x) for x in np.asarray(seed, np.uint32))
+    b = np.arange(batch, dtype=np.uint32)[:, None, None, None]
+    n = np.arange(heads, dtype=np.uint32)[None, :, None, None]
+    i = np.arange(q_len, dtype=np.uint32)[None, None, :, None]
+    j = np.arange(k_len, dtype=np.uint32)[None, None, None, :]
+    h = _mix(s0 ^ _mix(b + np.uint32(0x9E3779B9)))
+    h = _mix(h ^ n * np.uint32(0x85EBCA77))
+    row = _mix(h ^ s1 ^ i * np.uint32(0xC2B2AE3D))
+    bits = _mix(row ^ j * np.uint32(0x9E3779B1))
+  threshold = np.uint32(min(int(float(np.float32(rate)) * 2**32), 2**32 - 1))
+  return bits >= threshold
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _flash(q, k, v, mask, seed, scale, causal, dropout_rate):
+  return _forward(q, k, v, mask, seed, scale, causal, dropout_rate)[0]
+
+
+def _attrs(mask, scale, causal, dropout_rate):
+  return {"scale": np.float32(scale), "causal": bool(causal), "has_mask": mask is not None,
+          "dropout_rate": np.float32(dropout_rate)}
+
+
+def _rng_operand(seed, queries, b, n):
+  """u32[4]: the seed words and this shard's first global batch row and head (per shard
+  inside `shard_map`: so a sharded call draws the bits one device would)."""
+  offsets = []
+  for names, size in ((None if queries is None else queries[0], b),
+                      (None if queries is None else queries[2], n)):
+    index = 0 if names is None else jax.lax.axis_index(names) * size
+    offsets.append(jnp.asarray(index, jnp.uint32))
+  return jnp.concatenate([seed.astype(jnp.uint32), jnp.stack(offsets)])
+
+
+def _forward(q, k, v, mask, seed, scale, causal, dropout_rate):
   queries, keys, rows = _shard_specs(q, k)
   masks = None if queries is None else PartitionSpec(queries[0])
+  seeds = None if queries is None else PartitionSpec()
 
-  def call(q, k, v, mask_operand):
+  def call(q, k, v, mask_operand, seed):
     b, l, n, _ = q.shape
     return jax.ffi.ffi_call(FORWARD, (jax.ShapeDtypeStruct(q.shape, F32),
                                       jax.ShapeDtypeStruct((b, n, l), F32)),
                             vmap_method="sequential")(
-        q, k, v, mask_operand, **_attrs(mask, scale, causal))
-  out, lse = _shard_mapped(call, (queries, keys, keys, masks), (queries, rows))(
-      q, k, v, _mask_operand(mask, q, k))
-  return out, (q, k, v, mask, out, lse)
+        q, k, v, mask_operand, _rng_operand(seed, queries, b, n),
+        **_attrs(mask, scale, causal, dropout_rate))
+  out, lse = _shard_mapped(call, (queries, keys, keys, masks, seeds), (queries, rows))(
+      q, k, v, _mask_operand(mask, q, k), seed)
+  return out, (q, k, v, mask, seed, out, lse)
 
 
-def _backward(scale, causal, residuals, d_out):
-  q, k, v, mask, out, lse = residuals
+def _backward(scale, causal, dropout_rate, residuals, d_out):
+  q, k, v, mask, seed, out, lse = residuals
   queries, keys, rows = _shard_specs(q, k)
   masks = None if queries is None else PartitionSpec(queries[0])
+  seeds = None if queries is None else PartitionSpec()
 
-  def call(q, k, v, mask_operand, out, lse, d_out):
+  def call(q, k, v, mask_operand, seed, out, lse, d_out):
+    b, _, n, _ = q.shape
     return jax.ffi.ffi_call(
         BACKWARD, tuple(jax.ShapeDtypeStruct(x.shape, F32) for x in (q, k, v)),
-        vmap_method="sequential")(q, k, v, mask_operand, out, lse, d_out,
-                                  **_attrs(mask, scale, causal))
+        vmap_method="sequential")(q, k, v, mask_operand, _rng_operand(seed, queries, b, n),
+                                  out, lse, d_out, **_attrs(mask, scale, causal, dropout_rate))
   d_q, d_k, d_v = _shard_mapped(
-      call, (queries, keys, keys, masks, queries, rows, queries), (queries, keys, keys))(
-      q, k, v, _mask_operand(mask, q, k), out, lse, d_out.astype(F32))
-  return d_q, d_k, d_v, None
+      call, (queries, keys, keys, masks, seeds, queries, rows, queries),
+      (queries, keys, keys))(
+      q, k, v, _mask_operand(mask, q, k), seed, out, lse, d_out.astype(F32))
+  return d_q, d_k, d_v, None, None
 
 
 _flash.defvjp(_forward, _backward)

@@ -13,6 +13,12 @@
 // Backward: p = exp(scale q k^T - lse), dp = do v^T, ds = p (dp - rowsum(do o)) scale,
 //           dq = ds k, dk = ds^T q, dv = p^T do.
 // A query that may attend to no key gets o = 0, lse = +inf and no gradient.
+//
+// Attention dropout (rate r): the probabilities that multiply v are p * z / (1 - r), z
+// a keep bit drawn by hashing (seed, batch, head, query, key) (`KeepBits`), so the
+// backward pass redraws the forward's bits instead of storing them; normalization and lse
+// use the undropped p. Backward: dv = (p z / (1 - r))^T do, dp = (do v^T) z / (1 - r);
+// rowsum(do o) is still sum_j p dp, so ds keeps its form.
 
 #include <algorithm>
 #include <atomic>
@@ -143,10 +149,71 @@ struct Problem {
   bool causal;
   const bool* mask;      // [mask_batch, L, S] or null; true = may attend
   int64_t mask_batch;
+  float dropout_rate;    // 0: no dropout
+  uint32_t seed[2];      // dropout's random stream
+  int64_t batch_offset, head_offset;  // this shard's first (global) batch row and head
   int64_t QRow() const { return heads * head_dim; }       // stride of one query position
   int64_t KRow() const { return kv_heads * head_dim; }    // stride of one key position
   int64_t KeyEnd(int64_t q_end) const { return causal ? std::min(k_len, q_end) : k_len; }
 };
+
+// murmur3's 32-bit finalizer: every input bit flips each output bit with probability ~1/2.
+inline uint32_t Mix(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  h ^= h >> 16;
+  return h;
+}
+
+// The random bits of one (batch, head, query) row: bits(key j) = Mix(row ^ j * 0x9E3779B1);
+// a key is kept when its bits are >= rate * 2^32. `batch` and `head` are global (with the
+// shard's offsets), so a sharded call draws what one device would.
+inline uint32_t RowKey(const Problem& pb, int64_t b, int64_t n, int64_t i) {
+  uint32_t h = Mix(pb.seed[0] ^ Mix(static_cast<uint32_t>(pb.batch_offset + b) + 0x9E3779B9u));
+  h = Mix(h ^ static_cast<uint32_t>(pb.head_offset + n) * 0x85EBCA77u);
+  return Mix(h ^ pb.seed[1] ^ static_cast<uint32_t>(i) * 0xC2B2AE3Du);
+}
+
+inline uint32_t DropThreshold(float rate) {
+  return static_cast<uint32_t>(std::min(static_cast<double>(rate) * 4294967296.0, 4294967295.0));
+}
+
+// f[i, j] = keep(b, n, q0 + i, k0 + j) / (1 - rate), rows x cols into ld-strided rows.
+void DropoutFactors(const Problem& pb, int64_t b, int64_t n, int64_t q0, int64_t rows,
+                    int64_t k0, int64_t cols, float* f, int64_t ld) {
+  const uint32_t threshold = DropThreshold(pb.dropout_rate);
+  const float kept = 1.0f / (1.0f - pb.dropout_rate);
+  for (int64_t i = 0; i < rows; ++i) {
+    const uint32_t row = RowKey(pb, b, n, q0 + i);
+    float* fi = f + i * ld;
+    int64_t j = 0;
+#if defined(__AVX512F__)
+    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i golden = _mm512_set1_epi32(static_cast<int>(0x9E3779B1u));
+    const __m512i c1 = _mm512_set1_epi32(static_cast<int>(0x85EBCA6Bu));
+    const __m512i c2 = _mm512_set1_epi32(static_cast<int>(0xC2B2AE35u));
+    const __m512i rowv = _mm512_set1_epi32(static_cast<int>(row));
+    const __m512i thr = _mm512_set1_epi32(static_cast<int>(threshold));
+    for (; j + 16 <= cols; j += 16) {
+      __m512i h = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(k0 + j)), lanes);
+      h = _mm512_xor_si512(rowv, _mm512_mullo_epi32(h, golden));
+      h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+      h = _mm512_mullo_epi32(h, c1);
+      h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 13));
+      h = _mm512_mullo_epi32(h, c2);
+      h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+      const __mmask16 keep = _mm512_cmpge_epu32_mask(h, thr);
+      _mm512_storeu_ps(fi + j, _mm512_maskz_mov_ps(keep, _mm512_set1_ps(kept)));
+    }
+#endif
+    for (; j < cols; ++j) {
+      const uint32_t bits = Mix(row ^ static_cast<uint32_t>(k0 + j) * 0x9E3779B1u);
+      fi[j] = bits >= threshold ? kept : 0.0f;
+    }
+  }
+}
 
 // Scores of queries q0:q0+rows against keys k0:k0+cols into s[rows x kKeyTile], scaled
 // and masked (-inf where a query may not attend).
@@ -216,6 +283,7 @@ void ForwardItem(const Problem& pb, int64_t item, const float* q_all, const floa
   const float* v = v_all + b * pb.k_len * pb.KRow() + kvh * hd;
   std::vector<float> kt(hd * pb.k_len), s(kQueryTile * kKeyTile), acc(kQueryTile * hd);
   std::vector<float> row_max(kQueryTile), row_sum(kQueryTile);
+  std::vector<float> drop(pb.dropout_rate > 0.0f ? kQueryTile * kKeyTile : 0);
   Transpose(k, pb.k_len, pb.KRow(), hd, kt.data());
   for (int64_t n = kvh * group; n < (kvh + 1) * group; ++n) {
     const float* q = q_all + b * pb.q_len * pb.QRow() + n * hd;
@@ -244,6 +312,10 @@ void ForwardItem(const Problem& pb, int64_t item, const float* q_all, const floa
           if (rescale != 1.0f)
             for (int64_t h = 0; h < hd; ++h) acc[i * hd + h] *= rescale;
         }
+        if (!drop.empty()) {  // after the sums: normalization counts every key
+          DropoutFactors(pb, b, n, q0, rows, k0, cols, drop.data(), kKeyTile);
+          for (int64_t i = 0; i < rows * kKeyTile; ++i) s[i] *= drop[i];
+        }
         Gemm(rows, hd, cols, s.data(), kKeyTile, v + k0 * pb.KRow(), pb.KRow(), acc.data(),
              hd, true);
       }
@@ -268,7 +340,8 @@ void BackwardItem(const Problem& pb, int64_t item, const float* q_all, const flo
   const float* v = v_all + kv_offset;
   std::vector<float> kt(hd * pb.k_len), vt(hd * pb.k_len), dk(pb.k_len * hd, 0.0f),
       dv(pb.k_len * hd, 0.0f), p(kQueryTile * kKeyTile), ds(kQueryTile * kKeyTile),
-      tile_t(kKeyTile * kQueryTile), dq(kQueryTile * hd), delta(kQueryTile);
+      tile_t(kKeyTile * kQueryTile), dq(kQueryTile * hd), delta(kQueryTile),
+      drop(pb.dropout_rate > 0.0f ? kQueryTile * kKeyTile : 0);
   Transpose(k, pb.k_len, pb.KRow(), hd, kt.data());
   Transpose(v, pb.k_len, pb.KRow(), hd, vt.data());
   for (int64_t n = kvh * group; n < (kvh + 1) * group; ++n) {
@@ -294,6 +367,10 @@ void BackwardItem(const Problem& pb, int64_t item, const float* q_all, const flo
         for (int64_t i = 0; i < rows; ++i) ExpShifted(p.data() + i * kKeyTile, cols, lse[q0 + i]);
         Gemm(rows, cols, hd, d_o + q0 * pb.QRow(), pb.QRow(), vt.data() + k0, pb.k_len,
              ds.data(), kKeyTile, false);                                  // dp = do v^T
+        if (!drop.empty()) {
+          DropoutFactors(pb, b, n, q0, rows, k0, cols, drop.data(), kKeyTile);
+          for (int64_t i = 0; i < rows * kKeyTile; ++i) ds[i] *= drop[i];  // dp through z
+        }
         for (int64_t i = 0; i < rows; ++i) {
           const float* pi = p.data() + i * kKeyTile;
           float* di = ds.data() + i * kKeyTile;
@@ -304,6 +381,8 @@ void BackwardItem(const Problem& pb, int64_t item, const float* q_all, const flo
         TransposeTile(ds.data(), rows, cols, kKeyTile, tile_t.data(), kQueryTile);
         Gemm(cols, hd, rows, tile_t.data(), kQueryTile, q + q0 * pb.QRow(), pb.QRow(),
              dk.data() + k0 * hd, hd, true);                               // dk += ds^T q
+        if (!drop.empty())  // dv sees the dropped probabilities
+          for (int64_t i = 0; i < rows * kKeyTile; ++i) p[i] *= drop[i];
         TransposeTile(p.data(), rows, cols, kKeyTile, tile_t.data(), kQueryTile);
         Gemm(cols, hd, rows, tile_t.data(), kQueryTile, d_o + q0 * pb.QRow(), pb.QRow(),
              dv.data() + k0 * hd, hd, true);                               // dv += p^T do
@@ -320,12 +399,18 @@ void BackwardItem(const Problem& pb, int64_t item, const float* q_all, const flo
 }
 
 ffi::Error MakeProblem(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
-                       ffi::Buffer<ffi::PRED>& mask, float scale, bool causal, bool has_mask,
-                       Problem* pb) {
+                       ffi::Buffer<ffi::PRED>& mask, ffi::Buffer<ffi::U32>& rng, float scale,
+                       bool causal, bool has_mask, float dropout_rate, Problem* pb) {
   auto qd = q.dimensions(), kd = k.dimensions();
   if (qd.size() != 4 || kd.size() != 4)
     return ffi::Error::InvalidArgument("q, k, v must be [B, L, N, H] / [B, S, K, H]");
-  *pb = Problem{qd[0], qd[1], kd[1], qd[2], kd[2], qd[3], scale, causal, nullptr, 1};
+  if (rng.element_count() != 4)
+    return ffi::Error::InvalidArgument("rng must be u32[4]: seed, seed, batch and head offset");
+  if (!(dropout_rate >= 0.0f && dropout_rate < 1.0f))
+    return ffi::Error::InvalidArgument("dropout_rate must be in [0, 1)");
+  const uint32_t* r = rng.typed_data();
+  *pb = Problem{qd[0], qd[1], kd[1], qd[2], kd[2], qd[3], scale, causal, nullptr, 1,
+                dropout_rate, {r[0], r[1]}, r[2], r[3]};
   if (kd[0] != pb->batch || kd[3] != pb->head_dim || pb->heads % pb->kv_heads != 0)
     return ffi::Error::InvalidArgument("k/v shape does not match q");
   if (causal && pb->q_len != pb->k_len)
@@ -342,11 +427,13 @@ ffi::Error MakeProblem(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
 }
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask, float scale,
-                   bool causal, bool has_mask, ffi::ResultBuffer<ffi::F32> o,
+                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask,
+                   ffi::Buffer<ffi::U32> rng, float scale, bool causal, bool has_mask,
+                   float dropout_rate, ffi::ResultBuffer<ffi::F32> o,
                    ffi::ResultBuffer<ffi::F32> lse) {
   Problem pb;
-  if (auto err = MakeProblem(q, k, mask, scale, causal, has_mask, &pb); err.failure())
+  if (auto err = MakeProblem(q, k, mask, rng, scale, causal, has_mask, dropout_rate, &pb);
+      err.failure())
     return err;
   ParallelFor(pool, pb.batch * pb.kv_heads, [&](int64_t item) {
     ForwardItem(pb, item, q.typed_data(), k.typed_data(), v.typed_data(), o->typed_data(),
@@ -357,12 +444,14 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
 
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                     ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask,
-                    ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse,
-                    ffi::Buffer<ffi::F32> d_o, float scale, bool causal, bool has_mask,
+                    ffi::Buffer<ffi::U32> rng, ffi::Buffer<ffi::F32> o,
+                    ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> d_o, float scale,
+                    bool causal, bool has_mask, float dropout_rate,
                     ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                     ffi::ResultBuffer<ffi::F32> dv) {
   Problem pb;
-  if (auto err = MakeProblem(q, k, mask, scale, causal, has_mask, &pb); err.failure())
+  if (auto err = MakeProblem(q, k, mask, rng, scale, causal, has_mask, dropout_rate, &pb);
+      err.failure())
     return err;
   ParallelFor(pool, pb.batch * pb.kv_heads, [&](int64_t item) {
     BackwardItem(pb, item, q.typed_data(), k.typed_data(), v.typed_data(), o.typed_data(),
@@ -381,9 +470,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmjaxFlashAttentionForward, Forward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
                                   .Attr<float>("scale")
                                   .Attr<bool>("causal")
                                   .Attr<bool>("has_mask")
+                                  .Attr<float>("dropout_rate")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
@@ -394,12 +485,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LlmjaxFlashAttentionBackward, Backward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
                                   .Attr<bool>("causal")
                                   .Attr<bool>("has_mask")
+                                  .Attr<float>("dropout_rate")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

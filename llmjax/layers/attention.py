@@ -16,6 +16,7 @@ Parameters (`Einsum` submodules, each with `kernel` and optional `bias`):
   out (HEADS, HEAD_DIM, EMBED)
 """
 
+import dataclasses
 import functools
 import itertools
 import logging
@@ -56,6 +57,21 @@ def _scores(equation: str, q: jax.Array, k: jax.Array, mask, bias) -> jax.Array:
   return scores
 
 
+@dataclasses.dataclass(frozen=True)
+class AttentionDropout:
+  """Attention-probability dropout as data (a rate and a PRNG key), so that
+  `attention_impl='cpu_flash'` can draw it inside its kernel. Called on probabilities it
+  applies ordinary dropout (`nn.Dropout`'s rule) for the paths that fall back to einsum;
+  the key is folded with the probabilities' shape, so the chunks of one layer draw apart."""
+  rate: float
+  rng: jax.Array
+
+  def __call__(self, probs: jax.Array) -> jax.Array:
+    rng = jax.random.fold_in(self.rng, hash(probs.shape) & 0x7FFFFFFF)
+    keep = jax.random.bernoulli(rng, 1.0 - self.rate, probs.shape)
+    return jnp.where(keep, probs / (1.0 - self.rate), 0.0).astype(probs.dtype)
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                           mask: jax.Array | None = None,
                           dropout_fn=None, bias: jax.Array | None = None,
@@ -66,7 +82,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   Args:
     q: `[B, L, N, H]` queries; k, v: `[B, S, K, H]` with N % K == 0.
     mask: boolean, broadcastable to `[B, 1, L, S]`; True = may attend.
-    dropout_fn: applied to the attention probabilities (None = no dropout).
+    dropout_fn: applied to the attention probabilities (None = no dropout); an
+      `AttentionDropout` also lets 'cpu_flash' draw the dropout in its kernel.
     bias: float, broadcastable to `[B, N, L, S]`, added to the scores (T5 relative).
     scale: multiplies the queries; None = 1/sqrt(H) (T5 uses 1.0).
     impl: 'einsum' (below; without dropout and bias, for L > 1, with the hand-written
@@ -75,11 +92,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
       GPUs, bfloat16/float16; with `causal` it skips the hidden key blocks; without a
       GPU it falls back to 'einsum' with a warning, so one config runs everywhere) or
       'cpu_flash' (`llmjax.kernels.cpu_attention`: FlashAttention in C++ for XLA:CPU,
-      float32 inside, for L > 1 without a bias; causal key tiles are skipped, and a
-      query that sees no key gets zeros; elsewhere it falls back to 'einsum', with a
-      warning unless it is a one-token decode step).
-      'jax', 'cudnn' and 'cpu_flash' have no dropout: with `dropout_fn` they fall back
-      to 'einsum'.
+      float32 inside, for L > 1 without a bias, dropout given as `AttentionDropout`;
+      causal key tiles are skipped, and a query that sees no key gets zeros; elsewhere
+      it falls back to 'einsum', with a warning unless it is a one-token decode step).
+      'jax' and 'cudnn' have no dropout: with `dropout_fn` they fall back to 'einsum'.
     causal_chunks: only for causal self-attention (L == S, `causal` or a `mask` that
       hides every key after its query): the queries are split into this many chunks
       and chunk i is scored against keys up to its own end only, skipping the masked
@@ -103,7 +119,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   if impl == "cpu_flash":
     reason = _cpu_flash_unsupported(l, dropout_fn, bias)
     if reason is None:
-      return cpu_attention.flash_attention(q, k, v, mask, scale, causal).astype(q.dtype)
+      rate, rng = ((dropout_fn.rate, dropout_fn.rng) if dropout_fn is not None
+                   else (0.0, None))
+      return cpu_attention.flash_attention(q, k, v, mask, scale, causal, rate,
+                                           rng).astype(q.dtype)
     if l > 1:
       _warn_once(f"attention_impl='cpu_flash' {reason}; attention uses 'einsum' here.")
     impl = "einsum"
@@ -135,8 +154,8 @@ def _cpu_flash_unsupported(l, dropout_fn, bias) -> str | None:
   """Why the CPU kernel cannot take this call (None: it can)."""
   if l == 1:
     return "is for L > 1 (one-token decode steps read the KV cache)"
-  if dropout_fn is not None:
-    return "has no attention dropout (set dropout_rate=0 to use it)"
+  if dropout_fn is not None and not isinstance(dropout_fn, AttentionDropout):
+    return "draws dropout itself (pass an AttentionDropout, not a function)"
   if bias is not None:
     return "takes no score bias (T5's relative positions)"
   if not cpu_attention.available():
@@ -275,7 +294,11 @@ class Attention(nn.Module):
     (`config.causal_chunks` may then skip the masked upper triangle)."""
     dropout_fn = None
     if not deterministic and self.config.attention_dropout_rate > 0:
-      dropout_fn = lambda p: self.dropout(p, deterministic=False)
+      if self.config.attention_impl == "cpu_flash":  # drawn in the kernel
+        dropout_fn = AttentionDropout(self.config.attention_dropout_rate,
+                                      self.make_rng("dropout"))
+      else:
+        dropout_fn = lambda p: self.dropout(p, deterministic=False)
     return dot_product_attention(q, k, v, mask, dropout_fn, bias=bias,
                                  scale=self.config.query_scale,
                                  impl=self.config.attention_impl,

@@ -22,8 +22,9 @@ pytestmark = pytest.mark.skipif(not cpu_attention.available(),
                                 reason="needs the CPU backend and a C++ compiler")
 
 
-def _naive(q, k, v, mask, scale, causal):
-  """Plain jnp softmax attention (repeated kv heads); a query that sees no key gives 0."""
+def _naive(q, k, v, mask, scale, causal, keep=None, rate=0.0):
+  """Plain jnp softmax attention (repeated kv heads); a query that sees no key gives 0;
+  `keep` (`[B, N, L, S]`): the dropout draws, kept probabilities scaled by 1/(1-rate)."""
   b, l, n, _ = q.shape
   s, kv_heads = k.shape[1], k.shape[2]
   k, v = (jnp.repeat(a, n // kv_heads, axis=2) for a in (k, v))
@@ -36,7 +37,10 @@ def _naive(q, k, v, mask, scale, causal):
   top = jnp.max(scores, -1, keepdims=True)
   p = jnp.exp(scores - jnp.where(jnp.isfinite(top), top, 0.0))
   total = p.sum(-1, keepdims=True)
-  return jnp.einsum("bnls,bsnh->blnh", p / jnp.where(total > 0, total, 1.0), v)
+  p = p / jnp.where(total > 0, total, 1.0)
+  if keep is not None:
+    p = jnp.where(keep, p / (1.0 - rate), 0.0)
+  return jnp.einsum("bnls,bsnh->blnh", p, v)
 
 
 def _normal(rng, shape):
@@ -95,6 +99,39 @@ def test_kernel_matches_naive_attention_and_its_gradients(case):
     assert not np.any(got[0, [0, 5, 64]]) and not np.any(grads[0][0, [0, 5, 64]])
 
 
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_dropout_matches_naive_attention_with_the_kernels_draws(rate):
+  """The kernel's dropout equals naive attention with `dropout_keep_mask`'s draws (numpy,
+  written apart from the C++), forward and backward; the draws keep 1 - rate."""
+  b, l, n, kv_heads, h = 2, 130, 6, 2, 16
+  rng = np.random.default_rng(7)
+  q, d_out = _normal(rng, (b, l, n, h)), _normal(rng, (b, l, n, h))
+  k, v = _normal(rng, (b, l, kv_heads, h)), _normal(rng, (b, l, kv_heads, h))
+  mask, key = _mask("segments", rng, b, l, l), jax.random.key(11)
+  keep = cpu_attention.dropout_keep_mask(cpu_attention.dropout_seed(key), rate, b, n, l, l)
+  assert abs(keep.mean() - (1 - rate)) < 0.01
+  assert 0.5 < (keep[0, 0] == keep[0, 1]).mean() < 0.95  # heads draw apart (~rate^2+...)
+
+  def flash(q, k, v):
+    return cpu_attention.flash_attention(q, k, v, mask, 0.3, True, rate, key)
+
+  def naive(q, k, v):
+    return _naive(q, k, v, mask, 0.3, True, keep, rate)
+  np.testing.assert_allclose(jax.jit(flash)(q, k, v), naive(q, k, v), rtol=1e-5, atol=1e-5)
+  loss = lambda fn: lambda *a: jnp.sum(fn(*a) * d_out)
+  got = jax.jit(jax.grad(loss(flash), argnums=(0, 1, 2)))(q, k, v)
+  want = jax.grad(loss(naive), argnums=(0, 1, 2))(q, k, v)
+  for name, g, w in zip("qkv", got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=2e-5, err_msg=f"d{name}")
+  other = cpu_attention.flash_attention(q, k, v, mask, 0.3, True, rate, jax.random.key(12))
+  assert not np.allclose(other, flash(q, k, v))
+  np.testing.assert_array_equal(  # rate 0: the key is ignored
+      cpu_attention.flash_attention(q, k, v, mask, 0.3, True, 0.0, key),
+      cpu_attention.flash_attention(q, k, v, mask, 0.3, True))
+  with pytest.raises(ValueError, match="needs a dropout_rng"):
+    cpu_attention.flash_attention(q, k, v, mask, 0.3, True, rate)
+
+
 def test_bfloat16_inputs_are_computed_in_float32():
   rng = np.random.default_rng(0)
   q, k, v = (_normal(rng, (2, 40, 4, 16)).astype(jnp.bfloat16) for _ in range(3))
@@ -131,7 +168,46 @@ def test_model_with_cpu_flash_matches_einsum(name):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), got, want)
 
 
-def test_falls_back_to_einsum_with_dropout_and_for_decode_steps(caplog):
+def test_model_dropout_is_drawn_in_the_kernel():
+  """attention_dropout_rate with cpu_flash: the kernel draws it (in the graph, no
+  fallback), the same 'dropout' key gives the same result and another key another."""
+  cfg = get_preset("tiny", max_len=128, dropout_rate=0.0, attention_dropout_rate=0.2,
+                   attention_impl="cpu_flash")
+  tokens = np.random.default_rng(4).integers(1, 128, size=(2, 70)).astype(np.int32)
+  params = reference.random_params(Transformer(cfg), tokens, std=0.1)
+
+  def loss(params, key, deterministic=False):
+    return _model_loss(cfg, params, tokens, deterministic=deterministic,
+                       rngs={"dropout": key})
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params, jax.random.key(0)))
+  assert "llmjax_flash_attention_bwd" in jaxpr and "('dropout_rate', np.float32(0.2))" in jaxpr
+  step = jax.jit(loss, static_argnums=2)
+  first, again = step(params, jax.random.key(0)), step(params, jax.random.key(0))
+  assert first == again
+  assert first != step(params, jax.random.key(1))
+  assert first != step(params, jax.random.key(0), True)
+
+
+def test_attention_dropout_on_the_einsum_fallback():
+  """Where the kernel cannot run (here: T5's biased self-attention) `AttentionDropout`
+  is ordinary dropout: zeros at ~rate, kept values scaled by 1/(1-rate), chunks apart."""
+  drop = attention.AttentionDropout(0.3, jax.random.key(3))
+  out = np.asarray(drop(jnp.ones((4, 64, 64))))
+  np.testing.assert_allclose(np.unique(out), [0.0, 1 / 0.7], rtol=1e-6)
+  assert abs((out == 0).mean() - 0.3) < 0.02
+  assert not np.array_equal(out[:, :32, :32] == 0, np.asarray(drop(jnp.ones((4, 32, 32)))) == 0)
+  cfg = get_preset("t5-tiny", max_len=128, dropout_rate=0.0, attention_dropout_rate=0.2,
+                   attention_impl="cpu_flash")
+  rng = np.random.default_rng(5)
+  tokens = rng.integers(1, 128, size=(2, 40)).astype(np.int32)
+  kw = {"encoder_tokens": rng.integers(1, 128, size=(2, 33)).astype(np.int32)}
+  params = reference.random_params(Transformer(cfg), tokens, std=0.1, **kw)
+  train = _model_loss(cfg, params, tokens, deterministic=False,
+                      rngs={"dropout": jax.random.key(0)}, **kw)
+  assert np.isfinite(train) and train != _model_loss(cfg, params, tokens, **kw)
+
+
+def test_falls_back_to_einsum_with_function_dropout_and_for_decode_steps(caplog):
   rng = np.random.default_rng(2)
   q, k, v = (_normal(rng, (2, 8, 2, 4)) for _ in range(3))
   want = attention.dot_product_attention(q, k, v, causal=True)
@@ -139,7 +215,7 @@ def test_falls_back_to_einsum_with_dropout_and_for_decode_steps(caplog):
     got = attention.dot_product_attention(q, k, v, causal=True, impl="cpu_flash",
                                           dropout_fn=lambda p: p)
   np.testing.assert_allclose(got, want, rtol=1e-6)
-  assert "has no attention dropout" in caplog.text
+  assert "draws dropout itself" in caplog.text
   step = jax.make_jaxpr(lambda q: attention.dot_product_attention(q, k, v, impl="cpu_flash"))
   assert "ffi_call" not in str(step(q[:, :1]))             # one query: the einsum path
 
@@ -164,13 +240,16 @@ def test_build_caches_the_library_and_reports_what_failed(tmp_path, monkeypatch)
     ("fsdp_tp", (2, 2, 2), (2, 1)),      # batch over data x fsdp, heads over tensor
 ])
 def test_under_a_mesh_each_device_runs_its_own_shard(rule_set, mesh_shape, local):
+  """Per-shard calls give one device's values and gradients, dropout draws included (each
+  shard hashes its global batch rows and heads)."""
   rng = np.random.default_rng(3)
   q, k, v = _normal(rng, (8, 40, 4, 8)), _normal(rng, (8, 40, 2, 8)), _normal(rng, (8, 40, 2, 8))
   mask = jnp.asarray(rng.random((8, 1, 40, 40)) > 0.2)
+  key = jax.random.key(5)
 
   def grads(q, k, v):
-    return jax.grad(lambda *a: jnp.sum(cpu_attention.flash_attention(*a, mask, 0.3, True) ** 2),
-                    argnums=(0, 1, 2))(q, k, v)
+    fn = lambda *a: cpu_attention.flash_attention(*a, mask, 0.3, True, 0.25, key)
+    return jax.grad(lambda *a: jnp.sum(fn(*a) ** 2), argnums=(0, 1, 2))(q, k, v)
   want = jax.jit(grads)(q, k, v)
   with jax.set_mesh(mesh_lib.make_mesh(*mesh_shape)), \
        nn.logical_axis_rules(rules_lib.get_rules(rule_set)):
