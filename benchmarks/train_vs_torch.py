@@ -77,11 +77,14 @@ def llmjax_config(shape: str, vocab_size: int | None = None, dtype: str = "float
   from llmjax.models.presets import get_preset
   layers, heads, width, seq_len, _ = SHAPES[shape]
   vocab_size = vocab_size or VOCAB.get(shape, 65)
-  return get_preset("nanogpt-char", vocab_size=vocab_size, num_layers=layers,
-                    num_heads=heads, embed_dim=width, mlp_dim=4 * width, max_len=seq_len,
-                    dropout_rate=0.0, dtype=dtype,
-                    **{**FAST_SMALL_MODEL, "attention_impl": FAST_ATTENTION.get(dtype, "einsum"),
-                       "causal_chunks": max(1, seq_len // CAUSAL_CHUNK), **(overrides or {})})
+  kwargs = {"vocab_size": vocab_size, "num_layers": layers, "num_heads": heads,
+            "embed_dim": width, "mlp_dim": 4 * width, "max_len": seq_len, "dropout_rate": 0.0,
+            "dtype": dtype, **FAST_SMALL_MODEL,
+            "attention_impl": FAST_ATTENTION.get(dtype, "einsum"),
+            "causal_chunks": max(1, seq_len // CAUSAL_CHUNK)}
+  # Overrides may change any field, the shape's too (then only llmjax variants compare:
+  # the parent's same-work check refuses unequal parameter counts).
+  return get_preset("nanogpt-char", **{**kwargs, **(overrides or {})})
 
 
 def torch_model(kind: str, shape: str, vocab_size: int | None = None):
@@ -188,7 +191,8 @@ class LlmjaxImpl:
     flops = self.cost.get("flops") if isinstance(self.cost, dict) else None
     flops = flops and flops * self.devices  # SPMD: the cost analysis is per device
     return {"params": self.num_params, "initial_loss": self.initial_loss,
-            "compile_s": self.compile_s, "xla_flops": flops}
+            "compile_s": self.compile_s, "xla_flops": flops,
+            "layers": self.cfg.num_layers, "width": self.cfg.embed_dim}
 
   def run(self, start, n):
     """`n` timed steps on batches start..start+n-1: (seconds per step, losses)."""
@@ -470,6 +474,9 @@ def run_rounds(workers, rounds: int, steps: int, tokens_per_step: int, first_bat
 def report(args, info, results):
   layers, _, width, seq_len, batch = SHAPES[args.shape]
   num_params = next(i["params"] for i in info.values() if "params" in i)
+  # the model's own depth and width where llmjax overrides changed the shape's
+  layers = next((i["layers"] for i in info.values() if "layers" in i), layers)
+  width = next((i["width"] for i in info.values() if "width" in i), width)
   probe = {}
   for k, dtype in enumerate(("float32", "bfloat16")):
     per_round = [max(vals[k] for vals in rnd) for rnd in zip(results["probe-jax"],
