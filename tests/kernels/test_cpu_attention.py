@@ -261,3 +261,26 @@ def test_under_a_mesh_each_device_runs_its_own_shard(rule_set, mesh_shape, local
   assert len(calls) == 2
   batch, kv_heads = local
   assert all(f"f32[{batch},40,{kv_heads},8]" in line for line in calls)  # k: the local shard
+
+
+def test_without_a_compiler_the_model_warns_and_uses_einsum(tmp_path, monkeypatch, caplog):
+  """An empty kernel cache and no compiler: `available()` is False with the README's
+  warning, and cpu_flash attention gives the einsum path's result."""
+  rng = np.random.default_rng(6)
+  q, k, v = (_normal(rng, (2, 16, 2, 8)) for _ in range(3))
+  want = attention.dot_product_attention(q, k, v, causal=True)
+  monkeypatch.setenv("LLMJAX_KERNEL_CACHE", str(tmp_path))
+  monkeypatch.setattr(cpu_attention.shutil, "which", lambda name: None)
+  attention._warn_once.cache_clear()
+  cpu_attention.available.cache_clear()
+  try:
+    with caplog.at_level(logging.WARNING):
+      assert not cpu_attention.available()
+      got = attention.dot_product_attention(q, k, v, causal=True, impl="cpu_flash")
+    assert ("attention_impl='cpu_flash' is not available, using XLA's attention: no C++ "
+            "compiler found") in caplog.text
+    np.testing.assert_array_equal(got, want)
+  finally:
+    monkeypatch.undo()
+    cpu_attention.available.cache_clear()
+    assert cpu_attention.available()  # the cached library again, registered anew
