@@ -225,21 +225,26 @@ def _attrs(mask, scale, causal, dropout_rate):
           "dropout_rate": np.float32(dropout_rate)}
 
 
+def _operand_specs(q, k):
+  """`_shard_specs` plus the mask's (split like the batch) and the seed's (replicated)."""
+  queries, keys, rows = _shard_specs(q, k)
+  if queries is None:
+    return queries, keys, rows, None, None
+  return queries, keys, rows, PartitionSpec(queries[0]), PartitionSpec()
+
+
 def _rng_operand(seed, queries, b, n):
   """u32[4]: the seed words and this shard's first global batch row and head (per shard
   inside `shard_map`: so a sharded call draws the bits one device would)."""
-  offsets = []
-  for names, size in ((None if queries is None else queries[0], b),
-                      (None if queries is None else queries[2], n)):
-    index = 0 if names is None else jax.lax.axis_index(names) * size
-    offsets.append(jnp.asarray(index, jnp.uint32))
-  return jnp.concatenate([seed.astype(jnp.uint32), jnp.stack(offsets)])
+  def first(names, size):
+    return 0 if names is None else jax.lax.axis_index(names) * size
+  batch_axes, head_axes = (None, None) if queries is None else (queries[0], queries[2])
+  offsets = jnp.asarray([first(batch_axes, b), first(head_axes, n)], jnp.uint32)
+  return jnp.concatenate([seed.astype(jnp.uint32), offsets])
 
 
 def _forward(q, k, v, mask, seed, scale, causal, dropout_rate):
-  queries, keys, rows = _shard_specs(q, k)
-  masks = None if queries is None else PartitionSpec(queries[0])
-  seeds = None if queries is None else PartitionSpec()
+  queries, keys, rows, masks, seeds = _operand_specs(q, k)
 
   def call(q, k, v, mask_operand, seed):
     b, l, n, _ = q.shape
@@ -255,9 +260,7 @@ def _forward(q, k, v, mask, seed, scale, causal, dropout_rate):
 
 def _backward(scale, causal, dropout_rate, residuals, d_out):
   q, k, v, mask, seed, out, lse = residuals
-  queries, keys, rows = _shard_specs(q, k)
-  masks = None if queries is None else PartitionSpec(queries[0])
-  seeds = None if queries is None else PartitionSpec()
+  queries, keys, rows, masks, seeds = _operand_specs(q, k)
 
   def call(q, k, v, mask_operand, seed, out, lse, d_out):
     b, _, n, _ = q.shape
