@@ -28,10 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from llmjax.errors import UserError
-from llmjax.kernels import cpu_attention
-from llmjax.layers import attention_vjp, masks
-from llmjax.layers.attention_vjp import block, from_heads, to_heads
-from llmjax.layers.linear import Einsum, einsum_f32, matmul, one_row_layout, row_vector_product
+from llmjax.kernels import cpu_attention, dense, einsum_attention
+from llmjax.kernels.dense import einsum_f32
+from llmjax.kernels.einsum_attention import block
+from llmjax.layers import masks
+from llmjax.layers.linear import Einsum, Joint
 from llmjax.layers.position import apply_rope
 from llmjax.sharding.axes import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH
 
@@ -72,35 +73,50 @@ class AttentionDropout:
     return jnp.where(keep, probs / (1.0 - self.rate), 0.0).astype(probs.dtype)
 
 
+def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                        mask: jax.Array | None = None, bias: jax.Array | None = None,
+                        dropout_fn=None, scale: float | None = None) -> jax.Array:
+  """The einsum reference: softmax(scale * q k^T + bias, masked) v, softmax in float32.
+
+  q `[B, L, N, H]`, k and v `[B, S, K, H]`; mask (bool, True = may attend) and bias
+  broadcastable to `[B, 1, L, S]` / `[B, N, L, S]`; `dropout_fn` takes the probabilities.
+  Every other implementation computes this (`dot_product_attention`).
+  """
+  b, l, n, h = q.shape
+  scale = 1.0 / math.sqrt(h) if scale is None else scale
+  q = _grouped_queries(q, k.shape[2], scale)                            # [B, L, K, G, H]
+  scores = _scores("BLKGH,BSKH->BKGLS", q, k, mask, bias)              # [B, K, G, L, S]
+  probs = jax.nn.softmax(scores, axis=-1)
+  if dropout_fn is not None:
+    probs = dropout_fn(probs)
+  out = einsum_f32("BKGLS,BSKH->BLKGH", probs.astype(v.dtype), v)      # [B, L, K, G, H]
+  return out.reshape(b, l, n, h).astype(q.dtype)                        # [B, L, N, H]
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                           mask: jax.Array | None = None,
                           dropout_fn=None, bias: jax.Array | None = None,
                           scale: float | None = None, impl: str = "einsum",
                           causal_chunks: int = 1, causal: bool = False) -> jax.Array:
-  """softmax(scale * q k^T + bias + mask) v, grouped over K key/value heads.
+  """`reference_attention`, by the implementation `impl` names (the one dispatch point).
 
   Args:
-    q: `[B, L, N, H]` queries; k, v: `[B, S, K, H]` with N % K == 0.
-    mask: boolean, broadcastable to `[B, 1, L, S]`; True = may attend.
+    q, k, v, mask, bias, scale: as `reference_attention`.
     dropout_fn: applied to the attention probabilities (None = no dropout); an
       `AttentionDropout` also lets 'cpu_flash' draw the dropout in its kernel.
-    bias: float, broadcastable to `[B, N, L, S]`, added to the scores (T5 relative).
-    scale: multiplies the queries; None = 1/sqrt(H) (T5 uses 1.0).
-    impl: 'einsum' (below; without dropout and bias, for L > 1, with the hand-written
-      backward pass of `attention_vjp`), 'jax' (`jax.nn.dot_product_attention`, XLA's) or 'cudnn'
-      (the same with `implementation='cudnn'`: cuDNN's fused flash attention, NVIDIA
-      GPUs, bfloat16/float16; with `causal` it skips the hidden key blocks; without a
-      GPU it falls back to 'einsum' with a warning, so one config runs everywhere) or
-      'cpu_flash' (`llmjax.kernels.cpu_attention`: FlashAttention in C++ for XLA:CPU,
-      float32 inside, for L > 1 without a bias, dropout given as `AttentionDropout`;
-      causal key tiles are skipped, and a query that sees no key gets zeros; elsewhere
-      it falls back to 'einsum', with a warning unless it is a one-token decode step).
-      'jax' and 'cudnn' have no dropout: with `dropout_fn` they fall back to 'einsum'.
-    causal_chunks: only for causal self-attention (L == S, `causal` or a `mask` that
-      hides every key after its query): the queries are split into this many chunks
-      and chunk i is scored against keys up to its own end only, skipping the masked
-      upper triangle; with n chunks that is (n + 1) / 2n of the score and probability
-      work. The result is the same (dropout draws differ). 'cudnn' ignores it.
+    impl: 'einsum' (the reference; for L > 1 without dropout and bias
+      `kernels.einsum_attention`'s hand-written backward pass), 'jax'
+      (`jax.nn.dot_product_attention`, XLA's), 'cudnn' (the same with
+      `implementation='cudnn'`: cuDNN's fused flash attention, NVIDIA GPUs, bfloat16/
+      float16, `causal` skips the hidden key blocks) or 'cpu_flash'
+      (`kernels.cpu_attention`: FlashAttention in C++ for XLA:CPU, float32 inside, for
+      L > 1 without a bias; a query that sees no key gets zeros). One config runs
+      everywhere: where an impl cannot take a call it falls back to 'einsum', with one
+      warning (none for one-token decode steps); 'jax' and 'cudnn' have no dropout.
+    causal_chunks: only for causal self-attention: the queries are split into this many
+      chunks and chunk i is scored against keys up to its own end only, skipping the
+      masked upper triangle ((n + 1) / 2n of the work). Same result (dropout draws
+      differ). 'cudnn' and 'cpu_flash' skip hidden blocks themselves and ignore it.
     causal: causal self-attention (L == S): query l never sees a key after it, on top
       of whatever `mask` hides (`mask` then holds only padding/segments, or is None).
   Returns:
@@ -109,45 +125,45 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   l = q.shape[1]
   if (causal or causal_chunks > 1) and k.shape[1] != l and l > 1:
     raise ValueError(f"causal attention needs self-attention (L == S), got {l} vs {k.shape[1]}")
-  if impl == "cudnn" and dropout_fn is None:
-    if jax.default_backend() == "gpu":
-      return _cudnn_attention(q, k, v, mask, bias, scale, causal)
-    _warn_once(f"attention_impl='cudnn' needs an NVIDIA GPU; jax runs on "
-               f"{jax.default_backend()!r} here, so attention uses 'einsum' (same result).")
-    impl = "einsum"
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+  impl = _usable_impl(impl, l, dropout_fn, bias)
+  if impl == "cudnn":
+    return _cudnn_attention(q, k, v, mask, bias, scale, causal)
   if impl == "cpu_flash":
-    reason = _cpu_flash_unsupported(l, dropout_fn, bias)
-    if reason is None:
-      rate, rng = ((dropout_fn.rate, dropout_fn.rng) if dropout_fn is not None
-                   else (0.0, None))
-      return cpu_attention.flash_attention(q, k, v, mask, scale, causal, rate,
-                                           rng).astype(q.dtype)
-    if l > 1:
-      _warn_once(f"attention_impl='cpu_flash' {reason}; attention uses 'einsum' here.")
-    impl = "einsum"
+    rate, rng = (dropout_fn.rate, dropout_fn.rng) if dropout_fn is not None else (0.0, None)
+    return cpu_attention.flash_attention(q, k, v, mask, scale, causal, rate,
+                                         rng).astype(q.dtype)
   if causal:
     mask = masks.combine_masks(masks.causal_mask(l), mask)
-  chunks = min(causal_chunks, l)
-  bounds = tuple(int(x) for x in np.linspace(0, l, chunks + 1).round())
-  if impl == "einsum" and dropout_fn is None and bias is None and l > 1:
-    return attention_vjp.attention(q, k, v, mask, scale, bounds, chunks > 1)
-  if chunks > 1:
-    if impl == "einsum":
-      return _chunked_head_major(q, k, v, mask, dropout_fn, bias, scale, bounds)
-    return jnp.concatenate([
-        dot_product_attention(q[:, start:end], k[:, :end], v[:, :end],
-                              block(mask, start, end, end), dropout_fn,
-                              block(bias, start, end, end), scale, impl)
+  bounds = tuple(int(x) for x in np.linspace(0, l, min(causal_chunks, l) + 1).round())
+  if impl == "jax":  # it wants one dtype throughout
+    bias = None if bias is None else bias.astype(q.dtype)
+    return jnp.concatenate([jax.nn.dot_product_attention(
+        q[:, start:end], k[:, :end], v[:, :end], bias=block(bias, start, end, end),
+        mask=block(mask, start, end, end), scale=scale)
         for start, end in itertools.pairwise(bounds)], axis=1)
-  b, l, n, h = q.shape
-  if impl == "jax" and dropout_fn is None:
-    bias = None if bias is None else bias.astype(q.dtype)  # it wants one dtype throughout
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale)
-  q = _grouped_queries(q, k.shape[2], scale)                            # [B, L, K, G, H]
-  out = _softmax_attend("BLKGH,BSKH->BKGLS", "BKGLS,BSKH->BLKGH", q, k, v, mask, bias,
-                        dropout_fn)                                     # [B, L, K, G, H]
-  return out.reshape(b, l, n, h).astype(q.dtype)                         # [B, L, N, H]
+  if dropout_fn is None and bias is None and l > 1:
+    return einsum_attention.attention(q, k, v, mask, scale, bounds, len(bounds) > 2)
+  if len(bounds) > 2:
+    return einsum_attention.chunked_attention(q, k, v, mask, bias, dropout_fn, scale, bounds)
+  return reference_attention(q, k, v, mask, bias, dropout_fn, scale)
+
+
+def _usable_impl(impl: str, l: int, dropout_fn, bias) -> str:
+  """`impl`, or 'einsum' where it cannot take this call (with one warning)."""
+  if impl in ("jax", "cudnn") and dropout_fn is not None:
+    return "einsum"
+  if impl == "cudnn" and jax.default_backend() != "gpu":
+    _warn_once(f"attention_impl='cudnn' needs an NVIDIA GPU; jax runs on "
+               f"{jax.default_backend()!r} here, so attention uses 'einsum' (same result).")
+    return "einsum"
+  if impl == "cpu_flash":
+    reason = _cpu_flash_unsupported(l, dropout_fn, bias)
+    if reason is not None:
+      if l > 1:
+        _warn_once(f"attention_impl='cpu_flash' {reason}; attention uses 'einsum' here.")
+      return "einsum"
+  return impl
 
 
 def _cpu_flash_unsupported(l, dropout_fn, bias) -> str | None:
@@ -180,34 +196,6 @@ def _cudnn_attention(q, k, v, mask, bias, scale, causal):
                                       is_causal=causal, implementation="cudnn")
 
 
-def _softmax_attend(scores_eq: str, out_eq: str, q, k, v, mask, bias, dropout_fn):
-  """softmax(scores + bias, masked) v in float32, with the layouts the equations name."""
-  probs = jax.nn.softmax(_scores(scores_eq, q, k, mask, bias), axis=-1)  # [B, K, G, L, S]
-  if dropout_fn is not None:
-    probs = dropout_fn(probs)
-  return einsum_f32(out_eq, probs.astype(v.dtype), v)
-
-
-def _chunked_head_major(q, k, v, mask, dropout_fn, bias, scale, bounds):
-  """The einsum path of `causal_chunks` with dropout or a bias (autodiffed; without
-  them `attention_vjp` runs): query rows bounds[i]:bounds[i+1] against keys
-  :bounds[i+1], with q, k and v transposed once to heads-major `[B, K, (G,) L, H]`.
-
-  Chunks are then slices of each head's rows and the chunk outputs one concatenation.
-  In the backward pass each chunk's key/value gradient is padded and summed in that
-  same layout; sliced from `[B, L, N, H]`, XLA:CPU transposed every chunk's gradient
-  back into it inside each sum (one `[B, L, N, H]` fusion per chunk, ~10% of a
-  bfloat16 nanoGPT-char step; benchmarks/README.md).
-  """
-  qh, kh, vh = to_heads(q, k, v, scale)                                # [B, K, (G,) L, H]
-  out = jnp.concatenate([
-      _softmax_attend("BKGLH,BKSH->BKGLS", "BKGLS,BKSH->BKGLH", qh[:, :, :, start:end],
-                      kh[:, :, :end], vh[:, :, :end], block(mask, start, end, end),
-                      block(bias, start, end, end), dropout_fn)
-      for start, end in itertools.pairwise(bounds)], axis=3)           # [B, K, G, L, H]
-  return from_heads(out, q.dtype)
-
-
 class Attention(nn.Module):
   """Self-attention, or cross-attention when `kv` is given; `[B, L, D] -> [B, L, D]`."""
 
@@ -237,7 +225,7 @@ class Attention(nn.Module):
     """
     self_attention = kv is None
     kv = x if self_attention else kv
-    if (fused or self.config.fused_qkv) and self_attention and not self.is_initializing():
+    if (fused or self.config.fused_qkv) and self_attention:
       q, k, v = self._fused_qkv(x)
     else:
       q, k, v = self.query(x), self.key(kv), self.value(kv)
@@ -254,37 +242,29 @@ class Attention(nn.Module):
   def _fused_qkv(self, x: jax.Array):
     """`query(x), key(x), value(x)` from one product, with the same parameters.
 
-    Each kernel is viewed per key/value head, `[D, K, G*H]` for the queries (query head
-    n = k*G + g, as in `_grouped_queries`) and `[D, K, H]` for keys and values, and the
-    three are concatenated along their last dim: one `[D, K, (G+2)H]` kernel. One
-    `[B*L, D] x [D, (N+2K)H]` product runs at about twice the FLOP rate of three
-    narrower ones on CPU (benchmarks/README.md), in training and in decoding steps alike; the
-    concatenation is the size of the kernels, and a heads-split (tensor parallel)
-    kernel stays split along K. A one-row product on CPU (a decoding step at batch 1)
-    concatenates the kernels output-major instead, `[K, (G+2)H, D]`, for
-    `row_vector_product`.
+    The three layers' `weights` are viewed per key/value head, `[D, K, G*H]` for the
+    queries (query head n = k*G + g, as in `_grouped_queries`) and `[D, K, H]` for keys
+    and values, and concatenated along their last dim: one `[D, K, (G+2)H]` kernel.
+    One `[B*L, D] x [D, (N+2K)H]` product runs at about twice the FLOP rate of three
+    narrower ones on CPU (benchmarks/README.md), in training and decoding alike; a
+    heads-split (tensor parallel) kernel stays split along K. Each layer is then still
+    called, with its part of the product as a `Joint`, so an interceptor sees every
+    projection.
     """
     cfg = self.config
     kv_heads, group, h = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
-    params = [nn.meta.unbox(layer.variables["params"])  # as `self.param` would return them
-              for layer in (self.query, self.key, self.value)]
+    layers = (self.query, self.key, self.value)
+    weights = [layer.weights() for layer in layers]
     per_kv_head = lambda a: a.reshape(a.shape[:-2] + (kv_heads, -1))    # [.., K, G*H | H]
-    parts = [per_kv_head(p["kernel"]).astype(cfg.compute_dtype) for p in params]
+    kernel = jnp.concatenate([per_kv_head(w) for w, _ in weights], -1)  # [D, K, (G+2)H]
+    bias = (jnp.concatenate([per_kv_head(b) for _, b in weights], -1)  # [K, (G+2)H]
+            if cfg.use_bias else None)
     x = x.astype(cfg.compute_dtype)
-    biases = [per_kv_head(p["bias"]) for p in params] if cfg.use_bias else None
-    if one_row_layout("BLD,DX->BLX", x, cfg.compute_dtype) is not None:  # batch-1 decoding
-      kernel = jnp.concatenate([a.transpose(1, 2, 0) for a in parts], axis=1)  # [K, (G+2)H, D]
-      bias = None if biases is None else jnp.concatenate(biases, -1)    # [K, (G+2)H]
-      y = row_vector_product(x.reshape(1, -1), kernel.reshape(-1, x.shape[-1]),
-                             None if bias is None else bias.reshape(-1))
-      y = y.reshape(x.shape[:2] + kernel.shape[:2])
-    else:
-      kernel = jnp.concatenate(parts, axis=-1)                           # [D, K, (G+2)H]
-      y = matmul("BLD,DKT->BLKT", x, kernel)    # float32
-      if biases is not None:
-        y = y + jnp.concatenate(biases, -1).astype(jnp.float32)
-    q, k, v = jnp.split(y.astype(cfg.compute_dtype), [group * h, (group + 1) * h], axis=-1)
-    return q.reshape(q.shape[:2] + (cfg.num_heads, h)), k, v
+    y = dense.product("BLD,DKT->BLKT", x, kernel, bias)                  # float32
+    parts = jnp.split(y, [group * h, (group + 1) * h], axis=-1)        # [B, L, K, G*H | H]
+    heads = (cfg.num_heads, kv_heads, kv_heads)
+    return tuple(layer(x, Joint(x, part.reshape(x.shape[:2] + (n, h))))
+                 for layer, part, n in zip(layers, parts, heads))
 
   def attend(self, q, k, v, mask=None, deterministic: bool = True,
              bias: jax.Array | None = None, causal: bool = False) -> jax.Array:

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llmjax.layers.linear import matmul, one_row_layout, pad_axis_to, row_vector_product
+from llmjax.kernels import dense
 from llmjax.sharding.axes import EMBED, VOCAB
 
 
@@ -35,8 +35,5 @@ class Embed(nn.Module):
 
     `pad_to`: the product runs over the table padded with zero rows to a multiple of
     this, and the logits are sliced back to V (GPU tiles divide the padded width)."""
-    table = pad_axis_to(self.embedding.astype(self.dtype), 0, pad_to)
-    if one_row_layout("BLD,DV->BLV", x, self.dtype) is not None:  # [V, D]: output-major
-      y = row_vector_product(x.reshape(1, -1).astype(self.dtype), table)   # [1, V]
-      return y.reshape(x.shape[:2] + (-1,))[..., :self.vocab_size]
-    return matmul("BLD,VD->BLV", x.astype(self.dtype), table)[..., :self.vocab_size]
+    table = self.embedding.astype(self.dtype)                             # [V, D]
+    return dense.product("BLD,VD->BLV", x.astype(self.dtype), table, pad_to=pad_to)

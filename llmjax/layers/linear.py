@@ -1,199 +1,41 @@
-"""`Einsum`: the one dense layer every projection in the network goes through.
+"""`Einsum`: the one dense layer every product with a weight in the network goes through.
 
 Shape letters used across `llmjax/layers` and `llmjax/models`:
   B batch, L query length, S key length, D embed, N query heads, K key/value heads,
   H head dim, F mlp hidden, V vocab.
 
 Every matmul reads as an einsum (`'BLD,DNH->BLNH'`), keeps its parameters in
-`param_dtype`, computes in the compute `dtype` and accumulates in float32
-(`preferred_element_type`), which is also what makes bfloat16 matmuls fast on CPU.
-Having one layer is what lets LoRA and fake-quant intercept every projection later
-(gemma's `_modules.Einsum` / `peft/_interceptors.py` pattern).
+`param_dtype`, computes in the compute `dtype` and accumulates in float32. How XLA is
+made to run the product fast on each backend is `llmjax.kernels.dense.product`'s
+business; the layer only says what is computed.
+
+Having one layer is what lets LoRA, adapters and quantization change every projection
+from outside the model (`llmjax.layers.intercept`; gemma's `peft/_interceptors.py`
+pattern): an interceptor may wrap or replace `__call__` (the product) or `weights` (the
+parameters as the product uses them). Fused q/k/v (`Attention`) builds its one product
+from the three layers' `weights` and still calls each layer, with `Joint`.
 """
 
-import functools
-import math
+import dataclasses
 from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llmjax.kernels import dense
+
 Initializer = Callable[..., jax.Array]
-LOW_PRECISION = (jnp.bfloat16, jnp.float16)  # dtypes whose products get custom gradients
 
 
-def einsum_f32(equation: str, *operands: jax.Array) -> jax.Array:
-  """`jnp.einsum` with float32 accumulation; the result is float32.
-
-  With two bfloat16 (or float16) operands the backward pass runs in that dtype too: the
-  cotangent is rounded to it and both gradient products accumulate in float32, as the
-  forward does (mixed precision as in Micikevicius et al. 2018). `jnp.einsum`'s own
-  transpose would upcast both operands to float32, at half the speed on CPUs with
-  bf16 dot instructions (benchmarks/README.md). Float32 operands take `jnp.einsum` as is.
-  """
-  if (len(operands) == 2 and operands[0].dtype == operands[1].dtype
-      and operands[0].dtype in LOW_PRECISION and _transposable(equation)):
-    return _einsum_low_precision(equation, *operands)
-  return jnp.einsum(equation, *operands, preferred_element_type=jnp.float32)
-
-
-def _letters(equation: str) -> tuple[str, str, str]:
-  inputs, out = equation.split("->")
-  a, b = inputs.split(",")
-  return a, b, out
-
-
-def _transposable(equation: str) -> bool:
-  """Whether both gradients are plain einsums (no ellipsis, repeats or lone reductions)."""
-  if "..." in equation or "->" not in equation or equation.count(",") != 1:
-    return False
-  a, b, out = _letters(equation)
-  return (all(len(set(s)) == len(s) for s in (a, b, out))
-          and all(c in b or c in out for c in a) and all(c in a or c in out for c in b))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _einsum_low_precision(equation: str, x: jax.Array, y: jax.Array) -> jax.Array:
-  return jnp.einsum(equation, x, y, preferred_element_type=jnp.float32)
-
-
-def _einsum_low_precision_fwd(equation, x, y):
-  return _einsum_low_precision(equation, x, y), (x, y)
-
-
-def _einsum_low_precision_bwd(equation, residuals, ct):
-  x, y = residuals
-  a, b, out = _letters(equation)
-  ct = ct.astype(x.dtype)
-  gx = jnp.einsum(f"{out},{b}->{a}", ct, y, preferred_element_type=jnp.float32)
-  gy = jnp.einsum(f"{a},{out}->{b}", x, ct, preferred_element_type=jnp.float32)
-  return gx.astype(x.dtype), gy.astype(y.dtype)
-
-
-_einsum_low_precision.defvjp(_einsum_low_precision_fwd, _einsum_low_precision_bwd)
-
-
-def merge_contraction(equation: str, x: jax.Array, y: jax.Array):
-  """`('BLNH,NHD->BLD', x, y)` -> `('BLZ,ZD->BLD', x [B, L, N*H], y [N*H, D])`.
-
-  When two or more contracted dims sit side by side, in the same order, in both
-  operands, they are merged into one by free reshapes. The product is the same; XLA:CPU
-  then sees a plain matrix product and keeps both operands in place, where with two
-  contracted dims its layout assignment may copy a transposed kernel on every call
-  (on every decoding step, in a loop).
-  """
-  a, b, out = _letters(equation)
-  run = "".join(c for c in a if c in b and c not in out)
-  if len(run) < 2 or run not in a or run not in b or "Z" in equation or "." in equation:
-    return equation, x, y
-  i, j = a.index(run), b.index(run)
-  size = math.prod(x.shape[i:i + len(run)])
-  x = x.reshape(x.shape[:i] + (size,) + x.shape[i + len(run):])
-  y = y.reshape(y.shape[:j] + (size,) + y.shape[j + len(run):])
-  return f"{a.replace(run, 'Z')},{b.replace(run, 'Z')}->{out}", x, y
-
-
-def _merge_free(equation: str, x: jax.Array, kernel: jax.Array, leading: bool = True):
-  """Merge the free dims of x that lead the output (batch, length) and the free dims
-  of the kernel that end it (heads, head dim), each run into one dim, by free reshapes.
-
-  `('BLD,DNH->BLNH', x [B, L, D], k [D, N, H])` -> `('YD,DX->YX', [B*L, D], [D, N*H])`.
-  Returns `(equation, x, kernel, out_shape)`; `leading=False` leaves x's dims as they are.
-  """
-  a, b, out = _letters(equation)
-  if "." in equation or "Y" in equation or "X" in equation:
-    return equation, x, kernel, None
-  sizes = dict(zip(a, x.shape)) | dict(zip(b, kernel.shape))
-  out_shape = tuple(sizes[c] for c in out)
-  lead = ""
-  for c, o in zip(a, out):
-    if not leading or c != o or c in b:
-      break
-    lead += c
-  trail = ""
-  for c, o in zip(reversed(b), reversed(out)):
-    if c != o or c in a:
-      break
-    trail = c + trail
-  if len(lead) >= 2:
-    x = x.reshape((math.prod(x.shape[:len(lead)]),) + x.shape[len(lead):])
-    a, out = "Y" + a[len(lead):], "Y" + out[len(lead):]
-  if len(trail) >= 2:
-    keep = len(b) - len(trail)
-    kernel = kernel.reshape(kernel.shape[:keep] + (math.prod(kernel.shape[keep:]),))
-    b, out = b[:-len(trail)] + "X", out[:-len(trail)] + "X"
-  return f"{a},{b}->{out}", x, kernel, out_shape
-
-
-def matmul(equation: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """`einsum_f32(equation, x, kernel)` as a product of as few dims as possible (same
-  result, float32).
-
-  Leading batch dims of x and trailing dims of the kernel that survive into the output
-  are merged (`'BLD,DNH->BLNH'` runs as `'YD,DX->YX'`), then adjacent contracted dims
-  (`merge_contraction`). Then the forward product and both gradients each contract one
-  dim. With two (`'BLD,BLF->DF'` for a kernel gradient) XLA:CPU copies a transposed
-  operand for every weight gradient and fuses a recomputation of the residual stream
-  into that copy (benchmarks/README.md: about 10% of a small model's train step).
-
-  Low-precision operands keep their leading dims: XLA:CPU runs a bfloat16 kernel
-  gradient contracted over a single leading dim as a float32 Eigen product (at half the
-  speed), and over two as a transposed copy plus a bfloat16 YNNPACK product.
-  """
-  equation, x, kernel, out_shape = _merge_free(equation, x, kernel,
-                                               leading=x.dtype not in LOW_PRECISION)
-  y = einsum_f32(*merge_contraction(equation, x, kernel))
-  return y if out_shape is None else y.reshape(out_shape)
-
-
-def row_vector_product(x: jax.Array, kernel_t: jax.Array, bias: jax.Array | None = None):
-  """`x [1, I] @ kernel_t.T + bias` for an output-major `kernel_t [O, I]`: float32 `[1, O]`.
-
-  For one-row products on CPU (a batch-1 decoding step streams every weight from memory
-  once per token). XLA:CPU fuses a matrix-vector product whose matrix is the transpose
-  of an `[O, I]` array into one loop of row-wise dot products split over the cores,
-  while the parameters' `[I, O]` layout runs as a single-threaded product: a nanoGPT-char
-  batch-1 decoding step is ~1.4x as fast (benchmarks/README.md, decoding). The bias
-  rides along as one more column of the kernel, against a 1 appended to x. That
-  concatenation is also what puts the kernel in `[O, I + 1]` layout once, before a
-  decoding loop: XLA hoists a loop-invariant concatenation out of the loop but leaves a
-  lone transpose in it, where it folds into the product; and with no add after the
-  product nothing pulls the product into another kind of fusion. (Einsums without a bias
-  pass zeros, for the same reason.) Costs a copy of the kernels while a decoding loop
-  runs. See `one_row_layout` for when it applies.
-  """
-  if bias is not None:
-    kernel_t = jnp.concatenate([kernel_t, bias.reshape(-1, 1).astype(kernel_t.dtype)], 1)
-    x = jnp.concatenate([x, jnp.ones((1, 1), x.dtype)], axis=1)         # [1, I + 1]
-  return jnp.matmul(x, kernel_t.T, preferred_element_type=jnp.float32)  # [1, O]
-
-
-def one_row_layout(equation: str, x: jax.Array, dtype=jnp.float32):
-  """`(I, C)` when the product is a float32 vector times a matrix on CPU: x's free dims
-  are all 1 and the kernel is its C contracted dims (in x's order, I elements) then the
-  output dims, as in every `Einsum` of the network; else None (the general `matmul`).
-  Low-precision compute keeps the general product (its bias is added in float32)."""
-  a, b, out = _letters(equation)
-  contracted = "".join(c for c in a if c in b)
-  free = a[:len(a) - len(contracted)]
-  if (jax.default_backend() != "cpu" or jnp.dtype(dtype) != jnp.float32
-      or not contracted or a != free + contracted
-      or not b.startswith(contracted) or out != free + b[len(contracted):]
-      or math.prod(x.shape[:len(free)]) != 1):
-    return None
-  return math.prod(x.shape[len(free):]), len(contracted)
-
-
-def pad_axis_to(a: jax.Array, axis: int, multiple: int) -> jax.Array:
-  """`a` with zeros appended along `axis` up to a multiple of `multiple` (as is if it
-  divides already)."""
-  size = a.shape[axis]
-  if multiple <= 1 or size % multiple == 0:
-    return a
-  widths = [(0, 0)] * a.ndim
-  widths[axis] = (0, -size % multiple)
-  return jnp.pad(a, widths)
+@dataclasses.dataclass(frozen=True)
+class Joint:
+  """A layer's float32 output (bias included) that its caller computed in one product
+  with other layers' (fused q/k/v), for exactly the input `x`. The layer uses it only
+  when it is called with that very `x`: an interceptor that changes the input gets the
+  product recomputed."""
+  x: jax.Array
+  y: jax.Array
 
 
 class Einsum(nn.Module):
@@ -203,12 +45,12 @@ class Einsum(nn.Module):
     equation: e.g. 'BLD,DNH->BLNH'; the second operand is the kernel.
     shape: kernel shape, e.g. (D, N, H).
     axes: logical axis names of the kernel, one per dimension.
-    use_bias: add a bias over the kernel dimensions that appear in the output.
+    use_bias: add a bias over the kernel dimensions that end the output.
     kernel_init: initializer of the kernel.
     dtype: compute dtype; param_dtype: storage dtype.
-    pad_last_to: compute with the kernel's last axis zero-padded to a multiple of this
-      and slice the output back (that axis must end the output, e.g. 'BLD,DV->BLV'):
-      a product whose width tiles divide runs faster on GPUs; parameters unchanged.
+    pad_last_to: compute with the kernel's output-ending axis zero-padded to a multiple
+      of this and slice the output back ('BLD,DV->BLV': GPU tiles divide the padded
+      vocabulary); parameters unchanged.
   """
 
   equation: str
@@ -220,35 +62,31 @@ class Einsum(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
   pad_last_to: int = 1
 
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
-                        self.shape, self.param_dtype)
-    kernel = kernel.astype(self.dtype)
-    _, kernel_letters, out_letters = _letters(self.equation)
-    # The bias spans the kernel dims that survive into the output, e.g. (N, H).
-    keep = [i for i, c in enumerate(kernel_letters) if c in out_letters]
-    bias = None
+  def setup(self):
+    self.kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
+                             self.shape, self.param_dtype)
     if self.use_bias:
-      bias_init = nn.with_logical_partitioning(nn.initializers.zeros,
-                                               tuple(self.axes[i] for i in keep))
-      bias = self.param("bias", bias_init, tuple(self.shape[i] for i in keep),
-                        self.param_dtype)
-    one_row = None if self.pad_last_to > 1 else one_row_layout(self.equation, x, self.dtype)
-    if one_row is not None:
-      inputs, contracted = one_row
-      y = row_vector_product(x.reshape(1, inputs).astype(self.dtype),
-                             kernel.reshape(inputs, -1).T,
-                             jnp.zeros(kernel.shape[contracted:]) if bias is None else bias)
-      return y.reshape(x.shape[:x.ndim - contracted] + self.shape[contracted:]).astype(self.dtype)
-    if self.pad_last_to > 1:
-      if self.equation[-1] != self.equation.split("->")[0][-1]:
-        raise ValueError(f"pad_last_to needs the kernel's last axis to end the output: "
-                         f"{self.equation}")
-      kernel = pad_axis_to(kernel, -1, self.pad_last_to)
-    y = matmul(self.equation, x.astype(self.dtype), kernel)[..., :self.shape[-1]]
-    if bias is not None:
+      # The bias spans the kernel dims that end the output, e.g. (N, H) of 'BLD,DNH->BLNH'.
+      _, kernel_letters, out_letters = self.equation.replace("->", ",").split(",")
+      keep = [i for i, c in enumerate(kernel_letters) if c in out_letters]
       if not out_letters.endswith("".join(kernel_letters[i] for i in keep)):
         raise ValueError(f"Einsum bias needs the kernel's output dims last: {self.equation}")
-      y = y + bias.astype(jnp.float32)
+      init = nn.with_logical_partitioning(nn.initializers.zeros,
+                                          tuple(self.axes[i] for i in keep))
+      self.bias = self.param("bias", init, tuple(self.shape[i] for i in keep),
+                             self.param_dtype)
+
+  def __call__(self, x: jax.Array, joint: Joint | None = None) -> jax.Array:
+    kernel, bias = self.weights()
+    if joint is not None and joint.x is x:
+      y = joint.y  # computed with other layers in one product (fused q/k/v)
+    else:
+      # float32 accumulation; also what makes bfloat16 products fast on CPU.
+      y = dense.product(self.equation, x.astype(self.dtype), kernel, bias,
+                        pad_to=self.pad_last_to)
     return y.astype(self.dtype)
+
+  def weights(self) -> tuple[jax.Array, jax.Array | None]:
+    """`(kernel, bias or None)` in the compute dtype, as the product uses them."""
+    bias = self.bias.astype(self.dtype) if self.use_bias else None
+    return self.kernel.astype(self.dtype), bias

@@ -1,4 +1,4 @@
-"""Mixed-precision matmuls (`llmjax.layers.linear.einsum_f32`) are bf16 in both passes.
+"""Mixed-precision matmuls (`llmjax.kernels.dense.einsum_f32`) are bf16 in both passes.
 
 The speed of the bf16 train step (benchmarks/README.md) rests on the backward dots
 taking bf16 operands, which `jnp.einsum`'s own transpose would upcast to float32. These
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llmjax.layers.linear import einsum_f32
+from llmjax.kernels.dense import einsum_f32
 
 EQUATIONS = [("BLD,DNH->BLNH", (2, 3, 8), (8, 2, 4)),      # projection
              ("BLNH,NHD->BLD", (2, 3, 2, 4), (2, 4, 8)),   # output projection

@@ -241,7 +241,7 @@ def _naive_jnp_attention(q, k, v, mask, scale):
                                                      (False, 1, 5)])
 def test_hand_written_backward_matches_autodiff_of_naive_attention(num_kv_heads, causal, chunks,
                                                                    kv_length):
-  """The einsum path's custom VJP (layers/attention_vjp.py) against jax.grad of a plain
+  """The einsum path's custom VJP (kernels/einsum_attention.py) against jax.grad of a plain
   softmax attention: causal (in chunks or not), bidirectional and cross-attention, with
   packed segments and padding queries whose every key is masked."""
   from llmjax.layers.attention import dot_product_attention

@@ -1,4 +1,5 @@
-"""`Einsum` helpers: merged contractions compute the same products."""
+"""`Einsum` and the products behind it (`llmjax.kernels.dense`): merged contractions
+and one-row products compute the same products."""
 
 import flax.linen as nn
 import jax
@@ -6,13 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llmjax.layers.linear import (
-  Einsum,
-  matmul,
-  merge_contraction,
-  one_row_layout,
-  row_vector_product,
-)
+from llmjax.kernels.dense import matmul, merge_contraction, one_row_layout, row_vector_product
+from llmjax.layers.linear import Einsum
 
 
 def _normal(*shape, seed=0):

@@ -1,4 +1,7 @@
-"""The einsum attention core with a hand-written backward pass.
+"""The fast einsum attention paths behind `layers.attention.dot_product_attention`.
+
+`attention`: the einsum core with a hand-written backward pass (no dropout, no bias);
+`chunked_attention`: causal query chunks with dropout or a score bias (autodiffed).
 
 softmax(scale * q k^T, masked) v in float32 with grouped-query heads, in heads-major
 layouts `[B, K, G, L, H]`, optionally in query chunks (`causal_chunks`: chunk i is scored
@@ -21,6 +24,8 @@ import itertools
 
 import jax
 import jax.numpy as jnp
+
+from llmjax.kernels.dense import einsum_f32
 
 F32 = jnp.float32
 
@@ -128,3 +133,38 @@ def _attention_bwd(scale, bounds, causal_chunks, residuals, d_out):
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def chunked_attention(q, k, v, mask, bias, dropout_fn, scale: float, bounds: tuple):
+  """`attention`'s causal chunks with dropout or a score bias (autodiffed): query rows
+  bounds[i]:bounds[i+1] against keys :bounds[i+1], with q, k and v transposed once to
+  heads-major `[B, K, (G,) L, H]`.
+
+  Chunks are then slices of each head's rows and the chunk outputs one concatenation.
+  In the backward pass each chunk's key/value gradient is padded and summed in that
+  same layout; sliced from `[B, L, N, H]`, XLA:CPU transposed every chunk's gradient
+  back into it inside each sum (one `[B, L, N, H]` fusion per chunk, ~10% of a
+  bfloat16 nanoGPT-char step; benchmarks/README.md).
+
+  Args: as `attention`, plus `bias` (float, broadcastable to `[B, N, L, S]`) and
+  `dropout_fn` (applied to the float32 probabilities), either may be None.
+  """
+  qh, kh, vh = to_heads(q, k, v, scale)                                # [B, K, (G,) L, H]
+  b, kv_heads, group = qh.shape[:3]
+  outs = []
+  for start, end in itertools.pairwise(bounds):
+    scores = einsum_f32("bkglh,bksh->bkgls", qh[:, :, :, start:end], kh[:, :, :end])
+    chunk_bias = block(bias, start, end, end)
+    if chunk_bias is not None:  # [B|1, N|1, l, s] -> [B|1, K, G, l, s]
+      chunk_bias = jnp.broadcast_to(chunk_bias, chunk_bias.shape[:1] + (kv_heads * group,)
+                                    + scores.shape[-2:])
+      scores = scores + chunk_bias.reshape(chunk_bias.shape[:1] + (kv_heads, group)
+                                           + scores.shape[-2:]).astype(F32)
+    chunk_mask = _chunk_mask(mask, start, end, end)
+    if chunk_mask is not None:
+      scores = jnp.where(chunk_mask, scores, jnp.finfo(F32).min)
+    probs = jax.nn.softmax(scores, axis=-1)                             # [B, K, G, l, s]
+    if dropout_fn is not None:
+      probs = dropout_fn(probs)
+    outs.append(einsum_f32("bkgls,bksh->bkglh", probs.astype(vh.dtype), vh[:, :, :end]))
+  return from_heads(jnp.concatenate(outs, axis=3), q.dtype)            # [B, L, N, H]
