@@ -76,6 +76,7 @@ class Einsum(nn.Module):
       self.bias = self.param("bias", init, tuple(self.shape[i] for i in keep),
                              self.param_dtype)
 
+  @nn.compact  # creates nothing itself; lets an interceptor add parameters (LoRA's A, B)
   def __call__(self, x: jax.Array, joint: Joint | None = None) -> jax.Array:
     kernel, bias = self.weights()
     if joint is not None and joint.x is x:
