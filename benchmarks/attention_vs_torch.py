@@ -53,6 +53,7 @@ def main():
   parser.add_argument("--dtype", default="float32")
   parser.add_argument("--threads", type=int, default=2)
   args = parser.parse_args()
+  print(f"cpu: {common.cpu_info()}", flush=True)
   import torch
   torch.set_num_threads(args.threads)
   b, l, n, h = (int(x) for x in args.shape.split(","))

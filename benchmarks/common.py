@@ -17,7 +17,9 @@ import dataclasses
 import math
 import multiprocessing as mp
 import os
+import platform
 import statistics
+import sys
 import time
 import traceback
 
@@ -30,6 +32,32 @@ PEAK_FP32_FLOPS = 2 * 2 * 16 * 2 * 2.0e9
 # MFU yardstick of `--device gpu` runs.
 PEAK_H100_BF16_FLOPS = 989e12
 CACHE_DIR = os.path.join(os.environ.get("TMPDIR", "/tmp"), "llmjax_bench")
+
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile")
+
+
+def cpu_info() -> str:
+  """The CPU model, its vector/matrix flags and core count, for every benchmark's header.
+
+  Runs may land on different CPUs (PEAK_FP32_FLOPS assumes a Zen 4 EPYC; AMX or
+  AVX-512 bf16 change what bfloat16 costs), and a figure without its CPU cannot be
+  compared with another."""
+  model, flags = "", set()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not model:
+          model = value.strip()
+        elif key.strip() == "flags" and not flags:
+          flags = set(value.split())
+  except OSError:
+    pass
+  model = model or platform.processor() or "unknown CPU"
+  present = [f for f in CPU_FLAGS if f in flags]
+  listed = ", ".join(present) if present else f"none of {', '.join(CPU_FLAGS)}"
+  return f"{model}; {listed}; {os.cpu_count()} cores"
 
 
 def thread_env(threads: int) -> dict[str, str]:
@@ -160,14 +188,36 @@ def matmul_probe(backend: str, dtype: str = "float32", n: int = 1024, m: int = 4
 # ---------------------------------------------------------------- interleaved workers
 
 
-def _worker_main(conn, factory: str, kwargs: dict, env: dict):
+def use_source_tree(src: str):
+  """Makes this process import `llmjax` and `benchmarks` from the checkout `src`.
+
+  A spawned child gets the parent's sys.path and has already imported this module (and
+  the parent's main module) from the parent's tree, so PYTHONPATH would come too late:
+  `src` goes first on sys.path and the parent's `benchmarks`/`llmjax` modules leave
+  sys.modules. The editable install's finder sits at the end of sys.meta_path, after
+  the path finder, so `src` wins over it (the worker reports `llmjax.__file__`)."""
+  src = os.path.abspath(src)
+  if not os.path.isdir(os.path.join(src, "llmjax")):
+    raise FileNotFoundError(f"{src} has no llmjax package")
+  sys.path.insert(0, src)
+  for name in list(sys.modules):
+    if name.split(".")[0] in ("benchmarks", "llmjax"):
+      del sys.modules[name]
+  import importlib
+  importlib.invalidate_caches()
+
+
+def _worker_main(conn, factory: str, kwargs: dict, env: dict, src: str | None = None):
   os.environ.update(env)
   _pin_threads()
   try:
     import importlib
+    if src:
+      use_source_tree(src)
     module, name = factory.split(":")
     impl = getattr(importlib.import_module(module), name)(**kwargs)
-    conn.send(("ok", impl.info()))
+    llmjax = sys.modules.get("llmjax")
+    conn.send(("ok", {**impl.info(), "llmjax_file": getattr(llmjax, "__file__", None)}))
     while True:
       method, args = conn.recv()
       if method == "stop":
@@ -181,8 +231,10 @@ class Worker:
   """One implementation in its own spawned process; `call` runs a method there."""
 
   def __init__(self, name: str, factory: str, kwargs: dict | None = None,
-               threads: int = 2, env: dict | None = None):
-    self.name, self.factory, self.kwargs = name, factory, kwargs or {}
+               threads: int = 2, env: dict | None = None, src: str | None = None):
+    """`src`: a checkout (e.g. a git worktree of an older commit) to import `llmjax` and
+    `benchmarks` from, `factory` included; by default the parent's."""
+    self.name, self.factory, self.kwargs, self.src = name, factory, kwargs or {}, src
     self.env = {**thread_env(threads), **(env or {})}
     self.info, self._proc, self._conn = None, None, None
 
@@ -191,7 +243,7 @@ class Worker:
     ctx = mp.get_context("spawn")
     self._conn, child = ctx.Pipe()
     self._proc = ctx.Process(target=_worker_main, daemon=True,
-                             args=(child, self.factory, self.kwargs, self.env))
+                             args=(child, self.factory, self.kwargs, self.env, self.src))
     self._proc.start()
     self.info = self._receive()
     return self.info

@@ -65,6 +65,7 @@ def main():
   parser.add_argument("--unscanned", action="store_true", help="also time unscanned stacks")
   parser.add_argument("--threads", type=int, default=2)
   args = parser.parse_args()
+  print(f"cpu: {common.cpu_info()}", flush=True)
   depths = [int(d) for d in args.depths.split(",")]
   variants = [(d, True) for d in depths] + ([(d, False) for d in depths] if args.unscanned
                                             else [])

@@ -26,6 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 import numpy as np
 
+import llmjax
+from benchmarks import common
 from llmjax.checkpoint.convert import gpt2 as gpt2_convert
 from llmjax.decode.generate import generate
 from llmjax.decode.sampling import SamplingConfig
@@ -125,6 +127,8 @@ def main():
   parser.add_argument("--cases", default=",".join(CASES), help=f"comma list of {list(CASES)}")
   parser.add_argument("--rounds", type=int, default=5)
   args = parser.parse_args()
+  print(f"cpu: {common.cpu_info()}")
+  print(f"llmjax from {os.path.dirname(llmjax.__file__)}")
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} cpus; "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads")
   for name in args.cases.split(","):

@@ -19,6 +19,7 @@ only (evaluation excluded on both sides), up to the first evaluation at or under
 """
 
 import argparse
+import os
 
 from benchmarks import common, train_vs_torch
 
@@ -38,18 +39,21 @@ def main():
   parser.add_argument("--impls", default="llmjax,torch-ref",
                       help="as in train_vs_torch (options after @, e.g. llmjax-bf16@devices=2)")
   args = parser.parse_args()
+  print(f"cpu: {common.cpu_info()}", flush=True)
   common.char_corpus(65)
   schedule = {"shape": args.shape, "lr": 1e-3, "warmup": 100, "total_steps": args.max_iters}
   workers = train_vs_torch.make_workers(args.impls, args.threads, **schedule)
   for w in workers:
     info = w.start()
+    path = info.get("llmjax_file")
     print(f"{w.name}: {info['params']:,} params, initial loss {info['initial_loss']:.3f}, "
-          f"first step {info['compile_s']:.1f}s", flush=True)
-  source = next((w for w in workers if w.name.startswith("llmjax")), None)
+          f"first step {info['compile_s']:.1f}s"
+          + (f", llmjax from {os.path.dirname(path)}" if path else ""), flush=True)
+  source = next((w for w in workers if not w.is_torch), None)
   if source is not None and not args.independent_init:
     weights = source.call("gpt2_weights")
     for w in workers:
-      if not w.name.startswith("llmjax"):
+      if w.is_torch:
         loss = w.call("load_gpt2", weights)
         print(f"{w.name}: starts from {source.name}'s initial weights (loss {loss:.3f})",
               flush=True)

@@ -24,6 +24,14 @@ XLA flags (`@xla=--xla_cpu_enable_fast_math=true`) and `@devices=N`, which split
 worker's cores into N CPU devices (`--xla_force_host_platform_device_count=N`) and trains
 data parallel over them with the library's "dp" rules, as `llmjax train` does on any mesh.
 
+Before/after a refactor, in one interleaved run: `@src=DIR` makes a worker import `llmjax`
+and `benchmarks` (this file's implementation classes included) from the checkout DIR, e.g.
+a `git worktree add --detach` of the older commit, and `@label=NAME` names its row:
+  --impls llmjax,llmjax@src=/tmp/before@label=before,torch-ref
+Each worker's header line says which `llmjax` it imported; the report adds per-round
+ratios of every implementation to its `@src` twin (the same spec without @src/@label).
+benchmarks/before_after.sh runs this and decode_vs_hf for both trees.
+
 `--device gpu --shape gpt2-124m` (a GPU machine): GPT-2 124M at 1024 context, batch 12,
 random token ids (no GPT-2-tokenized data is bundled), every worker on the one GPU (JAX
 allocating on demand), PyTorch peers with fused AdamW and, with `@dtype=bfloat16`,
@@ -41,6 +49,7 @@ from another init seed (the noise yardstick), on the same batches, and compares 
 
 import argparse
 import math
+import os
 import statistics
 import time
 
@@ -400,8 +409,13 @@ def make_workers(impls: str, threads: int, device: str = "cpu",
     kwargs, flags = dict(kwargs), [common.thread_env(1)["XLA_FLAGS"]]
     if device == "gpu" and factory.endswith("TorchImpl"):
       kwargs["device"] = device
+    where, same_as = {}, [base]
     for option in options:  # llmjax@attention_impl=jax@devices=2@xla=--xla_cpu_enable_fast_math=true
       key, _, value = option.partition("=")
+      if key in ("src", "label"):  # another checkout's code (before/after); the row's name
+        where[key] = value
+        continue
+      same_as.append(option)
       if key == "xla":
         flags.append(value)
       elif key == "devices":  # data parallel over CPU devices that split the cores
@@ -412,7 +426,16 @@ def make_workers(impls: str, threads: int, device: str = "cpu",
       else:
         kwargs.setdefault("overrides", {})[key] = _parse_value(value)
     env = {"XLA_FLAGS": " ".join(f for f in flags if f), **gpu_env}
-    workers.append(common.Worker(name, factory, kwargs, threads=threads, env=env))
+    src = where.get("src") and os.path.abspath(where["src"])
+    worker = common.Worker(where.get("label", name), factory, kwargs, threads=threads,
+                           env=env, src=src)
+    # What the worker measures, without where its code comes from: rows of one spec from
+    # two checkouts are compared with each other (`report`).
+    worker.spec, worker.is_torch = "@".join(same_as), factory.endswith("TorchImpl")
+    workers.append(worker)
+  names = [w.name for w in workers]
+  if len(set(names)) < len(names) or any(n.startswith("probe") for n in names):
+    raise SystemExit(f"implementation names must be unique and not start with 'probe': {names}")
   return workers
 
 
@@ -471,7 +494,7 @@ def run_rounds(workers, rounds: int, steps: int, tokens_per_step: int, first_bat
   return results, losses
 
 
-def report(args, info, results):
+def report(args, info, results, workers):
   layers, _, width, seq_len, batch = SHAPES[args.shape]
   num_params = next(i["params"] for i in info.values() if "params" in i)
   # the model's own depth and width where llmjax overrides changed the shape's
@@ -485,7 +508,8 @@ def report(args, info, results):
   flops = {"6N+12LdT": common.train_flops_per_token(num_params, layers, width, seq_len),
            "causal": common.train_flops_per_token(num_params, layers, width, seq_len, True)}
   impls = [n for n in results if not n.startswith("probe")]
-  torch_names = [n for n in impls if not n.startswith("llmjax")]
+  peers = [w for w in workers if w.name in impls]  # the probes aside
+  torch_names = [w.name for w in peers if w.is_torch]
   # MFU yardsticks: this CPU's fp32 peak and f32 probe; on a GPU, the H100's dense bf16
   # peak and the bf16 probe.
   gpu = args.device == "gpu"
@@ -521,6 +545,22 @@ def report(args, info, results):
       st = common.ratio_stats(results[name], best)
       rows.append([name, f"{st['median']:.2f}x", f"{st['p25']:.2f}x", f"{st['min']:.2f}x"])
     common.print_table(rows, ["impl", "median", "p25", "min"])
+  report_before_after(results, peers)
+
+
+def report_before_after(results, workers):
+  """Per-round ratios of each worker to its `@src` twin (the same spec from another
+  checkout): the refactor's own speed change, measured seconds apart."""
+  rows = []
+  for before in (w for w in workers if w.src):
+    for after in (w for w in workers if w.spec == before.spec and w.src != before.src):
+      st = common.ratio_stats(results[after.name], results[before.name])
+      rows.append([f"{after.name} / {before.name}", f"{st['median']:.2f}x",
+                   f"{st['p25']:.2f}x", f"{st['min']:.2f}x"])
+  if rows:
+    print("\nper-round ratio vs the same implementation from the @src checkout "
+          "(> 1: faster than it):")
+    common.print_table(rows, ["impls", "median", "p25", "min"])
 
 
 def loss_curve(args):
@@ -565,6 +605,7 @@ def main():
   parser.add_argument("--device", default="cpu", choices=("cpu", "gpu"),
                       help="gpu: every implementation (and probe) on the machine's GPU")
   args = parser.parse_args()
+  print(f"cpu: {common.cpu_info()}", flush=True)
   common.corpus(VOCAB.get(args.shape, 65))  # build the cache once, before the workers read it
   if args.loss_curve:
     return loss_curve(args)
@@ -578,14 +619,16 @@ def main():
   for w in workers:
     info[w.name] = w.start()
     if "compile_s" in info[w.name]:
-      print(f"{w.name}: built, first step {info[w.name]['compile_s']:.1f}s", flush=True)
+      source = info[w.name].get("llmjax_file")
+      print(f"{w.name}: built, first step {info[w.name]['compile_s']:.1f}s"
+            + (f", llmjax from {os.path.dirname(source)}" if source else ""), flush=True)
   try:
     check_same_work(info, VOCAB.get(args.shape, 65), 0.3 if args.shape in VOCAB else 0.15)
     _, _, _, seq_len, batch = SHAPES[args.shape]
     warm_up(workers, args.warmup_steps)
     results, _ = run_rounds(workers, args.rounds, args.steps, batch * seq_len,
                             first_batch=1 + args.warmup_steps)
-    report(args, info, results)
+    report(args, info, results, workers)
   finally:
     for w in workers:
       w.stop()

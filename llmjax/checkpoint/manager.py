@@ -9,6 +9,7 @@ Saves are asynchronous; nothing is ever loaded through pickle.
 """
 
 import base64
+import dataclasses
 import logging
 import os
 import time
@@ -49,7 +50,7 @@ class CheckpointManager:
   def save(self, step: int, state, data_state, meta, *, force: bool = False) -> bool:
     """Starts an async save if `step` is on the cadence (or `force`). Returns whether it did."""
     args = ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+        state=ocp.args.StandardSave(_on_disk(state)), data=ocp.args.JsonSave(data_state),
         meta=ocp.args.JsonSave(meta))
     return self._manager.save(step, args=args, force=force)
 
@@ -103,9 +104,12 @@ class CheckpointManager:
     if check_meta is not None:
       check_meta(meta)
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-    _check_structure(restored.state, abstract_state)
-    return restored.state, restored.data, meta
+        state=ocp.args.StandardRestore(_on_disk(abstract_state)), data=ocp.args.JsonRestore()))
+    state = restored.state
+    if dataclasses.is_dataclass(abstract_state):
+      state = dataclasses.replace(abstract_state, **state)
+    _check_structure(state, abstract_state)
+    return state, restored.data, meta
 
   def _quarantine(self, steps):
     """Moves bad step directories out of orbax's sight (into `<directory>.bad/`)."""
@@ -167,6 +171,16 @@ def encode_bytes(data: bytes) -> str:
 
 def decode_bytes(text: str) -> bytes:
   return base64.b64decode(text.encode("ascii"))
+
+
+def _on_disk(state):
+  """What is written for `state`: a dataclass (the TrainState) as a dict of its fields,
+  without the fields that hold no arrays (an empty `frozen`), so a run without frozen
+  trees writes and reads the same checkpoints as runs from before that field existed."""
+  if not dataclasses.is_dataclass(state):
+    return state
+  return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+          if jax.tree.leaves(getattr(state, f.name))}
 
 
 def abstract_like(tree, shardings):

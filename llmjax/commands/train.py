@@ -22,12 +22,12 @@ def run(args):
 
   distributed.initialize_from_flags(args)  # no-op on one host without cluster settings
   result = main.run(args.gin_file, args.gin_param, args.workdir)
-  if args.no_sample or not getattr(result.objective, "can_sample", True):
+  if args.no_sample or not result.objective.can_sample:
     return 0  # MLM, span corruption, seq2seq: no causal-LM prompt to continue
   from llmjax.commands import generate
-  cfg = result.config
-  print(f"\n--- sample (prompt {cfg.sample_prompt!r}, {cfg.sample_tokens} tokens) ---")
-  generate.sample_and_print(result.model, result.state.params, result.tokenizer, cfg.sample_prompt,
-                            max_new_tokens=cfg.sample_tokens,
-                            temperature=cfg.sample_temperature, seed=cfg.seed, stream=sys.stdout)
+  rt = result.runtime
+  print(f"\n--- sample (prompt {rt.sample_prompt!r}, {rt.sample_tokens} tokens) ---")
+  generate.sample_and_print(result.model, result.state.params, result.tokenizer, rt.sample_prompt,
+                            max_new_tokens=rt.sample_tokens, temperature=rt.sample_temperature,
+                            seed=result.config.seed, stream=sys.stdout)
   return 0

@@ -32,7 +32,7 @@ def product(equation: str, x: jax.Array, kernel: jax.Array, bias: jax.Array | No
   `pad_to`: the product runs over the kernel's output-ending axis zero-padded to a
   multiple of this, and the output is sliced back (GPU tiles divide the padded width).
   """
-  a, b, out = _letters(equation)
+  _, b, out = _letters(equation)
   one_row = _one_row_kernel(equation, x, kernel) if pad_to == 1 else None
   if one_row is not None:  # a decoding step at batch 1 on CPU
     kernel_t, input_major = one_row                                     # [O, I]

@@ -150,7 +150,7 @@ def chunked_attention(q, k, v, mask, bias, dropout_fn, scale: float, bounds: tup
   `dropout_fn` (applied to the float32 probabilities), either may be None.
   """
   qh, kh, vh = to_heads(q, k, v, scale)                                # [B, K, (G,) L, H]
-  b, kv_heads, group = qh.shape[:3]
+  kv_heads, group = qh.shape[1:3]
   outs = []
   for start, end in itertools.pairwise(bounds):
     scores = einsum_f32("bkglh,bksh->bkgls", qh[:, :, :, start:end], kh[:, :, :end])

@@ -17,10 +17,11 @@ import numpy as np
 
 from llmjax.errors import UserError
 from llmjax.objectives import losses
+from llmjax.objectives.protocol import TokenObjective, dropout_rngs
 
 
 @dataclasses.dataclass(frozen=True)
-class Classification:
+class Classification(TokenObjective):
   """Cross-entropy over `Transformer.classify` logits (see the module docstring)."""
 
   label_key: str = "label"
@@ -42,13 +43,13 @@ class Classification:
                       f"feature_lengths = {{'tokens': L, 'label': 1}} (got {dict(lengths)}).")
     return {"tokens": jnp.zeros((1, lengths["tokens"]), jnp.int32), "method": "classify"}
 
-  def loss_sums(self, model, params, batch, *, rng=None, deterministic=True):
+  def loss_sums(self, model, params, batch, *, rng=None, deterministic=True, frozen=None):
     tokens = batch["tokens"]
     segment_ids = batch.get("tokens_segment_ids")
     logits = model.apply(
         {"params": params}, tokens, segment_ids=segment_ids,
         positions=batch.get("tokens_positions"), deterministic=deterministic,
-        rngs={"dropout": rng} if (rng is not None and not deterministic) else None,
+        rngs=dropout_rngs(rng, deterministic),
         method="classify")  # [B, C]
     labels = batch["label"][:, :1]  # [B, 1]
     label_seg = batch.get("label_segment_ids")

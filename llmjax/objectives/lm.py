@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from llmjax.data import packing
 from llmjax.objectives import losses
+from llmjax.objectives.protocol import TokenObjective, dropout_rngs
 
 
 def shift_targets(tokens, segment_ids):
@@ -27,7 +28,7 @@ def shift_targets(tokens, segment_ids):
 
 
 @dataclasses.dataclass(frozen=True)
-class CausalLM:
+class CausalLM(TokenObjective):
   """Decoder-only pre-training / SFT objective. Owns the batch keys and the loss."""
 
   z_loss: float = 0.0
@@ -36,16 +37,15 @@ class CausalLM:
     """Pipeline features for one document: `{'tokens': [bos] + ids + [eos]}`."""
     return packing.lm_features(example, tokenizer)
 
-  def loss_sums(self, model, params, batch, *, rng=None, deterministic=True):
+  def loss_sums(self, model, params, batch, *, rng=None, deterministic=True, frozen=None):
     """Returns the summed loss metrics (see `losses.cross_entropy_sums`) for one batch."""
     tokens = batch["tokens"]
     segment_ids = batch.get("tokens_segment_ids")
     if segment_ids is None:
       segment_ids = jnp.ones_like(tokens)
     positions = batch.get("tokens_positions")
-    rngs = {"dropout": rng} if (rng is not None and not deterministic) else None
     logits = model.apply(
         {"params": params}, tokens, segment_ids=segment_ids, positions=positions,
-        deterministic=deterministic, rngs=rngs)
+        deterministic=deterministic, rngs=dropout_rngs(rng, deterministic))
     targets, weights = shift_targets(tokens, segment_ids)
     return losses.cross_entropy_sums(logits, targets, weights, self.z_loss)

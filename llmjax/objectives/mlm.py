@@ -24,6 +24,7 @@ from llmjax.data import packing
 from llmjax.data import tokenizer as tokenizer_lib
 from llmjax.errors import UserError
 from llmjax.objectives import losses
+from llmjax.objectives.protocol import TokenObjective
 
 # Tokens never chosen for masking: padding and the document markers.
 _SPECIAL_IDS = (tokenizer_lib.PAD_ID, tokenizer_lib.BOS_ID, tokenizer_lib.EOS_ID)
@@ -64,7 +65,7 @@ def maskable_positions(tokens, segment_ids):
 
 
 @dataclasses.dataclass(frozen=True)
-class MaskedLM:
+class MaskedLM(TokenObjective):
   """Encoder-only pre-training objective (see the module docstring)."""
 
   mask_rate: float = 0.15
@@ -84,17 +85,13 @@ class MaskedLM:
     """`{'tokens': [bos] + ids + [eos]}`, as for causal LM."""
     return packing.lm_features(example, tokenizer)
 
-  def init_inputs(self, lengths):
-    """Keyword arguments of `model.init` for rows of `lengths` (see `train.loop`)."""
-    return {"tokens": jnp.zeros((1, lengths["tokens"]), jnp.int32)}
-
   def corrupt(self, tokens, segment_ids, rng, vocab_size: int):
     """`mlm_mask` with this objective's rates: (inputs [B, L], weights [B, L])."""
     return mlm_mask(rng, tokens, maskable_positions(tokens, segment_ids), vocab_size,
                     mask_rate=self.mask_rate, mask_token_frac=self.mask_token_frac,
                     random_token_frac=self.random_token_frac)
 
-  def loss_sums(self, model, params, batch, *, rng=None, deterministic=True):
+  def loss_sums(self, model, params, batch, *, rng=None, deterministic=True, frozen=None):
     """Summed cross-entropy over the masked positions of one batch."""
     tokens = batch["tokens"]
     segment_ids = batch.get("tokens_segment_ids")

@@ -23,6 +23,7 @@ import numpy as np
 from llmjax.data import tokenizer as tokenizer_lib
 from llmjax.errors import UserError
 from llmjax.objectives import losses
+from llmjax.objectives.protocol import TokenObjective, dropout_rngs
 
 
 def shift_right(targets, segment_ids, start_id: int):
@@ -49,7 +50,7 @@ def encoder_decoder_sums(model, params, batch, *, start_id: int, z_loss: float =
       positions=batch.get("targets_positions"), encoder_tokens=inputs,
       encoder_segment_ids=inputs_seg, encoder_positions=batch.get("inputs_positions"),
       deterministic=deterministic,
-      rngs={"dropout": rng} if (rng is not None and not deterministic) else None)
+      rngs=dropout_rngs(rng, deterministic))
   return losses.cross_entropy_sums(logits, targets, targets_seg > 0, z_loss)
 
 
@@ -65,7 +66,7 @@ def encoder_decoder_init_inputs(lengths):
 
 
 @dataclasses.dataclass(frozen=True)
-class Seq2Seq:
+class Seq2Seq(TokenObjective):
   """Supervised inputs -> targets (see the module docstring)."""
 
   inputs_key: str = "en"
@@ -93,6 +94,6 @@ class Seq2Seq:
   def init_inputs(self, lengths):
     return encoder_decoder_init_inputs(lengths)
 
-  def loss_sums(self, model, params, batch, *, rng=None, deterministic=True):
+  def loss_sums(self, model, params, batch, *, rng=None, deterministic=True, frozen=None):
     return encoder_decoder_sums(model, params, batch, start_id=self.decoder_start_id,
                                 z_loss=self.z_loss, rng=rng, deterministic=deterministic)

@@ -32,6 +32,7 @@ import numpy as np
 from llmjax.data import tokenizer as tokenizer_lib
 from llmjax.errors import UserError
 from llmjax.objectives import seq2seq
+from llmjax.objectives.protocol import TokenObjective
 
 
 def _num_noise(length: int, noise_density: float, mean_noise_span_length: float):
@@ -113,7 +114,7 @@ def raw_length_for(inputs_length: int, noise_density: float, mean_noise_span_len
 
 
 @dataclasses.dataclass(frozen=True)
-class SpanCorruption:
+class SpanCorruption(TokenObjective):
   """Encoder-decoder pre-training objective (see the module docstring)."""
 
   inputs_length: int = 64
@@ -172,7 +173,7 @@ class SpanCorruption:
           f"{self.targets_length()}}}, got {dict(lengths)}; raise them.")
     return seq2seq.encoder_decoder_init_inputs(lengths)
 
-  def loss_sums(self, model, params, batch, *, rng=None, deterministic=True):
+  def loss_sums(self, model, params, batch, *, rng=None, deterministic=True, frozen=None):
     return seq2seq.encoder_decoder_sums(model, params, batch, start_id=self.decoder_start_id,
                                         z_loss=self.z_loss, rng=rng,
                                         deterministic=deterministic)

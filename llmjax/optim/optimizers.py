@@ -1,7 +1,14 @@
-"""AdamW with global-norm clipping and a weight-decay mask (Loshchilov & Hutter, 2019).
+"""AdamW with global-norm clipping and a weight-decay mask (Loshchilov & Hutter, 2019),
+over the trainable part of the parameters.
 
 By default weight decay applies to matrices only: norms' `scale`, every `bias` and the
 token/position `embedding` tables are skipped, as in GPT-2/nanoGPT and most LLM recipes.
+
+`OptimizerConfig.trainable` (a regex over '/'-joined parameter paths, e.g.
+'decoder/layers_1/' or 'lora_') selects which parameters train; the others are frozen:
+`optax.multi_transform` gives them a zero update and no optimizer state, so a LoRA or
+head-only run holds moments for its trainable parameters only. Unset, everything trains
+and the optimizer is the plain chain (the state checkpoints have always held).
 """
 
 import dataclasses
@@ -9,6 +16,7 @@ import re
 
 import jax
 import optax
+from flax import linen as nn
 
 from llmjax.optim import schedules
 
@@ -22,6 +30,14 @@ def _path_str(path):
     key = getattr(k, "key", getattr(k, "name", getattr(k, "idx", None)))
     parts.append(str(key))
   return "/".join(parts)
+
+
+def path_mask(params, pattern: str):
+  """Pytree of bools: True where the parameter's path matches the regex `pattern`."""
+  regex = re.compile(pattern)
+  return jax.tree_util.tree_map_with_path(  # a boxed (logically partitioned) leaf is one
+      lambda path, _: regex.search(_path_str(path)) is not None, params,
+      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
 def decay_mask(params, no_decay=DEFAULT_NO_DECAY):
@@ -58,6 +74,7 @@ class OptimizerConfig:
   eps: float = 1e-8
   weight_decay: float = 0.1
   clip_norm: float | None = 1.0
+  trainable: str | None = None    # regex over parameter paths; None = every parameter
 
   def make(self, total_steps: int):
     """Returns (optax transformation, learning-rate schedule)."""
@@ -65,4 +82,20 @@ class OptimizerConfig:
                                        self.decay, self.end_lr_ratio)
     tx = adamw(schedule, b1=self.b1, b2=self.b2, eps=self.eps,
                weight_decay=self.weight_decay, clip_norm=self.clip_norm)
-    return tx, schedule
+    return only_trainable(tx, self.trainable), schedule
+
+  def trainable_mask(self, params):
+    """Pytree of bools over `params`: which leaves train (all, when `trainable` is None)."""
+    if self.trainable is None:
+      return jax.tree.map(lambda _: True, params)
+    return path_mask(params, self.trainable)
+
+
+def only_trainable(tx: optax.GradientTransformation, trainable: str | None):
+  """`tx` on the parameters whose path matches `trainable`, zero updates (and no state)
+  for the rest; `tx` itself when `trainable` is None."""
+  if trainable is None:
+    return tx
+  labels = lambda params: jax.tree.map(lambda t: "train" if t else "frozen",
+                                       path_mask(params, trainable))
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)

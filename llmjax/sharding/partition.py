@@ -1,9 +1,8 @@
-"""From logical axis names to placed arrays: shardings, the sharded init, global batches.
+"""From logical axis names to placed arrays: shardings of boxed trees, global batches.
 
-The linen recipe (flax examples/lm1b `setup_initial_state`): `jax.eval_shape` of the init
-gives parameters boxed with their logical axes -> logical PartitionSpecs -> mesh
-PartitionSpecs through a rule set -> `NamedSharding`s -> `jax.jit(init, out_shardings=...)`,
-so every device computes only its own shard and nothing is materialized on one device.
+Trees boxed with their logical axes (`jax.eval_shape` of a linen init) -> logical
+PartitionSpecs -> mesh PartitionSpecs through a rule set -> `NamedSharding`s; the sharded
+init of the train state built on these is `llmjax.train.state.init_train_state`.
 
 A mesh axis that does not divide a dimension (GPT-2's vocabulary 50257 over 'tensor', a
 bias of 3 over 'fsdp') is dropped for that array, which is then replicated along it:
@@ -11,14 +10,11 @@ uneven shards are not allowed by `jit`, and a config should not fail for an odd 
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llmjax.sharding import axes
-from llmjax.sharding import rules as rules_lib
-from llmjax.train.state import TrainState
 
 
 def _fit_entry(entry, size: int, mesh_shape) -> str | tuple[str, ...] | None:
@@ -61,50 +57,6 @@ def logical_to_shardings(boxed_abstract, mesh, rules):
   return jax.tree.map(lambda spec: NamedSharding(mesh, spec),
                       mesh_specs(boxed_abstract, mesh.shape, rules),
                       is_leaf=lambda x: isinstance(x, PartitionSpec))
-
-
-def state_shardings(boxed_params, tx, mesh, rule_set: str) -> TrainState:
-  """Shardings of the whole TrainState: parameters by the rule set's rules, optimizer
-  state by its optimizer-state rules (different only for zero1)."""
-  replicated = NamedSharding(mesh, PartitionSpec())
-  opt_state = jax.eval_shape(tx.init, boxed_params)  # boxes carry over from the params
-  return TrainState(
-      step=replicated,
-      params=logical_to_shardings(boxed_params, mesh, rules_lib.get_rules(rule_set)),
-      opt_state=logical_to_shardings(opt_state, mesh, rules_lib.opt_state_rules(rule_set)),
-      rng=replicated)
-
-
-def _state_init(init_params, tx):
-  def init(rng):
-    params_rng, state_rng = jax.random.split(rng)
-    params = nn.meta.unbox(init_params(params_rng))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params), rng=jax.random.key_data(state_rng))
-  return init
-
-
-def init_train_state(init_params, tx, mesh, rule_set: str, seed: int = 0):
-  """Builds the TrainState directly sharded on `mesh`; returns (state, shardings).
-
-  `init_params(rng)` returns the model's boxed (logically partitioned) parameters, e.g.
-  `lambda rng: model.init({'params': rng}, tokens)['params']`.
-  """
-  rng = jax.random.PRNGKey(seed)
-  shardings = state_shardings(jax.eval_shape(init_params, rng), tx, mesh, rule_set)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules_lib.get_rules(rule_set)):
-    state = jax.jit(_state_init(init_params, tx), out_shardings=shardings)(rng)
-  return state, shardings
-
-
-def abstract_train_state(init_params, tx, mesh, rule_set: str):
-  """The TrainState as ShapeDtypeStructs carrying their shardings (nothing computed): for
-  `jit(...).lower`, and as the restore target of a checkpoint on this mesh."""
-  rng = jax.random.PRNGKey(0)
-  shardings = state_shardings(jax.eval_shape(init_params, rng), tx, mesh, rule_set)
-  shapes = jax.eval_shape(_state_init(init_params, tx), rng)
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      shapes, shardings)
 
 
 def batch_sharding(mesh, rules) -> NamedSharding:

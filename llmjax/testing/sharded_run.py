@@ -23,6 +23,7 @@ from llmjax.objectives.lm import CausalLM
 from llmjax.optim.optimizers import OptimizerConfig
 from llmjax.sharding import partition
 from llmjax.sharding import rules as rules_lib
+from llmjax.train import state as train_state
 from llmjax.train import step as step_lib
 
 BATCH, SEQ_LEN = 8, 16
@@ -54,7 +55,7 @@ def init_state(model, mesh, rule_set: str, seq_len: int = SEQ_LEN, seed: int = 0
   tx, schedule = make_tx()
   tokens = jnp.zeros((1, seq_len), jnp.int32)
   init = lambda rng: model.init({"params": rng}, tokens)["params"]
-  state, shardings = partition.init_train_state(init, tx, mesh, rule_set, seed)
+  state, shardings = train_state.init_train_state(init, tx, mesh, rule_set, seed)
   return state, shardings, tx, schedule
 
 

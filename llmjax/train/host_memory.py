@@ -33,7 +33,7 @@ twice the working set plus one block.
 
 It must run before the XLA backend starts (the first jax computation or device query):
 XLA's threads take their malloc arena at their first allocation and keep it. The train
-loop calls it first thing with `TrainConfig.host_malloc` ("reuse", the default,
+loop calls it first thing with `RuntimeConfig.host_malloc` ("reuse", the default,
 "reuse_threads", or "system" for glibc's defaults). Outside glibc (macOS, musl) it does nothing.
 """
 
@@ -83,7 +83,7 @@ def configure(mode: str = "reuse") -> bool:
   """
   if mode not in MODES:
     raise UserError(f"host_malloc={mode!r}; use one of {', '.join(MODES)} "
-                    "(TrainConfig.host_malloc).")
+                    "(RuntimeConfig.host_malloc).")
   if mode == "system" or _state["applied"]:
     return False
   libc = _glibc()

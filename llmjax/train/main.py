@@ -6,6 +6,10 @@ config dataclasses and the entry function's arguments, never module internals:
   train.model = @TransformerConfig()      TransformerConfig.num_layers = 6
   train.data = @DataConfig()              DataConfig.seq_len = 256
   train.tokenizer = @TokenizerSpec()      TrainConfig.num_steps = 2000 ...
+
+Settings of the machine and of this invocation rather than of the run (the host
+allocator, the peak FLOP rate for MFU, the end-of-run sample) are `RuntimeConfig`'s,
+bound as `RuntimeConfig.*` and applied here, outside the loop.
 """
 
 import dataclasses
@@ -16,9 +20,25 @@ import gin
 
 from llmjax.errors import UserError
 
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+  """What this machine and invocation add to a run (gin: `RuntimeConfig.*`)."""
+
+  host_malloc: str = "reuse"      # reuse | reuse_threads | system: keep freed step
+                                  # buffers mapped (CPU; llmjax/train/host_memory.py)
+  peak_flops: float = 256e9       # per device, MFU's denominator (2-core AVX-512 fp32)
+  sample_prompt: str = "ROMEO"    # `llmjax train`'s end-of-run sample (causal LMs)
+  sample_tokens: int = 200
+  sample_temperature: float = 0.8
+
+
 GIN_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
                         "gin_configs")
 _REGISTERED = False
+# Former TrainConfig fields that are RuntimeConfig's now (for the error's hint).
+_MOVED_TO_RUNTIME = ("host_malloc", "peak_flops", "sample_prompt", "sample_tokens",
+                     "sample_temperature")
 
 
 def register_configurables():
@@ -35,7 +55,7 @@ def register_configurables():
   from llmjax.train.loop import TrainConfig
 
   for cls in (TransformerConfig, DataConfig, TokenizerSpec, OptimizerConfig, TrainConfig,
-              CausalLM):
+              RuntimeConfig, CausalLM):
     gin.external_configurable(cls, module="llmjax")
   gin.external_configurable(presets.get_preset, module="llmjax")
   from llmjax.objectives import classification, mlm, seq2seq, span_corruption
@@ -64,9 +84,13 @@ def parse_gin(gin_files, gin_params):
   try:
     gin.parse_config_files_and_bindings(gin_files, gin_params, finalize_config=False)
   except (ValueError, SyntaxError, NameError, KeyError, TypeError) as e:
+    hint = ""
+    if any(f"'{k}'" in str(e) for k in _MOVED_TO_RUNTIME):
+      hint = "\nHost and sample settings moved: bind RuntimeConfig.<name> instead."
     raise UserError(f"bad gin config: {e}\nCheck the binding's spelling against the "
                     "config dataclasses (TransformerConfig, DataConfig, TokenizerSpec, "
-                    "OptimizerConfig, TrainConfig) and the value's type.") from e
+                    "OptimizerConfig, TrainConfig, RuntimeConfig) and the value's type."
+                    f"{hint}") from e
   finally:
     logging.getLogger().removeFilter(quiet)
 
@@ -95,17 +119,21 @@ def _check_required(cfg):
 
 @gin.configurable(module="llmjax")
 def train(workdir=gin.REQUIRED, model=gin.REQUIRED, data=gin.REQUIRED, tokenizer=gin.REQUIRED,
-          optimizer=None, objective=None, config=None):
+          optimizer=None, objective=None, config=None, runtime=None):
   """The configurable training entry: builds what gin says and runs `loop.train`."""
-  from llmjax.train import loop
+  from llmjax.train import host_memory, loop
   from llmjax.validation import check_types
 
-  for cfg in (model, data, tokenizer, optimizer, objective, config):
+  runtime = runtime or RuntimeConfig()
+  for cfg in (model, data, tokenizer, optimizer, objective, config, runtime):
     _check_required(cfg)
     check_types(cfg)
-  return loop.train(workdir, model=model, data=data, tokenizer=tokenizer,
-                    optimizer=optimizer, objective=objective, config=config,
-                    operative_config=gin.operative_config_str())
+  host_memory.configure(runtime.host_malloc)  # before the first jax computation
+  result = loop.train(workdir, model=model, data=data, tokenizer=tokenizer,
+                      optimizer=optimizer, objective=objective, config=config,
+                      operative_config=gin.operative_config_str(),
+                      peak_flops=runtime.peak_flops)
+  return result._replace(runtime=runtime)
 
 
 def run(gin_files, gin_params, workdir):

@@ -1,16 +1,17 @@
 """The train and eval steps: pure functions, jit-compiled once by the loop.
 
-Losses are accumulated as sums over micro-batches and divided once by the number of
-scored tokens, so gradient accumulation gives the same update as one big batch.
-A non-finite loss or gradient never reaches the parameters: the update is dropped and
-`nonfinite` is reported, and the loop halts or counts it, as configured.
+Losses are accumulated as sums over micro-batches and divided once by the summed
+`weight`, so gradient accumulation gives the same update as one big batch. Gradients
+are taken for the trainable parameters only (a frozen leaf is a constant of the loss;
+its update is zero and it has no optimizer state). A non-finite loss or gradient never
+reaches the parameters: the update is dropped and `nonfinite` is reported, and the loop
+halts or counts it, as configured.
 """
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from llmjax.objectives import losses
 from llmjax.train.state import TrainState
 
 
@@ -19,11 +20,7 @@ def _split_microbatches(batch, num):
   return jax.tree.map(lambda x: x.reshape((num, x.shape[0] // num) + x.shape[1:]), batch)
 
 
-def _grads_and_sums(model, objective, params, batch, rng, grad_accum_steps):
-  def loss_fn(p, b, r):
-    sums = objective.loss_sums(model, p, b, rng=r, deterministic=False)
-    return sums["loss"], sums
-
+def _grads_and_sums(loss_fn, params, batch, rng, grad_accum_steps):
   grad_fn = jax.grad(loss_fn, has_aux=True)
   if grad_accum_steps == 1:
     return grad_fn(params, batch, rng)
@@ -44,23 +41,41 @@ def _grads_and_sums(model, objective, params, batch, rng, grad_accum_steps):
   return grads, sums
 
 
-def make_train_step(model, objective, tx, schedule, *, grad_accum_steps: int = 1):
-  """Returns `train_step(state, batch) -> (state, metrics)`."""
+def make_train_step(model, objective, tx, schedule, *, grad_accum_steps: int = 1,
+                    trainable=None):
+  """Returns `train_step(state, batch) -> (state, metrics)`.
+
+  `trainable`: a pytree of bools over the parameters (`OptimizerConfig.trainable_mask`),
+  None = all train. It must agree with `tx`, which gives frozen leaves zero updates.
+  """
+
+  def loss_fn(params, batch, rng, frozen):
+    if trainable is not None:  # frozen leaves: no gradient computed through them
+      params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p),
+                            params, trainable)
+    sums = objective.loss_sums(model, params, batch, rng=rng, deterministic=False,
+                               frozen=frozen)
+    return sums["loss"], sums
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    grads, sums = _grads_and_sums(model, objective, state.params, batch, rng, grad_accum_steps)
+    grads, sums = _grads_and_sums(lambda p, b, r: loss_fn(p, b, r, state.frozen),
+                                  state.params, batch, rng, grad_accum_steps)
     weight = jnp.maximum(sums["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-
-    grad_norm = optax.global_norm(grads)
+    if trainable is None:
+      params, grad_norm = optax.apply_updates(state.params, updates), optax.global_norm(grads)
+    else:  # frozen leaves stay the very same arrays
+      params = jax.tree.map(lambda p, u, t: optax.apply_updates(p, u) if t else p,
+                            state.params, updates, trainable)
+      grad_norm = optax.global_norm(jax.tree.leaves(
+          jax.tree.map(lambda g, t: g if t else None, grads, trainable)))
     finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
                               opt_state=keep(opt_state, state.opt_state))
-    metrics = losses.summarize(sums)
+    metrics = objective.summarize(sums)
     metrics.update(grad_norm=grad_norm, param_norm=optax.global_norm(new_state.params),
                    learning_rate=schedule(state.step), nonfinite=1 - finite.astype(jnp.int32))
     return new_state, metrics
@@ -69,9 +84,10 @@ def make_train_step(model, objective, tx, schedule, *, grad_accum_steps: int = 1
 
 
 def make_eval_step(model, objective):
-  """Returns `eval_step(params, batch) -> sums` (add sums over batches, then summarize)."""
+  """Returns `eval_step(params, batch, frozen) -> sums` (add sums over batches, then
+  `objective.summarize`)."""
 
-  def eval_step(params, batch):
-    return objective.loss_sums(model, params, batch, deterministic=True)
+  def eval_step(params, batch, frozen=None):
+    return objective.loss_sums(model, params, batch, deterministic=True, frozen=frozen or {})
 
   return eval_step

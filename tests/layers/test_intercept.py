@@ -137,7 +137,7 @@ def test_interceptor_adds_parameters_and_path_selection():
   """A LoRA-shaped interceptor creates its own parameters beside each selected kernel
   (zero-initialized B: the output is unchanged until they train); a regex selects."""
   import re
-  model, params = reference.preset_model("tiny", std=0.1)
+  model, _ = reference.preset_model("tiny", std=0.1)
   tokens, _ = _inputs(model.config)
 
   def lora(call):

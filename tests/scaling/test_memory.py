@@ -16,7 +16,7 @@ from llmjax.models.transformer import Transformer
 from llmjax.optim.optimizers import OptimizerConfig
 from llmjax.scaling import memory
 from llmjax.sharding import mesh as mesh_lib
-from llmjax.sharding import partition
+from llmjax.train import state as train_state
 
 STRATEGIES = {"dp": (8, 1, 1), "zero1": (8, 1, 1), "fsdp": (1, 8, 1), "fsdp_tp": (1, 4, 2)}
 
@@ -52,7 +52,7 @@ def test_state_bytes_match_the_placed_arrays(rule_set):
   model = Transformer(cfg)
   tx, _ = OptimizerConfig().make(1)
   init = lambda rng: model.init({"params": rng}, np.zeros((1, 16), np.int32))["params"]
-  state = partition.abstract_train_state(init, tx, mesh_lib.make_mesh(*STRATEGIES[rule_set]),
+  state = train_state.abstract_train_state(init, tx, mesh_lib.make_mesh(*STRATEGIES[rule_set]),
                                          rule_set)
   assert est.weights == _shard_bytes(state.params)
   assert est.optimizer == _shard_bytes(state.opt_state)

@@ -16,9 +16,9 @@ import pytest
 from llmjax.checkpoint import manager as ckpt_lib
 from llmjax.errors import UserError
 from llmjax.sharding import mesh as mesh_lib
-from llmjax.sharding import partition
 from llmjax.testing import sharded_run
 from llmjax.train import distributed
+from llmjax.train import state as train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -64,7 +64,7 @@ def test_two_processes_match_single_process(tmp_path):
   # The checkpoint both processes wrote restores in this one process, on one device.
   model = sharded_run.tiny_model()
   init = lambda rng: model.init({"params": rng}, np.zeros((1, 16), np.int32))["params"]
-  target = partition.abstract_train_state(init, sharded_run.make_tx()[0], single_mesh, "dp")
+  target = train_state.abstract_train_state(init, sharded_run.make_tx()[0], single_mesh, "dp")
   restored, _, meta = ckpt_lib.CheckpointManager(tmp_path / "ckpt").restore(target)
   assert meta == {"rules": "fsdp"} and int(restored.step) == 3
   for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(state.params)):

@@ -13,6 +13,7 @@ from llmjax.sharding import mesh as mesh_lib
 from llmjax.sharding import partition
 from llmjax.testing import sharded_run
 from llmjax.train import main
+from llmjax.train import state as train_state
 
 MESHES = {"dp": (8, 1, 1), "zero1": (8, 1, 1), "fsdp": (1, 8, 1), "fsdp_tp": (2, 2, 2)}
 _RUNS = {}
@@ -118,7 +119,7 @@ def test_checkpoint_moves_between_meshes(tmp_path):
   init = lambda rng: model.init({"params": rng}, np.zeros((1, 16), np.int32))["params"]
   for rule_set, shape, devices in (("dp", (1, 1, 1), 1), ("fsdp_tp", (1, 2, 2), 4)):
     mesh = mesh_lib.make_mesh(*shape, devices=jax.devices()[:devices])
-    target = partition.abstract_train_state(init, tx, mesh, rule_set)
+    target = train_state.abstract_train_state(init, tx, mesh, rule_set)
     restored, _, _ = ckpt_lib.CheckpointManager(tmp_path / "ckpt").restore(target)
     for got, want, abstract in zip(jax.tree.leaves(restored), jax.tree.leaves(saved),
                                    jax.tree.leaves(target)):

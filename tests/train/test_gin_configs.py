@@ -10,7 +10,8 @@ import jax
 import pytest
 
 from llmjax.models.transformer import Transformer
-from llmjax.train import loop, main
+from llmjax.objectives.protocol import Objective
+from llmjax.train import main
 
 RUNS = sorted(glob.glob(os.path.join(main.GIN_ROOT, "runs", "*.gin")))
 MODELS = sorted(glob.glob(os.path.join(main.GIN_ROOT, "models", "*.gin")))
@@ -24,10 +25,12 @@ def _build(name):
 
 def _check_builds():
   model = _build("model").replace(vocab_size=256)
-  for name in ("data", "tokenizer", "optimizer", "config", "objective"):
+  for name in ("data", "tokenizer", "optimizer", "config", "objective", "runtime"):
     assert _build(name) is not None
   # The objective says what `init` takes (tokens; inputs + targets; classify).
-  inputs = loop._init_inputs(_build("objective"), _build("data").lengths())
+  objective = _build("objective")
+  assert isinstance(objective, Objective)
+  inputs = objective.init_inputs(_build("data").lengths())
   longest = max(v.shape[1] for v in inputs.values() if hasattr(v, "shape"))
   model = model.replace(max_len=max(model.max_len, longest))
   shapes = jax.eval_shape(functools.partial(Transformer(model).init, **inputs),
