@@ -129,7 +129,7 @@ class LlmjaxImpl:
     from llmjax.sharding import partition
     from llmjax.sharding import rules as rules_lib
     from llmjax.train import step as step_lib
-    from llmjax.train.state import TrainState
+    from llmjax.train.state import TrainState, state_shardings
 
     self.seq_len, self.batch_size = SHAPES[shape][3:]
     self.cfg = llmjax_config(shape, vocab_size, dtype, overrides)
@@ -163,7 +163,7 @@ class LlmjaxImpl:
     mesh = mesh_lib.make_mesh(data=1 if fsdp else devices, fsdp=devices if fsdp else 1,
                               devices=jax.devices()[:devices])
     mesh_rules = rules_lib.get_rules(rules)
-    shardings = partition.state_shardings(jax.eval_shape(init_params, seed_key), tx, mesh, rules)
+    shardings = state_shardings(jax.eval_shape(init_params, seed_key), tx, mesh, rules)
     self.batch_sharding = partition.batch_sharding(mesh, mesh_rules)
     self.state = jax.device_put(jax.jit(init)(seed_key), shardings)
     step = step_lib.make_train_step(model, objective, tx, schedule)
@@ -232,9 +232,11 @@ class LlmjaxImpl:
 
 
 class NextTokenLM:
-  """Objective on `{'inputs', 'targets'}` [B, L] (nanoGPT's random-crop batches)."""
+  """Objective on `{'inputs', 'targets'}` [B, L] (nanoGPT's random-crop batches): the two
+  methods of `llmjax.objectives.protocol.Objective` the train and eval steps call (llmjax
+  is imported lazily here, so the PyTorch workers never load jax)."""
 
-  def loss_sums(self, model, params, batch, *, rng=None, deterministic=True):
+  def loss_sums(self, model, params, batch, *, rng=None, deterministic=True, frozen=None):
     import jax.numpy as jnp
 
     from llmjax.objectives import losses
@@ -243,6 +245,10 @@ class NextTokenLM:
                          rngs=rngs)
     weights = jnp.ones(batch["targets"].shape, jnp.float32)
     return losses.cross_entropy_sums(logits, batch["targets"], weights)
+
+  def summarize(self, sums):
+    from llmjax.objectives import losses
+    return losses.summarize(sums)
 
 
 class TorchImpl:

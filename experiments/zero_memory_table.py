@@ -47,6 +47,7 @@ import jax
 from llmjax.models.presets import get_preset
 from llmjax.scaling import memory
 from llmjax.sharding import mesh as mesh_lib
+from llmjax.train import xla_memory
 
 STRATEGIES = (("dp", (8, 1, 1)), ("zero1", (8, 1, 1)), ("fsdp", (1, 8, 1)),
               ("fsdp_tp", (1, 4, 2)))
@@ -72,7 +73,7 @@ def main():
     mesh_shape = dict(zip(mesh_lib.MESH_AXES, shape))
     est = memory.estimate(cfg, rule_set, mesh_shape, args.batch, args.seq_len)
     start = time.time()
-    xla = memory.compiled(cfg, rule_set, mesh_lib.make_mesh(*shape), args.batch, args.seq_len)
+    xla = xla_memory.compiled(cfg, rule_set, mesh_lib.make_mesh(*shape), args.batch, args.seq_len)
     terms = (est.weights, est.gradients, est.optimizer, est.activations, est.working)
     print(f"{rule_set:8} {'x'.join(map(str, shape)):6} "
           + " ".join(f"{t / MIB:8.1f}" for t in terms)

@@ -57,7 +57,7 @@ def run(args):
 
   from llmjax.scaling import memory
   from llmjax.sharding import mesh as mesh_lib
-  from llmjax.train import main
+  from llmjax.train import main, xla_memory
 
   main.parse_gin(args.gin_file, args.gin_param)
   model, data, cfg = _bound(gin, "model"), _bound(gin, "data"), _bound(gin, "config")
@@ -81,7 +81,7 @@ def run(args):
             f"{_fmt(est.total)}  {'yes' if est.total <= budget else 'NO'}")
     if args.compile:
       mesh = mesh_lib.make_mesh(*mesh_shape.values(), devices=jax.devices()[:devices])
-      line += _fmt(memory.compiled(model, rule_set, mesh, data.batch_size,
+      line += _fmt(xla_memory.compiled(model, rule_set, mesh, data.batch_size,
                                    data.seq_len)["total"])
     out.write(line + "\n")
   out.write(f"\nZeRO bytes per parameter on {devices} devices (weights, grads, optimizer; "

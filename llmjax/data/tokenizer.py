@@ -28,17 +28,15 @@ characters the model covers, and for any text at all with `byte_fallback=True`. 
 """
 
 import collections
-import glob
-import json
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
-from llmjax.data import text_files
+from llmjax.data.text_files import TEXT_SUFFIXES, iter_text_files  # noqa: F401 (API)
 from llmjax.errors import UserError
 
 PAD_ID, EOS_ID, BOS_ID, UNK_ID, MASK_ID = 0, 1, 2, 3, 4
@@ -50,7 +48,6 @@ NORMALIZATIONS = ("nmt_nfkc", "nfkc", "nmt_nfkc_cf", "nfkc_cf", "identity")
 EXACT_NORMALIZATIONS = ("identity", "nfkc")  # the others rewrite tabs/newlines/controls
 DEFAULT_VOCAB_SIZE = 4000
 DEFAULT_NUM_SENTINELS = {"bpe": 100, "unigram": 100, "char": 0}
-TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
 _SPACE = "\u2581"  # SentencePiece's whitespace symbol
 _MAX_LINE_CHARS = 4096  # longer lines are cut: SentencePiece skips long sentences
 _CHAR_ALL = 1 << 20  # "every character" for char models with vocab_size=None
@@ -225,50 +222,6 @@ def tokenizer_stats(tokenizer: Tokenizer, texts: Iterable[str]) -> dict:
           "chars": counts["chars"], "tokens": counts["tokens"],
           "chars_per_token": counts["chars"] / tokens, "unk_rate": counts["unk"] / tokens,
           "byte_rate": counts["bytes"] / tokens}
-
-
-# --- reading text files -------------------------------------------------------------
-def _expand_paths(paths: Iterable[str]) -> list[str]:
-  files = []
-  for path in ([paths] if isinstance(paths, str) else paths):
-    if os.path.isdir(path):
-      found = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
-                     if f.endswith(TEXT_SUFFIXES) and os.path.isfile(f))
-      if not found:
-        raise UserError(f"folder {path!r} holds no {'/'.join(TEXT_SUFFIXES)} files; "
-                        "point --input at the text files or a folder that holds them")
-      files.extend(found)
-    elif os.path.isfile(path):
-      files.append(path)
-    else:
-      raise UserError(f"input {path!r} does not exist; pass existing text files or "
-                      "folders of .txt/.md/.jsonl files")
-  return files
-
-
-def iter_text_files(paths: str | Iterable[str], text_key: str = "text") -> Iterator[str]:
-  """Yields one text per .txt/.md file and one per .jsonl line (its `text_key` field).
-
-  Folders are searched recursively in sorted order. All paths are checked before the
-  first text is yielded; non-UTF-8 bytes raise UserError naming the file and offset.
-  """
-  for path in _expand_paths(paths):
-    with open(path, "rb") as f:
-      data = f.read()
-    if not path.endswith(".jsonl"):
-      yield text_files.decode_utf8(data, path)
-      continue
-    offset = 0
-    for lineno, raw in enumerate(data.split(b"\n"), 1):
-      line = text_files.decode_utf8(raw, path, offset)
-      offset += len(raw) + 1
-      if not line.strip():
-        continue
-      try:
-        yield json.loads(line)[text_key]
-      except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path}:{lineno}: not a JSON object with a {text_key!r} string "
-                        f"field ({e}); write one JSON object per line") from e
 
 
 # --- training -----------------------------------------------------------------------

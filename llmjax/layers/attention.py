@@ -16,21 +16,15 @@ Parameters (`Einsum` submodules, each with `kernel` and optional `bias`):
   out (HEADS, HEAD_DIM, EMBED)
 """
 
-import dataclasses
-import functools
-import itertools
-import logging
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from llmjax.errors import UserError
-from llmjax.kernels import cpu_attention, dense, einsum_attention
+from llmjax.kernels import attention_impls, dense
+from llmjax.kernels.attention_impls import AttentionDropout
 from llmjax.kernels.dense import einsum_f32
-from llmjax.kernels.einsum_attention import block
 from llmjax.layers import masks
 from llmjax.layers.linear import Einsum, Joint
 from llmjax.layers.position import apply_rope
@@ -58,21 +52,6 @@ def _scores(equation: str, q: jax.Array, k: jax.Array, mask, bias) -> jax.Array:
   return scores
 
 
-@dataclasses.dataclass(frozen=True)
-class AttentionDropout:
-  """Attention-probability dropout as data (a rate and a PRNG key), so that
-  `attention_impl='cpu_flash'` can draw it inside its kernel. Called on probabilities it
-  applies ordinary dropout (`nn.Dropout`'s rule) for the paths that fall back to einsum;
-  the key is folded with the probabilities' shape, so the chunks of one layer draw apart."""
-  rate: float
-  rng: jax.Array
-
-  def __call__(self, probs: jax.Array) -> jax.Array:
-    rng = jax.random.fold_in(self.rng, hash(probs.shape) & 0x7FFFFFFF)
-    keep = jax.random.bernoulli(rng, 1.0 - self.rate, probs.shape)
-    return jnp.where(keep, probs / (1.0 - self.rate), 0.0).astype(probs.dtype)
-
-
 def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                         mask: jax.Array | None = None, bias: jax.Array | None = None,
                         dropout_fn=None, scale: float | None = None) -> jax.Array:
@@ -98,21 +77,14 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                           dropout_fn=None, bias: jax.Array | None = None,
                           scale: float | None = None, impl: str = "einsum",
                           causal_chunks: int = 1, causal: bool = False) -> jax.Array:
-  """`reference_attention`, by the implementation `impl` names (the one dispatch point).
+  """`reference_attention`, computed by the implementation `impl` names.
 
   Args:
     q, k, v, mask, bias, scale: as `reference_attention`.
     dropout_fn: applied to the attention probabilities (None = no dropout); an
       `AttentionDropout` also lets 'cpu_flash' draw the dropout in its kernel.
-    impl: 'einsum' (the reference; for L > 1 without dropout and bias
-      `kernels.einsum_attention`'s hand-written backward pass), 'jax'
-      (`jax.nn.dot_product_attention`, XLA's), 'cudnn' (the same with
-      `implementation='cudnn'`: cuDNN's fused flash attention, NVIDIA GPUs, bfloat16/
-      float16, `causal` skips the hidden key blocks) or 'cpu_flash'
-      (`kernels.cpu_attention`: FlashAttention in C++ for XLA:CPU, float32 inside, for
-      L > 1 without a bias; a query that sees no key gets zeros). One config runs
-      everywhere: where an impl cannot take a call it falls back to 'einsum', with one
-      warning (none for one-token decode steps); 'jax' and 'cudnn' have no dropout.
+    impl: 'einsum', 'jax', 'cudnn' or 'cpu_flash' (`llmjax.kernels.attention_impls`
+      says what each is and where it falls back to 'einsum').
     causal_chunks: only for causal self-attention: the queries are split into this many
       chunks and chunk i is scored against keys up to its own end only, skipping the
       masked upper triangle ((n + 1) / 2n of the work). Same result (dropout draws
@@ -126,74 +98,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   if (causal or causal_chunks > 1) and k.shape[1] != l and l > 1:
     raise ValueError(f"causal attention needs self-attention (L == S), got {l} vs {k.shape[1]}")
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-  impl = _usable_impl(impl, l, dropout_fn, bias)
-  if impl == "cudnn":
-    return _cudnn_attention(q, k, v, mask, bias, scale, causal)
-  if impl == "cpu_flash":
-    rate, rng = (dropout_fn.rate, dropout_fn.rng) if dropout_fn is not None else (0.0, None)
-    return cpu_attention.flash_attention(q, k, v, mask, scale, causal, rate,
-                                         rng).astype(q.dtype)
-  if causal:
-    mask = masks.combine_masks(masks.causal_mask(l), mask)
-  bounds = tuple(int(x) for x in np.linspace(0, l, min(causal_chunks, l) + 1).round())
-  if impl == "jax":  # it wants one dtype throughout
-    bias = None if bias is None else bias.astype(q.dtype)
-    return jnp.concatenate([jax.nn.dot_product_attention(
-        q[:, start:end], k[:, :end], v[:, :end], bias=block(bias, start, end, end),
-        mask=block(mask, start, end, end), scale=scale)
-        for start, end in itertools.pairwise(bounds)], axis=1)
-  if dropout_fn is None and bias is None and l > 1:
-    return einsum_attention.attention(q, k, v, mask, scale, bounds, len(bounds) > 2)
-  if len(bounds) > 2:
-    return einsum_attention.chunked_attention(q, k, v, mask, bias, dropout_fn, scale, bounds)
-  return reference_attention(q, k, v, mask, bias, dropout_fn, scale)
-
-
-def _usable_impl(impl: str, l: int, dropout_fn, bias) -> str:
-  """`impl`, or 'einsum' where it cannot take this call (with one warning)."""
-  if impl in ("jax", "cudnn") and dropout_fn is not None:
-    return "einsum"
-  if impl == "cudnn" and jax.default_backend() != "gpu":
-    _warn_once(f"attention_impl='cudnn' needs an NVIDIA GPU; jax runs on "
-               f"{jax.default_backend()!r} here, so attention uses 'einsum' (same result).")
-    return "einsum"
-  if impl == "cpu_flash":
-    reason = _cpu_flash_unsupported(l, dropout_fn, bias)
-    if reason is not None:
-      if l > 1:
-        _warn_once(f"attention_impl='cpu_flash' {reason}; attention uses 'einsum' here.")
-      return "einsum"
-  return impl
-
-
-def _cpu_flash_unsupported(l, dropout_fn, bias) -> str | None:
-  """Why the CPU kernel cannot take this call (None: it can)."""
-  if l == 1:
-    return "is for L > 1 (one-token decode steps read the KV cache)"
-  if dropout_fn is not None and not isinstance(dropout_fn, AttentionDropout):
-    return "draws dropout itself (pass an AttentionDropout, not a function)"
-  if bias is not None:
-    return "takes no score bias (T5's relative positions)"
-  if not cpu_attention.available():
-    return f"needs the CPU backend and a C++ compiler (jax runs on {jax.default_backend()!r})"
-  return None
-
-
-@functools.cache
-def _warn_once(message: str):
-  logging.getLogger(__name__).warning(message)
-
-
-def _cudnn_attention(q, k, v, mask, bias, scale, causal):
-  """`jax.nn.dot_product_attention(implementation='cudnn')`: one fused kernel per pass
-  (the `[B, N, L, S]` scores never reach memory); `causal` is cuDNN's own causal mask,
-  and `mask` (padding, segments) goes in as an additive bias."""
-  if q.dtype not in (jnp.bfloat16, jnp.float16):
-    raise UserError(f"attention_impl='cudnn' needs bfloat16 or float16 activations, got "
-                    f"{q.dtype}; set dtype='bfloat16' or use attention_impl='einsum'.")
-  bias = None if bias is None else bias.astype(q.dtype)
-  return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
-                                      is_causal=causal, implementation="cudnn")
+  full_mask = masks.combine_masks(masks.causal_mask(l), mask) if causal else mask
+  out = attention_impls.attention(impl, q, k, v, mask, full_mask, dropout_fn, bias, scale,
+                                  causal, causal_chunks)
+  return reference_attention(q, k, v, full_mask, bias, dropout_fn, scale) if out is None else out
 
 
 class Attention(nn.Module):
@@ -240,31 +148,14 @@ class Attention(nn.Module):
     return q, k, v
 
   def _fused_qkv(self, x: jax.Array):
-    """`query(x), key(x), value(x)` from one product, with the same parameters.
-
-    The three layers' `weights` are viewed per key/value head, `[D, K, G*H]` for the
-    queries (query head n = k*G + g, as in `_grouped_queries`) and `[D, K, H]` for keys
-    and values, and concatenated along their last dim: one `[D, K, (G+2)H]` kernel.
-    One `[B*L, D] x [D, (N+2K)H]` product runs at about twice the FLOP rate of three
-    narrower ones on CPU (benchmarks/README.md), in training and decoding alike; a
-    heads-split (tensor parallel) kernel stays split along K. Each layer is then still
-    called, with its part of the product as a `Joint`, so an interceptor sees every
-    projection.
-    """
-    cfg = self.config
-    kv_heads, group, h = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+    """`query(x), key(x), value(x)` from one product of their `weights`
+    (`dense.fused_heads_product`, about twice as fast on CPU). Each layer is then still
+    called, with its part as a `Joint`, so an interceptor sees every projection."""
     layers = (self.query, self.key, self.value)
-    weights = [layer.weights() for layer in layers]
-    per_kv_head = lambda a: a.reshape(a.shape[:-2] + (kv_heads, -1))    # [.., K, G*H | H]
-    kernel = jnp.concatenate([per_kv_head(w) for w, _ in weights], -1)  # [D, K, (G+2)H]
-    bias = (jnp.concatenate([per_kv_head(b) for _, b in weights], -1)  # [K, (G+2)H]
-            if cfg.use_bias else None)
-    x = x.astype(cfg.compute_dtype)
-    y = dense.product("BLD,DKT->BLKT", x, kernel, bias)                  # float32
-    parts = jnp.split(y, [group * h, (group + 1) * h], axis=-1)        # [B, L, K, G*H | H]
-    heads = (cfg.num_heads, kv_heads, kv_heads)
-    return tuple(layer(x, Joint(x, part.reshape(x.shape[:2] + (n, h))))
-                 for layer, part, n in zip(layers, parts, heads))
+    x = x.astype(self.config.compute_dtype)
+    parts = dense.fused_heads_product(x, [layer.weights() for layer in layers],
+                                      self.config.num_kv_heads)
+    return tuple(layer(x, Joint(x, y)) for layer, y in zip(layers, parts))
 
   def attend(self, q, k, v, mask=None, deterministic: bool = True,
              bias: jax.Array | None = None, causal: bool = False) -> jax.Array:

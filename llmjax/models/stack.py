@@ -72,18 +72,7 @@ class TransformerStack(nn.Module):
     cfg = self.config
     bias = None
     if cfg.position == "t5_relative":
-      # T5: one bias for every layer. Cached decoding: the keys are the T cache slots;
-      # slot j of a row holds position j - (cache_index - positions[:, 0]) (left padding).
-      if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-      k_positions = positions
-      if cache is not None:
-        slots = jnp.arange(cache[0]["self"]["key"].shape[2])              # [T]
-        k_positions = slots[None, :] - (cache_index - positions[:, :1])     # [B, T]
-      bias = RelativePositionBias(
-          cfg.relative_buckets, cfg.relative_max_distance, cfg.num_heads,
-          bidirectional=self.bidirectional, init_std=cfg.init_std,
-          param_dtype=cfg.params_dtype, name="relpos_bias")(positions, k_positions)
+      bias = self._relative_bias(x, positions, cache, cache_index)
     args = (mask, positions, encoded, cross_mask, deterministic, bias)
     in_axes = (nn.broadcast,) * len(args)
     if cache is not None:
@@ -117,6 +106,22 @@ class TransformerStack(nn.Module):
     if cfg.final_norm:
       x = make_norm(cfg, name="final_norm")(x)
     return x if cache is None else (x, cache)
+
+  def _relative_bias(self, x, positions, cache, cache_index):
+    """T5's relative position bias `[B, N, L, S]`, computed once for every layer."""
+    cfg = self.config
+    # T5: one bias for every layer. Cached decoding: the keys are the T cache slots;
+    # slot j of a row holds position j - (cache_index - positions[:, 0]) (left padding).
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+    k_positions = positions
+    if cache is not None:
+      slots = jnp.arange(cache[0]["self"]["key"].shape[2])              # [T]
+      k_positions = slots[None, :] - (cache_index - positions[:, :1])     # [B, T]
+    return RelativePositionBias(
+        cfg.relative_buckets, cfg.relative_max_distance, cfg.num_heads,
+        bidirectional=self.bidirectional, init_std=cfg.init_std,
+        param_dtype=cfg.params_dtype, name="relpos_bias")(positions, k_positions)
 
 
 def unstack_layers(tree):

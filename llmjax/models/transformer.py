@@ -56,6 +56,22 @@ class Transformer(nn.Module):
     if cfg.embed_norm:
       self.embed_norm = make_norm(cfg)
     self.embed_dropout = nn.Dropout(rate=cfg.dropout_rate)
+    if cfg.num_token_types or cfg.mlm_head or cfg.logits_bias or cfg.num_classes:
+      self._bert_parts(cfg, kw)
+    if cfg.arch in ("encoder_only", "encoder_decoder"):
+      encoder_layers = cfg.num_encoder_layers if cfg.arch == "encoder_decoder" else cfg.num_layers
+      self.encoder = TransformerStack(cfg, encoder_layers, cross_attention=False,
+                                      bidirectional=True)
+    if cfg.arch in ("decoder_only", "encoder_decoder"):
+      self.decoder = TransformerStack(cfg, cfg.num_layers,
+                                      cross_attention=cfg.arch == "encoder_decoder")
+    if not cfg.tie_embeddings:
+      self.lm_head = Einsum("BLD,DV->BLV", (cfg.embed_dim, cfg.vocab_size), (EMBED, VOCAB),
+                            kernel_init=nn.initializers.normal(cfg.init_std),
+                            pad_last_to=cfg.logits_pad_to, **kw)
+
+  def _bert_parts(self, cfg, kw):
+    """BERT's token types, MLM head, logits bias and pooled classifier (each optional)."""
     if cfg.num_token_types:
       self.token_type_embed = Embed(cfg.num_token_types, cfg.embed_dim,
                                     init_std=cfg.init_std, **kw)
@@ -74,17 +90,6 @@ class Transformer(nn.Module):
                            use_bias=True, kernel_init=init, **kw)
       self.classifier = Einsum("BD,DC->BC", (cfg.embed_dim, cfg.num_classes), (EMBED, None),
                                use_bias=True, kernel_init=init, **kw)
-    if cfg.arch in ("encoder_only", "encoder_decoder"):
-      encoder_layers = cfg.num_encoder_layers if cfg.arch == "encoder_decoder" else cfg.num_layers
-      self.encoder = TransformerStack(cfg, encoder_layers, cross_attention=False,
-                                      bidirectional=True)
-    if cfg.arch in ("decoder_only", "encoder_decoder"):
-      self.decoder = TransformerStack(cfg, cfg.num_layers,
-                                      cross_attention=cfg.arch == "encoder_decoder")
-    if not cfg.tie_embeddings:
-      self.lm_head = Einsum("BLD,DV->BLV", (cfg.embed_dim, cfg.vocab_size), (EMBED, VOCAB),
-                            kernel_init=nn.initializers.normal(cfg.init_std),
-                            pad_last_to=cfg.logits_pad_to, **kw)
 
   def embed_tokens(self, tokens: jax.Array, positions: jax.Array,
                    deterministic: bool = True,

@@ -17,7 +17,7 @@ state exactly, from the shardings the rule set gives each array (`sharding.parti
 activations exactly as jax's autodiff saves them (the stacked residuals of the forward
 layer scan, read from the jaxpr of the gradient for the per-device shapes: no compile);
 and the peak as the largest of three phases of the step (backward, loss head, optimizer
-update; see `estimate`). `compiled` asks XLA for the same number: `memory_analysis()` of
+update; see `estimate`). `llmjax.train.xla_memory.compiled` asks XLA for the same number: `memory_analysis()` of
 the jitted, donated train step, whose per-device peak is arguments + temporaries (+
 outputs not aliased to donated arguments: only the metrics). That is what
 tests/scaling/test_memory.py and experiments/zero_memory_table.py compare against.
@@ -245,38 +245,3 @@ def estimate(model_cfg, rule_set: str, mesh_shape: dict, batch_size: int, seq_le
   peak = max(phases["backward"], phases["head"], phases["update"])
   return MemoryEstimate(rule_set, dict(mesh_shape), num_params, weights, grads, optimizer,
                         residuals, peak - residuals - grads)
-
-
-def compiled(model_cfg, rule_set: str, mesh, batch_size: int, seq_len: int) -> dict:
-  """XLA's own per-device bytes for the jitted, donated train step (compile only).
-
-  `memory_analysis()` fields: arguments = the state and batch passed in; outputs = the
-  new state and metrics; aliased = outputs written into donated argument buffers (the
-  whole state); temp = XLA's one scratch allocation, sized by its heap simulation of
-  every intermediate's live range (so it is the temporaries' peak, with packing).
-  `total` = arguments + outputs - aliased + temp: the bytes the step holds at its peak.
-  """
-  from llmjax.models.transformer import Transformer
-  from llmjax.objectives.lm import CausalLM
-  from llmjax.optim.optimizers import OptimizerConfig
-  from llmjax.train import step as step_lib
-
-  model = Transformer(model_cfg)
-  tx, schedule = OptimizerConfig().make(1)
-  tokens = jnp.zeros((1, seq_len), jnp.int32)
-  init = lambda rng: model.init({"params": rng}, tokens)["params"]
-  state = partition.abstract_train_state(init, tx, mesh, rule_set)
-  rules = rules_lib.get_rules(rule_set)
-  rows = partition.batch_sharding(mesh, rules)
-  batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=rows)
-           for k in ("tokens", "tokens_segment_ids", "tokens_positions")}
-  shardings = jax.tree.map(lambda x: x.sharding, state)
-  step = step_lib.make_train_step(model, CausalLM(), tx, schedule)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    analysis = jax.jit(step, in_shardings=(shardings, rows), out_shardings=(shardings, None),
-                       donate_argnums=0).lower(state, batch).compile().memory_analysis()
-  out = {"arguments": analysis.argument_size_in_bytes,
-         "outputs": analysis.output_size_in_bytes,
-         "aliased": analysis.alias_size_in_bytes, "temp": analysis.temp_size_in_bytes}
-  out["total"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temp"]
-  return out

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llmjax.kernels import cpu_attention
+from llmjax.kernels import attention_impls, cpu_attention
 from llmjax.layers import attention
 from llmjax.models.presets import get_preset
 from llmjax.models.transformer import Transformer
@@ -271,7 +271,7 @@ def test_without_a_compiler_the_model_warns_and_uses_einsum(tmp_path, monkeypatc
   want = attention.dot_product_attention(q, k, v, causal=True)
   monkeypatch.setenv("LLMJAX_KERNEL_CACHE", str(tmp_path))
   monkeypatch.setattr(cpu_attention.shutil, "which", lambda name: None)
-  attention._warn_once.cache_clear()
+  attention_impls._warn_once.cache_clear()
   cpu_attention.available.cache_clear()
   try:
     with caplog.at_level(logging.WARNING):

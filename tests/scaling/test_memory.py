@@ -17,6 +17,7 @@ from llmjax.optim.optimizers import OptimizerConfig
 from llmjax.scaling import memory
 from llmjax.sharding import mesh as mesh_lib
 from llmjax.train import state as train_state
+from llmjax.train import xla_memory
 
 STRATEGIES = {"dp": (8, 1, 1), "zero1": (8, 1, 1), "fsdp": (1, 8, 1), "fsdp_tp": (1, 4, 2)}
 
@@ -68,7 +69,7 @@ def test_state_bytes_match_the_placed_arrays(rule_set):
 def test_estimate_within_15_percent_of_xla(rule_set, remat):
   cfg, batch, seq_len = get_preset("tiny", max_len=16, remat=remat), 64, 16
   mesh = mesh_lib.make_mesh(*STRATEGIES[rule_set])
-  xla = memory.compiled(cfg, rule_set, mesh, batch, seq_len)
+  xla = xla_memory.compiled(cfg, rule_set, mesh, batch, seq_len)
   est = memory.estimate(cfg, rule_set, dict(mesh.shape), batch, seq_len)
   assert abs(est.total / xla["total"] - 1) < 0.15, (est, xla)
 
