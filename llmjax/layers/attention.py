@@ -112,15 +112,14 @@ class Attention(nn.Module):
   def setup(self):
     cfg = self.config
     d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    dense = {"use_bias": cfg.use_bias, "dtype": cfg.compute_dtype,
-             "param_dtype": cfg.params_dtype,
-             "kernel_init": nn.initializers.normal(cfg.init_std)}
-    self.query = Einsum("BLD,DNH->BLNH", (d, n, h), (EMBED, HEADS, HEAD_DIM), **dense)
-    self.key = Einsum("BSD,DKH->BSKH", (d, k, h), (EMBED, KV_HEADS, HEAD_DIM), **dense)
-    self.value = Einsum("BSD,DKH->BSKH", (d, k, h), (EMBED, KV_HEADS, HEAD_DIM), **dense)
+    kw = {"use_bias": cfg.use_bias, "dtype": cfg.compute_dtype,
+          "param_dtype": cfg.params_dtype, "kernel_init": nn.initializers.normal(cfg.init_std)}
+    self.query = Einsum("BLD,DNH->BLNH", (d, n, h), (EMBED, HEADS, HEAD_DIM), **kw)
+    self.key = Einsum("BSD,DKH->BSKH", (d, k, h), (EMBED, KV_HEADS, HEAD_DIM), **kw)
+    self.value = Einsum("BSD,DKH->BSKH", (d, k, h), (EMBED, KV_HEADS, HEAD_DIM), **kw)
     # GPT-2: residual output projections start smaller, by 1/sqrt(2 * num_layers).
-    dense["kernel_init"] = nn.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.num_layers))
-    self.out = Einsum("BLNH,NHD->BLD", (n, h, d), (HEADS, HEAD_DIM, EMBED), **dense)
+    kw["kernel_init"] = nn.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.num_layers))
+    self.out = Einsum("BLNH,NHD->BLD", (n, h, d), (HEADS, HEAD_DIM, EMBED), **kw)
     self.dropout = nn.Dropout(rate=cfg.attention_dropout_rate)
 
   def project_qkv(self, x: jax.Array, kv: jax.Array | None = None,
