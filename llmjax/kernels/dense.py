@@ -51,8 +51,8 @@ def product(equation: str, x: jax.Array, kernel: jax.Array, bias: jax.Array | No
 
 
 def fused_heads_product(x: jax.Array, weights, kv_heads: int) -> list[jax.Array]:
-  """The float32 outputs (bias included) of several `'BLD,DNH->BLNH'` projections of the
-  same `x [B, L, D]` (q, k, v) from one product. `weights`: `(kernel [D, N, H], bias
+  """The outputs (bias included, in x's dtype) of several `'BLD,DNH->BLNH'` projections
+  of the same `x [B, L, D]` (q, k, v) from one product (float32 accumulation). `weights`: `(kernel [D, N, H], bias
   [N, H] or None)` per projection; N is a multiple of `kv_heads` K.
 
   Each kernel is viewed per key/value head, `[D, K, (N/K)*H]` (head n = k*(N/K) + g, the
@@ -66,7 +66,7 @@ def fused_heads_product(x: jax.Array, weights, kv_heads: int) -> list[jax.Array]
   biases = [b for _, b in weights]
   bias = (None if biases[0] is None                                     # [K, T]
           else jnp.concatenate([per_kv_head(b) for b in biases], -1))
-  y = product("BLD,DKT->BLKT", x, kernel, bias)                         # [B, L, K, T]
+  y = product("BLD,DKT->BLKT", x, kernel, bias).astype(x.dtype)        # [B, L, K, T]
   widths = [per_kv_head(w).shape[-1] for w, _ in weights]
   parts = jnp.split(y, np.cumsum(widths)[:-1].tolist(), axis=-1)
   return [part.reshape(x.shape[:2] + w.shape[-2:]) for part, (w, _) in zip(parts, weights)]

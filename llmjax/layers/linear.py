@@ -30,8 +30,8 @@ Initializer = Callable[..., jax.Array]
 
 @dataclasses.dataclass(frozen=True)
 class Joint:
-  """A layer's float32 output (bias included) that its caller computed in one product
-  with other layers' (fused q/k/v), for exactly the input `x`. The layer uses it only
+  """A layer's output (bias included) that its caller computed in one product with
+  other layers' (fused q/k/v), for exactly the input `x`. The layer uses it only
   when it is called with that very `x`: an interceptor that changes the input gets the
   product recomputed."""
   x: jax.Array
@@ -88,6 +88,6 @@ class Einsum(nn.Module):
     return y.astype(self.dtype)
 
   def weights(self) -> tuple[jax.Array, jax.Array | None]:
-    """`(kernel, bias or None)` in the compute dtype, as the product uses them."""
-    bias = self.bias.astype(self.dtype) if self.use_bias else None
-    return self.kernel.astype(self.dtype), bias
+    """`(kernel in the compute dtype, bias or None)`, as the product uses them (the bias
+    is added to the float32 product, so it keeps its storage dtype)."""
+    return self.kernel.astype(self.dtype), (self.bias if self.use_bias else None)
