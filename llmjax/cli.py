@@ -35,6 +35,13 @@ def build_parser(argv):
   return parser
 
 
+def _without_gin_context(message: str) -> str:
+  """Drops the `In call to configurable 'train' (<function ...>)` lines gin appends to
+  an error raised inside a configurable: the message already says what to change."""
+  return "\n".join(line for line in message.splitlines()
+                   if not line.strip().startswith("In call to configurable"))
+
+
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else list(argv)
   parser = build_parser(argv)
@@ -45,7 +52,7 @@ def main(argv=None):
   try:
     return args.func(args) or 0
   except UserError as e:
-    print(f"llmjax {args.command}: error: {e}", file=sys.stderr)
+    print(f"llmjax {args.command}: error: {_without_gin_context(str(e))}", file=sys.stderr)
     return 2
   except NonFiniteError as e:
     print(f"llmjax {args.command}: halted: {e}", file=sys.stderr)

@@ -4,15 +4,21 @@ A checkpoint step directory holds three items:
   state  the TrainState (params, optimizer state, step, RNG) as sharded arrays,
   data   the data iterator's state (JSON), so a resumed run sees the same batches,
   meta   JSON: the model config, the operative gin config and the serialized tokenizer
-         (base64), so a checkpoint always knows how to rebuild its model and its text.
-Saves are asynchronous; nothing is ever loaded through pickle.
+         (base64), so a checkpoint always knows how to rebuild its model and its text,
+and `checksums.json`: the CRC-32 of every file in the step, written once the
+(asynchronous) save has finished and checked before anything is read back, so a byte
+changed on disk is caught instead of restored. A step whose writer was killed after
+orbax committed it but before the checksums were written has none and is read as it
+is (as are checkpoints from before checksums). Nothing is ever loaded through pickle.
 """
 
 import base64
 import dataclasses
+import json
 import logging
 import os
 import time
+import zlib
 
 import jax
 import orbax.checkpoint as ocp
@@ -21,6 +27,7 @@ from etils import epath
 from llmjax.errors import UserError
 
 ITEMS = ("state", "data", "meta")
+CHECKSUMS = "checksums.json"
 _log = logging.getLogger(__name__)
 
 
@@ -40,6 +47,7 @@ class CheckpointManager:
         enable_async_checkpointing=async_save, cleanup_tmp_directories=cleanup_tmp)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
     self.bad_steps: dict[int, str] = {}  # step -> why it could not be restored (last restore)
+    self._unsealed: list[int] = []  # saved steps still waiting for their checksums
 
   def latest_step(self):
     return self._manager.latest_step()
@@ -47,12 +55,44 @@ class CheckpointManager:
   def all_steps(self):
     return list(self._manager.all_steps())
 
+  def should_save(self, step: int) -> bool:
+    return self._manager.should_save(step)
+
   def save(self, step: int, state, data_state, meta, *, force: bool = False) -> bool:
     """Starts an async save if `step` is on the cadence (or `force`). Returns whether it did."""
+    if not (force or self._manager.should_save(step)):
+      return False
+    self._seal()  # orbax finishes the previous save before it starts a new one anyway
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(_on_disk(state)), data=ocp.args.JsonSave(data_state),
         meta=ocp.args.JsonSave(meta))
-    return self._manager.save(step, args=args, force=force)
+    saved = self._manager.save(step, args=args, force=force)
+    if saved:
+      self._unsealed.append(step)
+    return saved
+
+  def _seal(self):
+    """Waits for the pending save and writes the checksums of the steps it finished."""
+    self._manager.wait_until_finished()
+    if jax.process_index() == 0:
+      for step in self._unsealed:
+        directory = self.directory / str(step)
+        if directory.exists():
+          (directory / CHECKSUMS).write_text(json.dumps(_file_checksums(directory)))
+    self._unsealed = []
+
+  def _verify(self, step: int):
+    """Raises ValueError naming the first file that differs from its checksum."""
+    directory = self.directory / str(step)
+    path = directory / CHECKSUMS
+    if not path.exists():
+      return  # written before checksums existed, or its writer died right after the save
+    want = json.loads(path.read_text())
+    got = _file_checksums(directory)
+    for name, crc in sorted(want.items()):
+      if got.get(name) != crc:
+        why = "is missing" if name not in got else "does not match its checksum"
+        raise ValueError(f"{name} {why} (the file changed after the checkpoint was written)")
 
   def restore(self, abstract_state, step: int | None = None, *, check_meta=None,
               quarantine: bool = True):
@@ -84,8 +124,8 @@ class CheckpointManager:
         self.bad_steps[s] = f"{type(e).__name__}: {str(e)[:300]}"
         continue
       if self.bad_steps:
-        _log.warning("checkpoint steps %s in %s are bad (%s); restored step %d instead",
-                     sorted(self.bad_steps), self.directory, self.bad_steps, s)
+        _log.warning("checkpoint steps %s in %s are bad; restored step %d instead",
+                     sorted(self.bad_steps), self.directory, s)
         if quarantine and step is None:
           self._quarantine([b for b in self.bad_steps if b > s])
       return restored
@@ -97,6 +137,7 @@ class CheckpointManager:
         "changed, use a new --workdir; otherwise move the broken step directories away.")
 
   def _restore_step(self, step, abstract_state, check_meta):
+    self._verify(step)
     meta = self._manager.restore(step, args=ocp.args.Composite(
         meta=ocp.args.JsonRestore())).meta
     if not isinstance(meta, dict):
@@ -125,13 +166,25 @@ class CheckpointManager:
         _log.warning("moved bad checkpoint step %d to %s", s, target)
     self._manager.reload()
 
+  def _existing(self, step: int | None) -> int:
+    """`step`, or the latest when None; a UserError naming the steps there are if absent."""
+    steps = sorted(self.all_steps())
+    if not steps:
+      raise UserError(f"no checkpoint in {self.directory}; train first or point --workdir "
+                      "at a run that has one.")
+    if step is None:
+      return steps[-1]
+    if step not in steps:
+      raise UserError(f"no checkpoint step {step} in {self.directory}; it has steps "
+                      f"{', '.join(map(str, steps))}: pass one of them (or leave --step "
+                      "out for the latest).")
+    return step
+
   def read(self, step: int | None = None):
     """(state, data_state, meta) at `step` (default latest) as host arrays, without a
     target structure or mesh: for inspecting and comparing checkpoints."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise UserError(f"no checkpoint in {self.directory}; train first or point --workdir "
-                      "at a run that has one.")
+    step = self._existing(step)
+    self._verify(step)
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore(),
         meta=ocp.args.JsonRestore()))
@@ -139,30 +192,48 @@ class CheckpointManager:
 
   def restore_meta(self, step: int | None = None):
     """Only the JSON metadata (cheap: no arrays), e.g. to rebuild the model for generate."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise UserError(f"no checkpoint in {self.directory}; train first or point --workdir "
-                      "at a run that has one.")
+    step = self._existing(step)
     restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return restored.meta
 
   def restore_params(self, step: int | None = None):
     """(params, meta) at `step` (default latest) on the default device, without needing the
-    optimizer or mesh that wrote them: for generation and evaluation."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise UserError(f"no checkpoint in {self.directory}; train first or point --workdir "
-                      "at a run that has one.")
+    optimizer or mesh that wrote them: for generation and evaluation. A step whose files
+    fail their checksums is a UserError (nothing damaged is loaded)."""
+    step = self._existing(step)
+    try:
+      self._verify(step)
+    except ValueError as e:
+      raise UserError(f"checkpoint step {step} in {self.directory} is damaged: {e}; pass "
+                      "an older --step, or retrain.") from None
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
     return restored.state["params"], restored.meta
 
   def wait(self):
-    self._manager.wait_until_finished()
+    self._seal()
 
   def close(self):
-    self._manager.wait_until_finished()
+    self._seal()
     self._manager.close()
+
+
+def _file_checksums(directory) -> dict[str, str]:
+  """{path relative to the step directory: CRC-32 (hex)} of every file but the sums."""
+  out = {}
+  root = str(directory)
+  for base, _, files in os.walk(root):
+    for name in files:
+      path = os.path.join(base, name)
+      rel = os.path.relpath(path, root)
+      if rel == CHECKSUMS:
+        continue
+      crc = 0
+      with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+          crc = zlib.crc32(chunk, crc)
+      out[rel] = f"{crc:08x}"
+  return out
 
 
 def encode_bytes(data: bytes) -> str:

@@ -1,9 +1,10 @@
 """`llmjax convert`: Hugging Face checkpoints in and out of llmjax workdirs.
 
-  llmjax convert --from_hf=DIR --workdir=W [--no_scan_layers]
+  llmjax convert --from_hf=DIR --workdir=W [--no_scan_layers] [--force]
       DIR: a `save_pretrained` folder (config.json + *.safetensors) of GPT-2, LLaMA, BERT
       or T5 v1.1. Writes W/checkpoints/0 and the tokenizer; then `llmjax generate
-      --workdir=W` samples from it.
+      --workdir=W` samples from it. --force replaces the checkpoints of a W that has some
+      (e.g. to convert again after adding a tokenizer to DIR).
   llmjax convert --to_hf=DIR --workdir=W [--step=N] [--max_shard_mb=M] [--model_type=T]
       Writes the workdir's checkpoint (default: latest) as a folder that transformers'
       `from_pretrained` loads.
@@ -20,6 +21,8 @@ def register(subparsers, name, help_text):
   p.add_argument("--workdir", required=True, help="the llmjax workdir")
   p.add_argument("--no_scan_layers", action="store_true",
                  help="import with unscanned layers (layers_0, layers_1, ...)")
+  p.add_argument("--force", action="store_true",
+                 help="--from_hf into a workdir that has checkpoints: replace them")
   p.add_argument("--step", type=int, default=None, help="checkpoint step to export")
   p.add_argument("--max_shard_mb", type=float, default=None,
                  help="split the export into safetensors shards of at most this size")
@@ -32,7 +35,8 @@ def run(args):
   from llmjax.checkpoint.convert import workdir
 
   if args.from_hf:
-    workdir.hf_to_workdir(args.from_hf, args.workdir, scan_layers=not args.no_scan_layers)
+    workdir.hf_to_workdir(args.from_hf, args.workdir, scan_layers=not args.no_scan_layers,
+                          force=args.force)
   else:
     shard = int(args.max_shard_mb * 2**20) if args.max_shard_mb else None
     workdir.workdir_to_hf(args.workdir, args.to_hf, step=args.step,

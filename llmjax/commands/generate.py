@@ -18,7 +18,8 @@ def register(subparsers, name, help_text):
   p = subparsers.add_parser(name, help=help_text, description=__doc__)
   p.add_argument("--workdir", required=True, help="a training workdir with checkpoints")
   p.add_argument("--prompt", default="", help="text to continue")
-  p.add_argument("--max_new_tokens", type=int, default=100)
+  p.add_argument("--max_new_tokens", type=int, default=100,
+                 help="tokens to generate after the prompt")
   p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
   p.add_argument("--top_k", type=int, default=0, help="0 = no top-k filtering")
   p.add_argument("--top_p", type=float, default=1.0, help="nucleus mass; 1 = off")
@@ -34,8 +35,11 @@ def register(subparsers, name, help_text):
   p.add_argument("--query_template", default="{input}\n")
   p.add_argument("--candidate", action="append", default=[],
                  help="score this continuation instead of generating (repeatable)")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  p.add_argument("--tokenizer", default=None,
+                 help="a SentencePiece .model or tokenizer.json to use instead of the one "
+                      "stored with the checkpoint (needed when it has none)")
   p.set_defaults(func=run)
 
 
@@ -66,6 +70,8 @@ def sample_and_print(model, params, tokenizer, prompt, *, max_new_tokens, temper
   if not prompt_ids:
     raise UserError("the prompt encodes to no tokens; pass a non-empty --prompt.")
   prompt_ids = _crop(model, prompt_ids, max_new_tokens)
+  sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                            repetition_penalty=repetition_penalty)  # bad flags fail here
   new_ids, printed = [], ""
   stream.write(prompt)
 
@@ -79,8 +85,6 @@ def sample_and_print(model, params, tokenizer, prompt, *, max_new_tokens, temper
     stream.flush()
     printed = text
 
-  sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                            repetition_penalty=repetition_penalty)
   out = generate(model, params, [prompt_ids], max_new_tokens=max_new_tokens, sampling=sampling,
                  seed=seed, eos_id=tokenizer.eos_id, stop_strings=tuple(stop_strings),
                  detokenize=tokenizer.decode, on_tokens=on_tokens)
@@ -117,6 +121,7 @@ def _beams(model, params, tokenizer, prompt, args):
 def run(args):
   from llmjax.checkpoint import manager as ckpt_lib
   from llmjax.data import tokenizer as tokenizer_lib
+  from llmjax.errors import UserError
   from llmjax.eval import harness
   from llmjax.models.config import TransformerConfig
   from llmjax.models.transformer import Transformer
@@ -124,7 +129,14 @@ def run(args):
   ckpt = ckpt_lib.CheckpointManager(os.path.join(args.workdir, "checkpoints"))
   params, meta = ckpt.restore_params(args.step)
   model = Transformer(TransformerConfig(**meta["model_config"]))
-  tokenizer = tokenizer_lib.from_serialized(ckpt_lib.decode_bytes(meta["tokenizer"]))
+  if args.tokenizer:
+    tokenizer = tokenizer_lib.load_any(args.tokenizer)
+  elif meta.get("tokenizer"):
+    tokenizer = tokenizer_lib.from_serialized(ckpt_lib.decode_bytes(meta["tokenizer"]))
+  else:
+    raise UserError(f"the checkpoint in {args.workdir} has no tokenizer (it was converted "
+                    "from a folder without one): pass --tokenizer=PATH (a SentencePiece "
+                    ".model or a tokenizer.json).")
   prompt = _few_shot_prompt(args)
   if args.candidate:
     best, scores = harness.choose(model, params, tokenizer, prompt, args.candidate)

@@ -14,12 +14,24 @@ from llmjax.data import tokenizer as tok_lib
 from llmjax.errors import UserError
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+  """Examples kept as written; a default shown once, and only when it says something."""
+
+  def _get_help_string(self, action):
+    text = action.help or ""
+    if (action.default not in (None, argparse.SUPPRESS, False) and "(default" not in text
+        and action.option_strings):
+      text += " (default: %(default)s)"
+    return text
+
+
 def register(subparsers, name, help_text):
-  parser = subparsers.add_parser(name, help=help_text, description=__doc__)
+  parser = subparsers.add_parser(name, help=help_text, description=__doc__,
+                                 formatter_class=_HelpFormatter)
   commands = parser.add_subparsers(dest="tokenizer_command", metavar="{train,info}",
                                    required=True)
   train = commands.add_parser("train", help="train a SentencePiece model",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=_HelpFormatter)
   source = train.add_mutually_exclusive_group(required=True)
   source.add_argument("--dataset", help="TFDS dataset name (e.g. shakespeare)")
   source.add_argument("--input", nargs="+", metavar="FILE_OR_DIR",

@@ -86,6 +86,7 @@ class Setup(NamedTuple):
   meta: dict
   flops_per_step: float
   tokens_per_step: int
+  log_state: dict        # the restored checkpoint's unlogged steps (`StepLoop.log_state`)
 
 
 @resume.no_partial_workdir
@@ -140,7 +141,7 @@ def setup(workdir, model, data, tokenizer, optimizer, objective, config, operati
   ckpt = ckpt_lib.CheckpointManager(os.path.join(workdir, "checkpoints"),
                                     save_every=config.checkpoint_every,
                                     keep=config.keep_checkpoints, cleanup_tmp=True)
-  state = resume.restore(ckpt, state, shardings, train_iter, model_cfg, log, tok)
+  state, log_state = resume.restore(ckpt, state, shardings, train_iter, model_cfg, log, tok)
   if source is not None and ckpt.latest_step() is None:
     state = _warm_start(state, shardings, source, objective, log)
   resume.write_operative_config(workdir, operative_config)
@@ -160,7 +161,7 @@ def setup(workdir, model, data, tokenizer, optimizer, objective, config, operati
                                        data.seq_len) * tokens_per_step
   return Setup(workdir, net, objective, tok, state, mesh, rules, train_step, eval_step, train_iter,
                make_eval_iter, lambda batch: partition.global_batch(batch, batch_sharding),
-               ckpt, meta, flops, tokens_per_step)
+               ckpt, meta, flops, tokens_per_step, log_state)
 
 
 def _model_config(model, source, tok, multiple, data) -> TransformerConfig:

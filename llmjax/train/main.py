@@ -15,6 +15,7 @@ bound as `RuntimeConfig.*` and applied here, outside the loop.
 import dataclasses
 import logging
 import os
+import re
 
 import gin
 
@@ -36,6 +37,8 @@ class RuntimeConfig:
 GIN_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
                         "gin_configs")
 _REGISTERED = False
+# `K=word`: a value that is no number, quoted string, list, reference or macro.
+_UNQUOTED = re.compile(r"^\s*[\w.]+\s*=\s*(?!True\b|False\b|None\b)[A-Za-z_][\w.]*\s*$")
 # Former TrainConfig fields that are RuntimeConfig's now (for the error's hint).
 _MOVED_TO_RUNTIME = ("host_malloc", "peak_flops", "sample_prompt", "sample_tokens",
                      "sample_temperature")
@@ -87,6 +90,11 @@ def parse_gin(gin_files, gin_params):
     hint = ""
     if any(f"'{k}'" in str(e) for k in _MOVED_TO_RUNTIME):
       hint = "\nHost and sample settings moved: bind RuntimeConfig.<name> instead."
+    unquoted = [p for p in gin_params if _UNQUOTED.match(p)]
+    if "malformed node" in str(e) and unquoted:
+      key, _, value = unquoted[0].partition("=")
+      raise UserError(f"bad gin binding {unquoted[0]!r}: strings need quotes, e.g. "
+                      f"--gin_param=\"{key.strip()}='{value.strip()}'\".") from None
     raise UserError(f"bad gin config: {e}\nCheck the binding's spelling against the "
                     "config dataclasses (TransformerConfig, DataConfig, TokenizerSpec, "
                     "OptimizerConfig, TrainConfig, RuntimeConfig) and the value's type."

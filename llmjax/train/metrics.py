@@ -8,22 +8,30 @@ import os
 import numpy as np
 
 
-def _to_python(value):
+def to_python(value):
   value = np.asarray(value)
   return value.item() if value.ndim == 0 else value.tolist()
 
 
 class MetricsWriter:
   """Appends one JSON object per record to `workdir/metrics.jsonl` and mirrors scalars to
-  TensorBoard under `workdir/tensorboard/` (only on process 0)."""
+  TensorBoard under `workdir/tensorboard/` (only on process 0).
 
-  def __init__(self, workdir, *, enabled: bool = True):
+  `resume_step`: the step the run (re)starts from; records of later steps, which an
+  interrupted attempt wrote, are dropped from the file and purged from TensorBoard.
+  """
+
+  def __init__(self, workdir, *, enabled: bool = True, resume_step: int | None = None):
     self.workdir = workdir
     self.enabled = enabled
     self._tb = None
     if enabled:
       from tensorboardX import SummaryWriter  # lazy: keeps import time low elsewhere
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
+      purge = None
+      if resume_step is not None and _truncate(workdir, resume_step):
+        purge = resume_step + 1
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30,
+                               purge_step=purge)
       self._jsonl = open(  # noqa: SIM115 - kept open for the run, closed in close()
           os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
 
@@ -31,7 +39,7 @@ class MetricsWriter:
     if not self.enabled:
       return
     record = {"step": int(step)}
-    record.update({k: _to_python(v) for k, v in metrics.items()})
+    record.update({k: to_python(v) for k, v in metrics.items()})
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
     for k, v in record.items():
@@ -42,6 +50,20 @@ class MetricsWriter:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+
+
+def _truncate(workdir, last_step: int) -> bool:
+  """Drops the records of steps after `last_step` from metrics.jsonl (atomically);
+  whether any were there."""
+  records = read_metrics(workdir)
+  keep = [r for r in records if r["step"] <= last_step]
+  if len(keep) == len(records):
+    return False
+  path = os.path.join(workdir, "metrics.jsonl")
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.writelines(json.dumps(r) + "\n" for r in keep)
+  os.replace(path + ".tmp", path)
+  return True
 
 
 def read_metrics(workdir):

@@ -47,16 +47,33 @@ def _meta_checker(ckpt, model_cfg, tok):
 
 
 def restore(ckpt, state, shardings, train_iter, model_cfg, log, tok=None):
-  """The newest good checkpoint's state (and data position), or `state` if there is none."""
+  """`(state, log state)` of the newest good checkpoint (and its data position), or
+  `(state, {})` if there is none. The log state is what `StepLoop` saved of the steps
+  since its last log line, so the first line after a resume averages the same steps."""
   if ckpt.latest_step() is None:
-    return state
+    return state, {}
   abstract = ckpt_lib.abstract_like(state, shardings)
-  state, data_state, _ = ckpt.restore(abstract, check_meta=_meta_checker(ckpt, model_cfg, tok))
-  for bad, why in sorted(ckpt.bad_steps.items()):
-    log(f"checkpoint step {bad} in {ckpt.directory} is bad and was skipped: {why}")
+  state, data_state, meta = ckpt.restore(abstract,
+                                         check_meta=_meta_checker(ckpt, model_cfg, tok))
+  _report_bad_steps(ckpt, log)
   train_iter.set_state(data_state)
   log(f"resumed from step {int(state.step)} in {ckpt.directory}")
-  return state
+  return state, meta.get("log", {})
+
+
+def _report_bad_steps(ckpt, log):
+  """One line per skipped step; the full reasons go to `<checkpoints>.bad/skipped.log`."""
+  if not ckpt.bad_steps:
+    return
+  details = f"{ckpt.directory}.bad/skipped.log"
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(details), exist_ok=True)
+    with open(details, "a") as f:
+      f.writelines(f"step {bad}: {why}\n" for bad, why in sorted(ckpt.bad_steps.items()))
+  for bad, why in sorted(ckpt.bad_steps.items()):
+    reason = why.strip().splitlines()[0] if why.strip() else "unreadable"
+    log(f"checkpoint step {bad} in {ckpt.directory} is bad and was skipped: "
+        f"{reason[:160]} (details: {details})")
 
 
 def no_partial_workdir(fn):

@@ -1,6 +1,12 @@
 """The step loop of a run (`loop.train` builds everything it needs first): steps,
 metrics fetched one step late, log lines, evals, checkpoints, NaN/Inf checks and
-SIGTERM preemption."""
+SIGTERM preemption.
+
+A resumed run logs each step once: the metrics of the steps since the last log line go
+into every checkpoint (`log_state`) and come back with it, and `metrics.jsonl` and the
+TensorBoard events drop what an interrupted attempt logged past the restored step. So
+the log of an interrupted run equals an uninterrupted one's in its steps and losses.
+"""
 
 import signal
 import time
@@ -38,7 +44,12 @@ class StepLoop:
 
   def __init__(self, setup, cfg, mfu_per_step_per_s: float, log):
     self.s, self.cfg, self.mfu_per_step_per_s, self.log = setup, cfg, mfu_per_step_per_s, log
-    self.window, self.skipped = [], 0
+    self.window = list(setup.log_state.get("window", []))  # settled, not yet logged
+    self.skipped = setup.log_state.get("nonfinite_total", 0)
+
+  def log_state(self) -> dict:
+    """What a checkpoint keeps of the log: the unlogged steps' metrics, the skip count."""
+    return {"window": self.window, "nonfinite_total": self.skipped}
 
   def _restart_clock(self):  # compile and eval time stay out of tokens/s
     self.window_start, self.timed_steps = time.time(), 0
@@ -48,9 +59,9 @@ class StepLoop:
 
     s, cfg = self.s, self.cfg
     is_main = jax.process_index() == 0
-    self.writer = metrics_lib.MetricsWriter(s.workdir, enabled=is_main)
     preempt, state, pending = _Preemption(), s.state, None
     start_step, end = int(state.step), min(cfg.num_steps, cfg.stop_at_step or cfg.num_steps)
+    self.writer = metrics_lib.MetricsWriter(s.workdir, enabled=is_main, resume_step=start_step)
     self.bar = tqdm(total=cfg.num_steps, initial=start_step, dynamic_ncols=True, desc="train",
                     disable=not (cfg.progress_bar and is_main))
     self._restart_clock()
@@ -73,9 +84,13 @@ class StepLoop:
         if done % cfg.eval_every == 0 or done == cfg.num_steps:
           self._evaluate(done, state)
         self.bar.update(1)
-        s.ckpt.save(done, state, s.train_iter.get_state(), s.meta, force=done == end)
+        if preempt.requested or done == end or s.ckpt.should_save(done):
+          if pending is not None:  # the checkpoint keeps every step's metrics up to `done`
+            self._settle(*pending)
+            pending = None
+          self._save(done, state)
         if preempt.requested:
-          self._preempted(done, state)
+          self._preempted(done)
           break
     finally:
       self.bar.close()
@@ -83,8 +98,13 @@ class StepLoop:
       preempt.restore()
     return state
 
+  def _save(self, done, state):
+    s = self.s
+    s.ckpt.save(done, state, s.train_iter.get_state(), dict(s.meta, log=self.log_state()),
+                force=True)
+
   def _settle(self, step, metrics):
-    metrics = jax.device_get(metrics)
+    metrics = {k: metrics_lib.to_python(v) for k, v in jax.device_get(metrics).items()}
     host_memory.trim_if_grown()  # hand back step blocks the heap could not reuse
     if metrics["nonfinite"]:
       self.skipped += 1
@@ -129,9 +149,8 @@ class StepLoop:
                      f"(ppl {ev['eval_perplexity']:.2f})")
     self._restart_clock()
 
-  def _preempted(self, done, state):
+  def _preempted(self, done):
     s = self.s
-    s.ckpt.save(done, state, s.train_iter.get_state(), s.meta, force=True)
     s.ckpt.wait()
     self.log(f"SIGTERM: saved checkpoint at step {done} in {s.ckpt.directory}; exiting. "
              "Run the same command again to resume.")

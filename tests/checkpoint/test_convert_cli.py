@@ -91,3 +91,34 @@ def test_llama_sentencepiece_tokenizer_is_stored(tmp_path):
   assert meta["hf_model_type"] == "llama"
   with pytest.raises(UserError, match="already holds checkpoints"):
     workdir_lib.hf_to_workdir(str(tmp_path / "hf"), str(work), log=lambda *_: None)
+
+
+def test_a_folder_without_a_tokenizer_then_tokenizer_flag_or_force(tmp_path, capsys):
+  """Converted without a tokenizer: `generate` says to pass --tokenizer (no traceback)
+  and works with it; after adding one to the folder, `convert --force` stores it."""
+  torch.manual_seed(0)
+  cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(WORDS) + 2,
+                                n_positions=32, bos_token_id=0, eos_token_id=0)
+  transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "hf")
+  work = tmp_path / "run"
+  assert cli.main(["convert", f"--from_hf={tmp_path / 'hf'}", f"--workdir={work}"]) == 0
+  assert "--tokenizer=PATH" in capsys.readouterr().out
+  args = ["generate", f"--workdir={work}", "--prompt=the cat", "--max_new_tokens=3",
+          "--temperature=0"]
+  assert cli.main(args) == 2
+  err = capsys.readouterr().err
+  assert "has no tokenizer" in err and "--tokenizer=PATH" in err and "Traceback" not in err
+  _word_tokenizer().save(str(tmp_path / "tokenizer.json"))
+  assert cli.main(args + [f"--tokenizer={tmp_path / 'tokenizer.json'}"]) == 0
+  with_flag = capsys.readouterr().out
+  assert with_flag.startswith("the cat")
+
+  (tmp_path / "hf" / "tokenizer.json").write_bytes((tmp_path / "tokenizer.json").read_bytes())
+  assert cli.main(["convert", f"--from_hf={tmp_path / 'hf'}", f"--workdir={work}"]) == 2
+  assert "--force" in capsys.readouterr().err
+  assert cli.main(["convert", f"--from_hf={tmp_path / 'hf'}", f"--workdir={work}",
+                   "--force"]) == 0
+  assert ckpt_lib.CheckpointManager(str(work / "checkpoints")).all_steps() == [0]
+  capsys.readouterr()
+  assert cli.main(args) == 0
+  assert capsys.readouterr().out == with_flag

@@ -27,9 +27,11 @@ def _snapshot(path):
   """Every file under `path` with its size and modification time (None: no such path)."""
   if not os.path.exists(path):
     return None
-  return {os.path.relpath(os.path.join(d, f), path): (os.path.getsize(os.path.join(d, f)),
-                                                       os.stat(os.path.join(d, f)).st_mtime_ns)
-          for d, _, files in os.walk(path) for f in files}
+  files = {os.path.relpath(os.path.join(d, f), path): (os.path.getsize(os.path.join(d, f)),
+                                                        os.stat(os.path.join(d, f)).st_mtime_ns)
+           for d, _, files in os.walk(path) for f in files}
+  folders = {os.path.relpath(d, path): "folder" for d, _, _ in os.walk(path) if d != path}
+  return folders | files
 
 
 def _corpus(tmp_path, files):
@@ -55,6 +57,9 @@ ROWS = {
                          ["runs/nope.gin not found", "--gin_file"]),
     "wrong_type": (lambda t, w, r: ["TrainConfig.num_steps='many'"],
                    ["TrainConfig.num_steps='many' has type str", "quotes"]),
+    "unquoted_string": (lambda t, w, r: ["TrainConfig.rules=fsdp"],
+                        ["TrainConfig.rules=fsdp", "strings need quotes",
+                         "TrainConfig.rules='fsdp'"]),
     "missing_data_directory": (
         lambda t, w, r: ["DataConfig.dataset='local_text'",
                          f"DataConfig.input_dir={str(t / 'no_such_corpus')!r}"],
@@ -92,8 +97,29 @@ def test_bad_input_is_one_clear_error(row, tmp_path, data_dir, trained, capsys):
   assert _train(workdir, data_dir, params, gin_file) == 2
   err = capsys.readouterr().err
   assert "Traceback" not in err and err.count("error:") == 1, err
+  assert "In call to configurable" not in err and len(err.strip().splitlines()) <= 3, err
   for needle in needles:
     assert needle in err, (needle, err)
   assert _snapshot(workdir) == before  # nothing created, nothing half-written or replaced
   built = set(_snapshot(data_dir) or {}) - set(data_before or {})
-  assert not any("incomplete" in p or "local_text" in p for p in built), built
+  assert not any(k in p for p in built for k in ("incomplete", "local_text", "downloads")), built
+
+
+def test_help_texts_show_examples_and_defaults_once(capsys):
+  from llmjax import cli
+
+  def help_of(*argv):
+    with pytest.raises(SystemExit) as stop:
+      cli.main([*argv, "--help"])
+    assert stop.value.code == 0
+    return capsys.readouterr().out
+
+  text = help_of("tokenizer")
+  assert "\n  llmjax tokenizer info --model DIR/spm.model" in text  # examples keep their lines
+  train = help_of("tokenizer", "train")
+  assert "(default: None)" not in train
+  assert all(line.count("(default") <= 1 for line in train.splitlines())
+  assert "(default: bpe)" in train
+  generate = " ".join(help_of("generate").split())
+  assert "--max_new_tokens MAX_NEW_TOKENS tokens to generate" in generate
+  assert "--seed SEED sampling seed" in generate and "--tokenizer TOKENIZER" in generate

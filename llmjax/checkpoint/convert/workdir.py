@@ -53,18 +53,20 @@ def _copy_atomic(data: bytes, path: str):
   os.replace(path + ".tmp", path)
 
 
-def hf_to_workdir(hf_dir: str, workdir: str, *, scan_layers: bool = True, log=print):
+def hf_to_workdir(hf_dir: str, workdir: str, *, scan_layers: bool = True, force: bool = False,
+                  log=print):
   """Imports `hf_dir` into a new workdir that `llmjax generate` / fine-tuning read.
 
-  Returns the TransformerConfig. Refuses a workdir that already has checkpoints.
+  Returns the TransformerConfig. Refuses a workdir that already has checkpoints, unless
+  `force` (then they are replaced, once the import has succeeded).
   """
   from llmjax.data import tokenizer as tokenizer_lib
 
   workdir = os.path.abspath(workdir)
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
-    raise UserError(f"{workdir} already holds checkpoints; convert into a new --workdir "
-                    "(nothing was written).")
+  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir) and not force:
+    raise UserError(f"{workdir} already holds checkpoints; convert into a new --workdir, "
+                    "or pass --force to replace them (nothing was written).")
   cfg, params, hf_config = import_hf(hf_dir, scan_layers=scan_layers)
   found = _find_tokenizer(hf_dir)
   meta = {"model_config": dataclasses.asdict(cfg), "operative_config": "",
@@ -79,8 +81,11 @@ def hf_to_workdir(hf_dir: str, workdir: str, *, scan_layers: bool = True, log=pr
     meta["tokenizer"] = ckpt_lib.encode_bytes(found[1])
   else:
     log(f"no tokenizer ({', '.join(SENTENCEPIECE_FILES + (JSON_FILE,))}) in {hf_dir}: the "
-        "workdir has none, so `llmjax generate` cannot run; copy one there and convert again.")
+        "workdir has none: pass `llmjax generate --tokenizer=PATH`, or copy one into the "
+        "folder and convert again with --force.")
   os.makedirs(workdir, exist_ok=True)
+  if force and os.path.isdir(ckpt_dir):  # the import worked: now replace the old steps
+    shutil.rmtree(ckpt_dir)
   ckpt = ckpt_lib.CheckpointManager(ckpt_dir, async_save=False)
   ckpt.save(0, {"params": params}, {}, meta, force=True)
   ckpt.close()

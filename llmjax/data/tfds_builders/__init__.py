@@ -53,14 +53,17 @@ def build(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
   """Builds `builder` as array_record files unless it is already built."""
   if builder.is_prepared():
     return builder
+  folders = [builder.data_path.parent]  # <data_dir>/<name>[/<config>]/<version>
+  if builder.builder_config is not None:
+    folders.append(folders[0].parent)
+  downloads = folders[-1].parent / "downloads"  # TFDS's download dir, made even offline
+  if not downloads.exists():
+    folders.append(downloads)
   try:
     builder.download_and_prepare(file_format="array_record")
   except BaseException:
-    # TFDS already removed its incomplete.* folder; drop the empty config/dataset
-    # folders it made too, so a failed build leaves nothing behind.
-    folders = [builder.data_path.parent]  # <data_dir>/<name>[/<config>]/<version>
-    if builder.builder_config is not None:
-      folders.append(folders[0].parent)
+    # TFDS already removed its incomplete.* folder; drop the empty config/dataset (and
+    # downloads) folders it made too, so a failed build leaves nothing behind.
     for folder in folders:
       if folder.is_dir() and not any(folder.iterdir()):
         folder.rmdir()
