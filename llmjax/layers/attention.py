@@ -27,7 +27,7 @@ from llmjax.kernels.attention_impls import AttentionDropout
 from llmjax.kernels.dense import einsum_f32
 from llmjax.layers import masks
 from llmjax.layers.linear import Einsum, Joint
-from llmjax.layers.position import apply_rope
+from llmjax.layers.position import apply_rope, rope_frequencies
 from llmjax.sharding.axes import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH
 
 
@@ -142,8 +142,12 @@ class Attention(nn.Module):
     if self.config.position == "rope" and self_attention:
       if positions is None:
         positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-      q = apply_rope(q, positions, self.config.rope_theta)
-      k = apply_rope(k, positions, self.config.rope_theta)
+      cfg = self.config
+      inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling,
+                                  cfg.rope_factor, cfg.rope_low_freq_factor,
+                                  cfg.rope_high_freq_factor, cfg.rope_original_max_len)
+      q, k = apply_rope(q, positions, inv_freq=inv_freq), apply_rope(k, positions,
+                                                                      inv_freq=inv_freq)
     return q, k, v
 
   def _fused_qkv(self, x: jax.Array):

@@ -4,7 +4,10 @@
 - Sinusoidal (Vaswani et al. 2017, sec. 3.5): PE[p, 2i] = sin(p / 10000^(2i/D)),
   PE[p, 2i+1] = cos(p / 10000^(2i/D)), interleaved as in the paper.
 - RoPE (Su et al. 2021, "RoFormer"): rotates queries and keys inside attention so that
-  q.k depends only on the relative position. We use the "rotate-half" layout of LLaMA
+  q.k depends only on the relative position. Frequencies may be rescaled for longer
+  contexts (`rope_frequencies`): 'linear' (position interpolation, Chen et al. 2023)
+  divides them all by a factor; 'llama3' (Llama 3.1) divides only the low ones, keeps the
+  high ones and blends between. We use the "rotate-half" layout of LLaMA
   and Hugging Face (`rotate_half`): feature i pairs with feature i + H/2, not with its
   neighbour i + 1 as in the paper's interleaved form. The two layouts differ by a fixed
   permutation of the q/k projection columns, so HF LLaMA checkpoints load without one.
@@ -38,10 +41,37 @@ def rotate_half(x: jax.Array) -> jax.Array:
   return jnp.concatenate([-x2, x1], axis=-1)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10_000.0) -> jax.Array:
-  """Rotary embedding of `x [B, L, N, H]` at int `positions [B, L]` (float32 inside)."""
-  head_dim = x.shape[-1]
+def rope_frequencies(head_dim: int, theta: float = 10_000.0, scaling: str = "none",
+                     factor: float = 1.0, low_freq_factor: float = 1.0,
+                     high_freq_factor: float = 4.0, original_max_len: int = 8192) -> jax.Array:
+  """RoPE's `[H/2]` float32 inverse frequencies theta^(-2i/H), rescaled by `scaling`.
+
+  'llama3': wavelengths longer than original_max_len / low_freq_factor are stretched by
+  `factor`, those shorter than original_max_len / high_freq_factor kept, and the band
+  between interpolated linearly in original_max_len / wavelength (as transformers'
+  `rope_type='llama3'`). 'linear': every frequency divided by `factor`.
+  """
   inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  if scaling == "linear":
+    return inv_freq / factor
+  if scaling != "llama3":
+    return inv_freq
+  wavelen = 2 * math.pi / inv_freq
+  stretched = jnp.where(wavelen > original_max_len / low_freq_factor, inv_freq / factor,
+                        inv_freq)
+  smooth = (original_max_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+  blended = (1 - smooth) * stretched / factor + smooth * stretched
+  medium = ((wavelen >= original_max_len / high_freq_factor)
+            & (wavelen <= original_max_len / low_freq_factor))
+  return jnp.where(medium, blended, stretched)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10_000.0,
+               inv_freq: jax.Array | None = None) -> jax.Array:
+  """Rotary embedding of `x [B, L, N, H]` at int `positions [B, L]` (float32 inside);
+  `inv_freq [H/2]` defaults to `rope_frequencies(H, theta)`."""
+  head_dim = x.shape[-1]
+  inv_freq = rope_frequencies(head_dim, theta) if inv_freq is None else inv_freq
   angles = positions[..., None].astype(jnp.float32) * inv_freq          # [B, L, H/2]
   angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]    # [B, L, 1, H]
   x32 = x.astype(jnp.float32)

@@ -22,6 +22,7 @@ ARCHS = ("decoder_only", "encoder_only", "encoder_decoder")
 # 't5_relative': T5's bucketed relative attention bias (Raffel et al. 2020, sec. 2.1),
 # shared by all layers of a stack (see llmjax/layers/position.py).
 POSITIONS = ("learned", "sinusoidal", "rope", "none", "t5_relative")
+ROPE_SCALINGS = ("none", "linear", "llama3")
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 # 'gelu' is the tanh approximation (GPT-2's "gelu_new", jax.nn.gelu's default);
@@ -78,6 +79,11 @@ class TransformerConfig:
                                     # (GPT-2's 50257 -> 50304 at 128); params unchanged
   position: str = "learned"         # 'learned' | 'sinusoidal' | 'rope' | 'none'
   rope_theta: float = 10_000.0
+  rope_scaling: str = "none"        # 'none' | 'linear' | 'llama3' (layers/position.py)
+  rope_factor: float = 1.0          # linear, llama3: how much longer the context is
+  rope_low_freq_factor: float = 1.0   # llama3: wavelengths > original_max_len / this stretch
+  rope_high_freq_factor: float = 4.0  # llama3: wavelengths < original_max_len / this stay
+  rope_original_max_len: int = 8192   # llama3: the context the model was pre-trained on
   relative_buckets: int = 32        # t5_relative: buckets of the relative position bias
   relative_max_distance: int = 128  # t5_relative: distances beyond share the last bucket
   query_scale: float | None = None  # q.k multiplier; None = 1/sqrt(H) (T5 uses 1.0)
@@ -142,6 +148,11 @@ class TransformerConfig:
     if self.attention_impl == "cudnn" and self.dtype == "float32":
       raise UserError("attention_impl='cudnn' (cuDNN flash attention) needs dtype='bfloat16' "
                       "or 'float16'; use attention_impl='einsum' or 'jax' for float32.")
+    _check_choice("rope_scaling", self.rope_scaling, ROPE_SCALINGS)
+    if self.rope_scaling == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+      raise UserError(f"rope_scaling='llama3' needs rope_high_freq_factor > "
+                      f"rope_low_freq_factor, got {self.rope_high_freq_factor} <= "
+                      f"{self.rope_low_freq_factor}; fix the two factors.")
     if self.position == "rope" and self.head_dim % 2:
       raise UserError(f"position='rope' needs an even head_dim, got {self.head_dim}; "
                       "change head_dim (or embed_dim / num_heads).")

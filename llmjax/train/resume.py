@@ -27,6 +27,7 @@ def check_workdir(workdir):
 def _meta_checker(ckpt, model_cfg, tok):
   """Rejects a checkpoint step made for another model or tokenizer before arrays load."""
   want = dataclasses.asdict(model_cfg)
+  defaults = {f.name: f.default for f in dataclasses.fields(model_cfg)}
 
   def check(meta):
     saved = meta.get("model_config", {})
@@ -37,7 +38,9 @@ def _meta_checker(ckpt, model_cfg, tok):
           f"{ckpt.directory} was trained with (its embedding has {saved.get('vocab_size')} "
           "rows); put the run's original tokenizer.model back into the workdir (a copy is "
           "in every checkpoint's meta) or use a new --workdir.")
-    if saved and saved != want:
+    # A field added after the checkpoint was written is read as its default.
+    saved = {**defaults, **saved} if saved else saved
+    if saved and any(saved.get(k) != v for k, v in want.items()):
       diff = {k: (saved.get(k), v) for k, v in want.items() if saved.get(k) != v}
       raise UserError(f"the checkpoint in {ckpt.directory} was trained with a different "
                       f"model config (field: (checkpoint, now) = {diff}); use a new "

@@ -2,6 +2,8 @@
 `transformers` from tiny random configs, compare logits on padded batches, export back
 and reload with `from_pretrained`, and compare greedy generations (decoders)."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -25,10 +27,17 @@ def _hf_model(name):
     cfg = T.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=V, n_positions=32,
                        bos_token_id=0, eos_token_id=0)
     return T.GPT2LMHeadModel(cfg)
-  if name == "llama":
+  if name.startswith("llama"):
+    # Llama 3.1's RoPE scaling over a short original context (16), so that the head's
+    # wavelengths (6 to 1,400 positions) fall in all three bands; and linear scaling.
+    rope = {"llama3": {"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0,
+                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 16},
+            "llama-linear": {"rope_type": "linear", "rope_theta": 500.0, "factor": 4.0},
+            }.get(name, {"rope_type": "default", "rope_theta": 500.0})
     cfg = T.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
                         num_key_value_heads=2, intermediate_size=96, vocab_size=V,
-                        max_position_embeddings=64, rope_theta=500.0, bos_token_id=1,
+                        max_position_embeddings=64, rope_parameters=rope, bos_token_id=1,
                         eos_token_id=2, tie_word_embeddings=False)
     return T.LlamaForCausalLM(cfg)
   if name == "t5":
@@ -93,7 +102,8 @@ def _max_diff(a, b, valid):
 
 
 @pytest.mark.parametrize("name,scan", [("gpt2", True), ("llama", False), ("t5", True),
-                                       ("bert", False)])
+                                       ("bert", False), ("llama3", True),
+                                       ("llama-linear", False)])
 def test_import_export_parity(name, scan, tmp_path):
   hf = _randomize(_hf_model(name))
   hf.save_pretrained(tmp_path / "hf")
@@ -172,3 +182,13 @@ def test_unsupported_inputs_are_user_errors(tmp_path):
   (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
   with pytest.raises(UserError, match="pickle"):
     convert.import_hf(str(pickled))
+
+
+def test_rope_scaling_not_implemented_is_a_user_error(tmp_path):
+  hf = _hf_model("llama")
+  hf.save_pretrained(tmp_path / "hf")
+  config = json.loads((tmp_path / "hf" / "config.json").read_text())
+  config["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 500.0, "factor": 4.0}
+  (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+  with pytest.raises(UserError, match="'linear' and 'llama3' are implemented"):
+    convert.import_hf(str(tmp_path / "hf"))

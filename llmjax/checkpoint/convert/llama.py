@@ -24,13 +24,35 @@ _PROJ = (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value"))
 _MLP = (("gate_proj", "wi_0"), ("up_proj", "wi_1"), ("down_proj", "wo"))
 
 
-def _rope_theta(hf: dict) -> float:
+def _rope(hf: dict) -> dict:
+  """TransformerConfig's rope fields from transformers' `rope_parameters` (5.x) or
+  `rope_scaling` + `rope_theta` (4.x)."""
   rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
   kind = rope.get("rope_type", rope.get("type", "default"))
-  if kind != "default":
-    raise unsupported("llama", "rope_type", kind, "only unscaled RoPE ('default') is "
-                      "implemented; convert a checkpoint without rope scaling.")
-  return float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+  theta = float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+  if kind == "default":
+    return {"rope_theta": theta}
+  if kind not in ("linear", "llama3"):
+    raise unsupported("llama", "rope_type", kind, "RoPE scaling 'linear' and 'llama3' are "
+                      "implemented; convert a checkpoint with one of those (or none).")
+  out = {"rope_theta": theta, "rope_scaling": kind, "rope_factor": float(rope["factor"])}
+  if kind == "llama3":
+    out.update(rope_low_freq_factor=float(rope["low_freq_factor"]),
+               rope_high_freq_factor=float(rope["high_freq_factor"]),
+               rope_original_max_len=int(rope["original_max_position_embeddings"]))
+  return out
+
+
+def _rope_to_hf(cfg: TransformerConfig) -> dict:
+  rope = {"rope_type": "default" if cfg.rope_scaling == "none" else cfg.rope_scaling,
+          "rope_theta": cfg.rope_theta}
+  if cfg.rope_scaling != "none":
+    rope["factor"] = cfg.rope_factor
+  if cfg.rope_scaling == "llama3":
+    rope.update(low_freq_factor=cfg.rope_low_freq_factor,
+                high_freq_factor=cfg.rope_high_freq_factor,
+                original_max_position_embeddings=cfg.rope_original_max_len)
+  return rope
 
 
 def config_from_hf(hf: dict, tensors: dict | None = None) -> TransformerConfig:
@@ -47,7 +69,7 @@ def config_from_hf(hf: dict, tensors: dict | None = None) -> TransformerConfig:
       num_layers=hf["num_hidden_layers"], num_heads=n,
       num_kv_heads=hf.get("num_key_value_heads") or n, head_dim=hf.get("head_dim") or d // n,
       mlp_dim=hf["intermediate_size"], max_len=hf.get("max_position_embeddings", 2048),
-      position="rope", rope_theta=_rope_theta(hf), norm="rmsnorm", norm_position="pre",
+      position="rope", **_rope(hf), norm="rmsnorm", norm_position="pre",
       norm_eps=hf.get("rms_norm_eps", 1e-6), activation="swiglu", use_bias=bool(attention_bias),
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
       init_std=hf.get("initializer_range", 0.02))
@@ -96,7 +118,7 @@ def config_to_hf(cfg: TransformerConfig, base: dict) -> dict:
           "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
           "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
           "intermediate_size": cfg.mlp_dim, "max_position_embeddings": cfg.max_len,
-          "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+          "rope_parameters": _rope_to_hf(cfg),
           "rope_theta": cfg.rope_theta,  # transformers 4.x reads this one
           "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
           "attention_bias": cfg.use_bias, "mlp_bias": cfg.use_bias,
