@@ -95,7 +95,10 @@ def test_generate_with_a_step_that_does_not_exist_names_the_steps(tmp_path, data
   assert debug_train(workdir, data_dir, "TrainConfig.num_steps=3") == 0
   assert cli.main(["generate", f"--workdir={workdir}", "--step=4", "--prompt=A"]) != 0
   err = capsys.readouterr().err
-  assert "no checkpoint step 4" in err and "it has steps 3" in err and "Traceback" not in err
+  steps = ckpt_lib.CheckpointManager(os.path.join(workdir, "checkpoints")).all_steps()
+  assert steps and 4 not in steps
+  assert "no checkpoint step 4" in err and "Traceback" not in err
+  assert f"it has steps {', '.join(map(str, sorted(steps)))}" in err
 
 
 def test_an_interrupted_run_logs_each_step_once(tmp_path, data_dir, capsys):

@@ -57,6 +57,8 @@ ROWS = {
                          ["runs/nope.gin not found", "--gin_file"]),
     "wrong_type": (lambda t, w, r: ["TrainConfig.num_steps='many'"],
                    ["TrainConfig.num_steps='many' has type str", "quotes"]),
+    "moved_runtime_setting": (lambda t, w, r: ["TrainConfig.sample_prompt='JULIET'"],
+                              ["sample_prompt", "RuntimeConfig.<name>"]),
     "unquoted_string": (lambda t, w, r: ["TrainConfig.rules=fsdp"],
                         ["TrainConfig.rules=fsdp", "strings need quotes",
                          "TrainConfig.rules='fsdp'"]),
@@ -97,7 +99,7 @@ def test_bad_input_is_one_clear_error(row, tmp_path, data_dir, trained, capsys):
   assert _train(workdir, data_dir, params, gin_file) == 2
   err = capsys.readouterr().err
   assert "Traceback" not in err and err.count("error:") == 1, err
-  assert "In call to configurable" not in err and len(err.strip().splitlines()) <= 3, err
+  assert "In call to configurable" not in err, err
   for needle in needles:
     assert needle in err, (needle, err)
   assert _snapshot(workdir) == before  # nothing created, nothing half-written or replaced
@@ -119,7 +121,7 @@ def test_help_texts_show_examples_and_defaults_once(capsys):
   train = help_of("tokenizer", "train")
   assert "(default: None)" not in train
   assert all(line.count("(default") <= 1 for line in train.splitlines())
-  assert "(default: bpe)" in train
+  assert "dataset split to train on (default: train)" in " ".join(train.split())
   generate = " ".join(help_of("generate").split())
   assert "--max_new_tokens MAX_NEW_TOKENS tokens to generate" in generate
   assert "--seed SEED sampling seed" in generate and "--tokenizer TOKENIZER" in generate
