@@ -200,7 +200,8 @@ def _trainable_or_none(optimizer, params):
 
 def _check_batch_split(batch_size, mesh, rules):
   """The global batch must split evenly over the mesh axes that BATCH maps onto."""
-  names = partition.batch_sharding(mesh, rules).spec[0]
+  spec = partition.batch_sharding(mesh, rules).spec
+  names = spec[0] if len(spec) else None
   names = () if names is None else (names,) if isinstance(names, str) else tuple(names)
   ways = math.prod(mesh.shape[name] for name in names)
   if batch_size % ways:
