@@ -52,8 +52,9 @@ def product(equation: str, x: jax.Array, kernel: jax.Array, bias: jax.Array | No
 
 def fused_heads_product(x: jax.Array, weights, kv_heads: int) -> list[jax.Array]:
   """The outputs (bias included, in x's dtype) of several `'BLD,DNH->BLNH'` projections
-  of the same `x [B, L, D]` (q, k, v) from one product (float32 accumulation). `weights`: `(kernel [D, N, H], bias
-  [N, H] or None)` per projection; N is a multiple of `kv_heads` K.
+  of the same `x [B, L, D]` (q, k, v) from one product (float32 accumulation).
+  `weights`: `(kernel [D, N, H], bias [N, H] or None)` per projection; N is a multiple
+  of `kv_heads` K.
 
   Each kernel is viewed per key/value head, `[D, K, (N/K)*H]` (head n = k*(N/K) + g, the
   grouped-query order), and the views are concatenated along their last dim: one

@@ -17,8 +17,8 @@ state exactly, from the shardings the rule set gives each array (`sharding.parti
 activations exactly as jax's autodiff saves them (the stacked residuals of the forward
 layer scan, read from the jaxpr of the gradient for the per-device shapes: no compile);
 and the peak as the largest of three phases of the step (backward, loss head, optimizer
-update; see `estimate`). `llmjax.train.xla_memory.compiled` asks XLA for the same number: `memory_analysis()` of
-the jitted, donated train step, whose per-device peak is arguments + temporaries (+
+update; see `estimate`). `llmjax.train.xla_memory.compiled` asks XLA for the same
+number: `memory_analysis()` of the jitted, donated train step, whose per-device peak is arguments + temporaries (+
 outputs not aliased to donated arguments: only the metrics). That is what
 tests/scaling/test_memory.py and experiments/zero_memory_table.py compare against.
 """
