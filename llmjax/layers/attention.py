@@ -112,13 +112,14 @@ class Attention(nn.Module):
   def setup(self):
     cfg = self.config
     d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    kw = {"use_bias": cfg.use_bias, "dtype": cfg.compute_dtype,
+    kw = {"use_bias": cfg.qkv_bias, "dtype": cfg.compute_dtype,
           "param_dtype": cfg.params_dtype, "kernel_init": nn.initializers.normal(cfg.init_std)}
     self.query = Einsum("BLD,DNH->BLNH", (d, n, h), (EMBED, HEADS, HEAD_DIM), **kw)
     self.key = Einsum("BSD,DKH->BSKH", (d, k, h), (EMBED, KV_HEADS, HEAD_DIM), **kw)
     self.value = Einsum("BSD,DKH->BSKH", (d, k, h), (EMBED, KV_HEADS, HEAD_DIM), **kw)
     # GPT-2: residual output projections start smaller, by 1/sqrt(2 * num_layers).
     kw["kernel_init"] = nn.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.num_layers))
+    kw["use_bias"] = cfg.use_bias
     self.out = Einsum("BLNH,NHD->BLD", (n, h, d), (HEADS, HEAD_DIM, EMBED), **kw)
     self.dropout = nn.Dropout(rate=cfg.attention_dropout_rate)
 
@@ -143,11 +144,10 @@ class Attention(nn.Module):
       if positions is None:
         positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
       cfg = self.config
-      inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling,
-                                  cfg.rope_factor, cfg.rope_low_freq_factor,
-                                  cfg.rope_high_freq_factor, cfg.rope_original_max_len)
-      q, k = apply_rope(q, positions, inv_freq=inv_freq), apply_rope(k, positions,
-                                                                      inv_freq=inv_freq)
+      seq_len = positions.max() + 1 if cfg.rope_scaling == "dynamic" else None
+      inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope, seq_len)
+      q, k = (apply_rope(a, positions, inv_freq=inv_freq,
+                         attention_factor=cfg.rope_attention_factor) for a in (q, k))
     return q, k, v
 
   def _fused_qkv(self, x: jax.Array):

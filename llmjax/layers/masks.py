@@ -22,6 +22,14 @@ def causal_mask(length: int, kv_length: int | None = None) -> jax.Array:
   return (k <= q)[None, None]           # [1, 1, L, S]
 
 
+def sliding_window_mask(length: int, window: int) -> jax.Array:
+  """`[1, 1, L, L]`: query l attends key s iff l - s < window (itself and the window - 1
+  positions before it; combine with the causal mask). Mistral's sliding window."""
+  q = jnp.arange(length)[:, None]
+  k = jnp.arange(length)[None, :]
+  return (q - k < window)[None, None]
+
+
 def padding_mask(q_valid: jax.Array, k_valid: jax.Array) -> jax.Array:
   """`[B, 1, L, S]` from `q_valid [B, L]` and `k_valid [B, S]` (True = real token)."""
   return jnp.logical_and(q_valid[:, None, :, None], k_valid[:, None, None, :])

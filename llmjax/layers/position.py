@@ -5,10 +5,8 @@
   PE[p, 2i+1] = cos(p / 10000^(2i/D)), interleaved as in the paper.
 - RoPE (Su et al. 2021, "RoFormer"): rotates queries and keys inside attention so that
   q.k depends only on the relative position. Frequencies may be rescaled for longer
-  contexts (`rope_frequencies`): 'linear' (position interpolation, Chen et al. 2023)
-  divides them all by a factor; 'llama3' (Llama 3.1) divides only the low ones, keeps the
-  high ones and blends between. We use the "rotate-half" layout of LLaMA
-  and Hugging Face (`rotate_half`): feature i pairs with feature i + H/2, not with its
+  contexts (`RopeScaling`: linear, llama3, YaRN, dynamic NTK). We use the "rotate-half"
+  layout of LLaMA and Hugging Face (`rotate_half`): feature i pairs with feature i + H/2, not with its
   neighbour i + 1 as in the paper's interleaved form. The two layouts differ by a fixed
   permutation of the q/k projection columns, so HF LLaMA checkpoints load without one.
 - T5 relative bias (Raffel et al. 2020, sec. 2.1; Shaw et al. 2018): a learned scalar per
@@ -17,6 +15,7 @@
 Positions are int32 `[B, L]` and restart at 0 for each document of a packed row.
 """
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -41,41 +40,102 @@ def rotate_half(x: jax.Array) -> jax.Array:
   return jnp.concatenate([-x2, x1], axis=-1)
 
 
-def rope_frequencies(head_dim: int, theta: float = 10_000.0, scaling: str = "none",
-                     factor: float = 1.0, low_freq_factor: float = 1.0,
-                     high_freq_factor: float = 4.0, original_max_len: int = 8192) -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """How RoPE's frequencies are rescaled to run past the pre-training context.
+
+  kind: 'none'; 'linear' (position interpolation, Chen et al. 2023: every frequency
+    divided by `factor`); 'llama3' (Llama 3.1: low frequencies divided, high ones kept,
+    a linear blend between); 'yarn' (Peng et al. 2023: a per-dimension ramp between
+    interpolation and extrapolation from `beta_fast`/`beta_slow` rotations, and cos/sin
+    multiplied by `attention_factor`); 'dynamic' (dynamic NTK: theta grows with the
+    longest position seen, past `original_max_len`). Each as transformers' `rope_type`.
+  """
+
+  kind: str = "none"
+  factor: float = 1.0
+  original_max_len: int = 8192
+  low_freq_factor: float = 1.0    # llama3
+  high_freq_factor: float = 4.0   # llama3
+  beta_fast: float = 32.0         # yarn
+  beta_slow: float = 1.0          # yarn
+  truncate: bool = True           # yarn: ramp bounds rounded out to whole dimensions
+  attention_factor: float = 1.0   # yarn: multiplies cos and sin
+
+
+def rope_frequencies(head_dim: int, theta: float = 10_000.0,
+                     scaling: RopeScaling = RopeScaling(),
+                     seq_len: jax.Array | None = None) -> jax.Array:
   """RoPE's `[H/2]` float32 inverse frequencies theta^(-2i/H), rescaled by `scaling`.
 
-  'llama3': wavelengths longer than original_max_len / low_freq_factor are stretched by
-  `factor`, those shorter than original_max_len / high_freq_factor kept, and the band
-  between interpolated linearly in original_max_len / wavelength (as transformers'
-  `rope_type='llama3'`). 'linear': every frequency divided by `factor`.
+  `seq_len` (int scalar, may be traced): the longest position + 1 of this call; only
+  'dynamic' reads it (None = `original_max_len`, i.e. no change).
   """
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  if scaling == "linear":
+  exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim   # [H/2]
+  inv_freq = 1.0 / (theta ** exponents)
+  factor, original = scaling.factor, scaling.original_max_len
+  if scaling.kind == "linear":
     return inv_freq / factor
-  if scaling != "llama3":
-    return inv_freq
+  if scaling.kind == "llama3":
+    return _llama3(inv_freq, scaling)
+  if scaling.kind == "yarn":
+    low, high = _yarn_bounds(head_dim, theta, scaling)
+    ramp = jnp.clip((jnp.arange(head_dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+    return inv_freq / factor * ramp + inv_freq * (1 - ramp)
+  if scaling.kind == "dynamic" and seq_len is not None:
+    seq_len = jnp.maximum(jnp.asarray(seq_len, jnp.float32), original)
+    base = theta * (factor * seq_len / original - (factor - 1)) ** (head_dim / (head_dim - 2))
+    return 1.0 / (base ** exponents)
+  return inv_freq
+
+
+def _llama3(inv_freq: jax.Array, s: RopeScaling) -> jax.Array:
+  """Wavelengths longer than original_max_len / low_freq_factor are stretched by
+  `factor`, those shorter than original_max_len / high_freq_factor kept, and the band
+  between interpolated linearly in original_max_len / wavelength."""
   wavelen = 2 * math.pi / inv_freq
-  stretched = jnp.where(wavelen > original_max_len / low_freq_factor, inv_freq / factor,
-                        inv_freq)
-  smooth = (original_max_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
-  blended = (1 - smooth) * stretched / factor + smooth * stretched
-  medium = ((wavelen >= original_max_len / high_freq_factor)
-            & (wavelen <= original_max_len / low_freq_factor))
+  stretched = jnp.where(wavelen > s.original_max_len / s.low_freq_factor,
+                        inv_freq / s.factor, inv_freq)
+  smooth = (s.original_max_len / wavelen - s.low_freq_factor) / (s.high_freq_factor
+                                                                 - s.low_freq_factor)
+  blended = (1 - smooth) * stretched / s.factor + smooth * stretched
+  medium = ((wavelen >= s.original_max_len / s.high_freq_factor)
+            & (wavelen <= s.original_max_len / s.low_freq_factor))
   return jnp.where(medium, blended, stretched)
 
 
+def _yarn_bounds(head_dim: int, theta: float, s: RopeScaling) -> tuple[float, float]:
+  """YaRN's ramp over frequency index i: the dimensions that turn fewer than beta_slow
+  times over the original context are interpolated, more than beta_fast extrapolated."""
+  def dim(rotations):  # the index i whose wavelength fits `rotations` times
+    return head_dim * math.log(s.original_max_len / (rotations * 2 * math.pi)) / (
+        2 * math.log(theta))
+  low, high = dim(s.beta_fast), dim(s.beta_slow)
+  if s.truncate:
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, head_dim - 1)
+  return low, (high + 0.001 if high == low else high)
+
+
+def yarn_attention_factor(factor: float) -> float:
+  """YaRN's default cos/sin multiplier, 0.1 ln(factor) + 1 (1 for factor <= 1)."""
+  return 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
+
+
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10_000.0,
-               inv_freq: jax.Array | None = None) -> jax.Array:
+               inv_freq: jax.Array | None = None, attention_factor: float = 1.0) -> jax.Array:
   """Rotary embedding of `x [B, L, N, H]` at int `positions [B, L]` (float32 inside);
-  `inv_freq [H/2]` defaults to `rope_frequencies(H, theta)`."""
+  `inv_freq [H/2]` defaults to `rope_frequencies(H, theta)`; cos and sin are multiplied
+  by `attention_factor` (YaRN)."""
   head_dim = x.shape[-1]
   inv_freq = rope_frequencies(head_dim, theta) if inv_freq is None else inv_freq
   angles = positions[..., None].astype(jnp.float32) * inv_freq          # [B, L, H/2]
   angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]    # [B, L, 1, H]
   x32 = x.astype(jnp.float32)
-  out = x32 * jnp.cos(angles) + rotate_half(x32) * jnp.sin(angles)
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  if attention_factor != 1.0:
+    cos, sin = cos * attention_factor, sin * attention_factor
+  out = x32 * cos + rotate_half(x32) * sin
   return out.astype(x.dtype)
 
 

@@ -17,12 +17,13 @@ from typing import Any
 import jax.numpy as jnp
 
 from llmjax.errors import UserError
+from llmjax.layers.position import RopeScaling
 
 ARCHS = ("decoder_only", "encoder_only", "encoder_decoder")
 # 't5_relative': T5's bucketed relative attention bias (Raffel et al. 2020, sec. 2.1),
 # shared by all layers of a stack (see llmjax/layers/position.py).
 POSITIONS = ("learned", "sinusoidal", "rope", "none", "t5_relative")
-ROPE_SCALINGS = ("none", "linear", "llama3")
+ROPE_SCALINGS = ("none", "linear", "llama3", "yarn", "dynamic")
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 # 'gelu' is the tanh approximation (GPT-2's "gelu_new", jax.nn.gelu's default);
@@ -40,7 +41,8 @@ ATTENTION_IMPLS = ("einsum", "jax", "cudnn", "cpu_flash")
 DTYPES = ("float32", "bfloat16", "float16")
 
 # Fields whose `None` default is derived from other fields in `__post_init__`.
-_DERIVED = ("head_dim", "num_kv_heads", "attention_dropout_rate", "num_encoder_layers")
+_DERIVED = ("head_dim", "num_kv_heads", "attention_dropout_rate", "num_encoder_layers",
+            "qkv_bias")
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]):
@@ -79,11 +81,18 @@ class TransformerConfig:
                                     # (GPT-2's 50257 -> 50304 at 128); params unchanged
   position: str = "learned"         # 'learned' | 'sinusoidal' | 'rope' | 'none'
   rope_theta: float = 10_000.0
-  rope_scaling: str = "none"        # 'none' | 'linear' | 'llama3' (layers/position.py)
-  rope_factor: float = 1.0          # linear, llama3: how much longer the context is
+  rope_scaling: str = "none"        # 'none' | 'linear' | 'llama3' | 'yarn' | 'dynamic'
+                                    # (layers/position.py RopeScaling says what each does)
+  rope_factor: float = 1.0          # how much longer the context is (every scaling)
   rope_low_freq_factor: float = 1.0   # llama3: wavelengths > original_max_len / this stretch
   rope_high_freq_factor: float = 4.0  # llama3: wavelengths < original_max_len / this stay
-  rope_original_max_len: int = 8192   # llama3: the context the model was pre-trained on
+  rope_original_max_len: int = 8192   # llama3, yarn, dynamic: the pre-training context
+  rope_beta_fast: float = 32.0      # yarn: dims turning more often than this extrapolate
+  rope_beta_slow: float = 1.0       # yarn: dims turning less often than this interpolate
+  rope_truncate: bool = True        # yarn: round the ramp's bounds to whole dims
+  rope_attention_factor: float = 1.0  # yarn: cos/sin multiplier (0.1 ln(factor) + 1)
+  sliding_window: int = 0           # decoder self-attention sees the last W positions
+                                    # only, itself included (Mistral); 0 = all
   relative_buckets: int = 32        # t5_relative: buckets of the relative position bias
   relative_max_distance: int = 128  # t5_relative: distances beyond share the last bucket
   query_scale: float | None = None  # q.k multiplier; None = 1/sqrt(H) (T5 uses 1.0)
@@ -94,8 +103,12 @@ class TransformerConfig:
   embed_norm: bool = False          # norm after the embeddings (BERT)
   activation: str = "gelu"
   use_bias: bool = True             # biases in projections, MLP and LayerNorm
+  qkv_bias: bool | None = None      # biases in the q/k/v projections; None = use_bias
+                                    # (Qwen2: True with use_bias=False)
   tie_embeddings: bool = True       # logits = x @ embedding.T
   scale_embeddings: bool = False    # multiply token embeddings by sqrt(D)
+  logits_scale: float = 1.0         # multiplies the final states before the logits
+                                    # product (T5 v1.0's tied head: D ** -0.5)
   init_std: float = 0.02            # normal init of embeddings and projections (GPT-2)
   remat: str = "none"               # 'none' | 'full' | 'dots'
   attention_impl: str = "einsum"    # 'einsum' | 'jax' | 'cudnn' | 'cpu_flash' (C++ kernel)
@@ -138,6 +151,8 @@ class TransformerConfig:
       object.__setattr__(self, "attention_dropout_rate", self.dropout_rate)
     if self.num_encoder_layers is None:
       object.__setattr__(self, "num_encoder_layers", self.num_layers)
+    if self.qkv_bias is None:
+      object.__setattr__(self, "qkv_bias", self.use_bias)
     _check_positive("head_dim", self.head_dim)
     _check_positive("num_kv_heads", self.num_kv_heads)
     _check_positive("num_encoder_layers", self.num_encoder_layers)
@@ -153,6 +168,9 @@ class TransformerConfig:
       raise UserError(f"rope_scaling='llama3' needs rope_high_freq_factor > "
                       f"rope_low_freq_factor, got {self.rope_high_freq_factor} <= "
                       f"{self.rope_low_freq_factor}; fix the two factors.")
+    if self.sliding_window < 0 or isinstance(self.sliding_window, bool):
+      raise UserError(f"sliding_window={self.sliding_window!r} must be an integer >= 0 "
+                      "(0 = attend to every earlier position); fix sliding_window.")
     if self.position == "rope" and self.head_dim % 2:
       raise UserError(f"position='rope' needs an even head_dim, got {self.head_dim}; "
                       "change head_dim (or embed_dim / num_heads).")
@@ -175,6 +193,14 @@ class TransformerConfig:
     kwargs.update({name: None for name in self._derived})
     kwargs.update(changes)
     return TransformerConfig(**kwargs)
+
+  @property
+  def rope(self) -> RopeScaling:
+    """The `rope_*` fields as `llmjax.layers.position.RopeScaling`."""
+    return RopeScaling(self.rope_scaling, self.rope_factor, self.rope_original_max_len,
+                       self.rope_low_freq_factor, self.rope_high_freq_factor,
+                       self.rope_beta_fast, self.rope_beta_slow, self.rope_truncate,
+                       self.rope_attention_factor)
 
   @property
   def compute_dtype(self) -> jnp.dtype:

@@ -117,6 +117,8 @@ class Transformer(nn.Module):
   def logits(self, x: jax.Array) -> jax.Array:
     """`[B, L, D]` -> logits `[B, L, V]` in `logits_dtype` (tied or `lm_head`)."""
     cfg = self.config
+    if cfg.logits_scale != 1.0:
+      x = x * jnp.asarray(cfg.logits_scale, x.dtype)
     y = self.embed.attend(x, cfg.logits_pad_to) if cfg.tie_embeddings else self.lm_head(x)
     if cfg.logits_bias:
       y = y + self.logits_bias.astype(y.dtype)
@@ -180,6 +182,9 @@ class Transformer(nn.Module):
     # The decoder's blocks are causal (they add the causal mask themselves, which lets
     # attention_impl='cudnn' skip the hidden blocks); `mask` only separates documents.
     mask = None if segment_ids is None else masks.segment_mask(segment_ids, segment_ids)
+    if cfg.sliding_window:
+      mask = masks.combine_masks(mask, masks.sliding_window_mask(tokens.shape[1],
+                                                                 cfg.sliding_window))
     cross_mask = None
     if encoded is not None and (segment_ids is not None or encoder_segment_ids is not None):
       q_seg = jnp.ones_like(tokens) if segment_ids is None else segment_ids
@@ -209,7 +214,10 @@ class Transformer(nn.Module):
     valid = jnp.ones(tokens.shape, bool) if valid is None else valid
     key_valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], valid, index, axis=1)
     slots = jnp.arange(key_valid.shape[1])                                # [T]
-    causal = slots[None, :] <= index + jnp.arange(length)[:, None]        # [L, T]
+    query_slots = index + jnp.arange(length)[:, None]                     # [L, 1]
+    causal = slots[None, :] <= query_slots                                # [L, T]
+    if self.config.sliding_window:  # slot distance = position distance (padding is left)
+      causal = causal & (query_slots - slots[None, :] < self.config.sliding_window)
     mask = jnp.logical_and(causal[None, None], key_valid[:, None, None, :])  # [B, 1, L, T]
     cross_mask = cache["encoder_valid"][:, None, None, :] if "encoder_valid" in cache else None
     x = self.embed_tokens(tokens, positions)

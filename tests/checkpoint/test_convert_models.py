@@ -1,4 +1,5 @@
-"""Hugging Face parity: import GPT-2, LLaMA, BERT and T5 v1.1 checkpoints built by
+"""Hugging Face parity: import GPT-2, LLaMA (RoPE scalings), Mistral, Qwen2, BERT and T5
+(v1.0, v1.1) checkpoints built by
 `transformers` from tiny random configs, compare logits on padded batches, export back
 and reload with `from_pretrained`, and compare greedy generations (decoders)."""
 
@@ -29,17 +30,36 @@ def _hf_model(name):
     return T.GPT2LMHeadModel(cfg)
   if name.startswith("llama"):
     # Llama 3.1's RoPE scaling over a short original context (16), so that the head's
-    # wavelengths (6 to 1,400 positions) fall in all three bands; and linear scaling.
+    # wavelengths (6 to 1,400 positions) fall in all three bands; linear; YaRN; and
+    # dynamic NTK past max_position_embeddings=8 (the batches are 12 long).
     rope = {"llama3": {"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0,
                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                        "original_max_position_embeddings": 16},
             "llama-linear": {"rope_type": "linear", "rope_theta": 500.0, "factor": 4.0},
+            "llama-yarn": {"rope_type": "yarn", "rope_theta": 500.0, "factor": 4.0,
+                           "original_max_position_embeddings": 64},
+            "llama-dynamic": {"rope_type": "dynamic", "rope_theta": 500.0, "factor": 2.0},
             }.get(name, {"rope_type": "default", "rope_theta": 500.0})
     cfg = T.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
                         num_key_value_heads=2, intermediate_size=96, vocab_size=V,
-                        max_position_embeddings=64, rope_parameters=rope, bos_token_id=1,
+                        max_position_embeddings=8 if name == "llama-dynamic" else 64,
+                        rope_parameters=rope, bos_token_id=1,
                         eos_token_id=2, tie_word_embeddings=False)
     return T.LlamaForCausalLM(cfg)
+  if name in ("mistral", "qwen2"):  # a 4-token window over 12-token batches
+    shape = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "intermediate_size": 96, "vocab_size": V,
+             "max_position_embeddings": 64, "sliding_window": 4, "bos_token_id": 1,
+             "eos_token_id": 2}
+    if name == "mistral":
+      return T.MistralForCausalLM(T.MistralConfig(**shape, tie_word_embeddings=False))
+    return T.Qwen2ForCausalLM(T.Qwen2Config(**shape, use_sliding_window=True,
+                                            max_window_layers=0, tie_word_embeddings=True))
+  if name == "t5v1":  # T5 v1.0: ReLU MLP, tied head over outputs scaled by d_model**-0.5
+    cfg = T.T5Config(num_layers=2, d_model=64, d_kv=16, num_heads=4, d_ff=96, vocab_size=V,
+                     feed_forward_proj="relu", relative_attention_num_buckets=8,
+                     relative_attention_max_distance=12, decoder_start_token_id=0)
+    return T.T5ForConditionalGeneration(cfg)
   if name == "t5":
     cfg = T.T5Config(num_layers=2, num_decoder_layers=2, d_model=64, d_kv=16, num_heads=4,
                      d_ff=96, vocab_size=V, feed_forward_proj="gated-gelu",
@@ -73,7 +93,7 @@ def _batch(seed=0, b=3, length=12):
 def _hf_logits(model, name, tokens, mask):
   kw = {"input_ids": torch.tensor(tokens, dtype=torch.long),
         "attention_mask": torch.tensor(mask)}
-  if name == "t5":
+  if name.startswith("t5"):
     dec, dec_mask = _batch(seed=1, length=9)
     kw.update(decoder_input_ids=torch.tensor(dec, dtype=torch.long),
               decoder_attention_mask=torch.tensor(dec_mask))
@@ -87,7 +107,7 @@ def _hf_logits(model, name, tokens, mask):
 def _our_logits(cfg, params, name, tokens, mask):
   model = Transformer(cfg)
   variables = {"params": params}
-  if name == "t5":
+  if name.startswith("t5"):
     dec, dec_mask = _batch(seed=1, length=9)
     return np.asarray(model.apply(variables, dec, dec_mask, encoder_tokens=tokens,
                                   encoder_segment_ids=mask)), dec_mask
@@ -103,7 +123,9 @@ def _max_diff(a, b, valid):
 
 @pytest.mark.parametrize("name,scan", [("gpt2", True), ("llama", False), ("t5", True),
                                        ("bert", False), ("llama3", True),
-                                       ("llama-linear", False)])
+                                       ("llama-linear", False), ("llama-yarn", True),
+                                       ("llama-dynamic", False), ("mistral", True),
+                                       ("qwen2", False), ("t5v1", False)])
 def test_import_export_parity(name, scan, tmp_path):
   hf = _randomize(_hf_model(name))
   hf.save_pretrained(tmp_path / "hf")
@@ -136,8 +158,10 @@ def _hf_greedy(model, prompt, n):
   return ids[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "mistral", "qwen2"])
 def test_greedy_generation_matches(name, tmp_path):
+  from llmjax.decode.generate import generate
+  from llmjax.decode.sampling import SamplingConfig
   hf = _randomize(_hf_model(name))
   hf.save_pretrained(tmp_path / "hf")
   cfg, params, _ = convert.import_hf(str(tmp_path / "hf"))
@@ -150,7 +174,14 @@ def test_greedy_generation_matches(name, tmp_path):
   buffer[0, :len(prompt)] = prompt
   for cur in range(len(prompt), buffer.shape[1]):
     buffer[0, cur] = int(forward(params, buffer, cur))
-  assert buffer[0, len(prompt):].tolist() == _hf_greedy(hf, prompt, 10)
+  want = _hf_greedy(hf, prompt, 10)
+  assert buffer[0, len(prompt):].tolist() == want
+  # The KV-cache generator, with a longer second prompt (the first row is left-padded):
+  # the sliding window (Mistral, Qwen2 here: 4) runs over cache slots.
+  other = [9, 3, 11, 60, 7, 21, 30]
+  out = generate(model, jax.device_put(params), [prompt, other], max_new_tokens=10,
+                 sampling=SamplingConfig(temperature=0.0))
+  assert [list(map(int, row)) for row in out.tokens] == [want, _hf_greedy(hf, other, 10)]
 
 
 def test_sharded_round_trip(tmp_path):
@@ -188,7 +219,32 @@ def test_rope_scaling_not_implemented_is_a_user_error(tmp_path):
   hf = _hf_model("llama")
   hf.save_pretrained(tmp_path / "hf")
   config = json.loads((tmp_path / "hf" / "config.json").read_text())
-  config["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 500.0, "factor": 4.0}
+  config["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 500.0, "factor": 4.0}
   (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
-  with pytest.raises(UserError, match="'linear' and 'llama3' are implemented"):
+  with pytest.raises(UserError, match="rope_type='longrope'.*'yarn', 'dynamic'"):
     convert.import_hf(str(tmp_path / "hf"))
+  # Qwen2 with full attention in its first layers and a window in the others: refused.
+  qwen = _hf_model("qwen2")
+  qwen.config.max_window_layers = 1
+  qwen.config.layer_types = ["full_attention", "sliding_attention"]
+  qwen.save_pretrained(tmp_path / "qwen")
+  with pytest.raises(UserError, match="mixed full/sliding layers"):
+    convert.import_hf(str(tmp_path / "qwen"))
+
+
+def test_bert_model_without_mlm_head(tmp_path, caplog):
+  """A `BertModel` folder: the encoder is the checkpoint's, the MLM head initialised."""
+  torch.manual_seed(0)
+  hf = transformers.BertModel(_hf_model("bert").config).eval()
+  _randomize(hf).save_pretrained(tmp_path / "hf")
+  cfg, params, _ = convert.import_hf(str(tmp_path / "hf"), scan_layers=False)
+  assert "no MLM head" in caplog.text
+  np.testing.assert_array_equal(params["logits_bias"], 0)
+  tokens, mask = _batch()
+  types = np.zeros_like(tokens)
+  with torch.no_grad():
+    want = hf(input_ids=torch.tensor(tokens, dtype=torch.long),
+              attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
+  got = np.asarray(Transformer(cfg).apply({"params": params}, tokens, mask,
+                                          token_type_ids=types, method="encode"))
+  assert _max_diff(got, want, mask) <= TOL

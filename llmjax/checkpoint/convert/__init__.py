@@ -1,10 +1,10 @@
-"""Hugging Face checkpoint import and export (GPT-2, LLaMA, BERT, T5 v1.1).
+"""Hugging Face checkpoint import and export (GPT-2, LLaMA, Mistral, Qwen2, BERT, T5).
 
   cfg, params, hf_config = import_hf(hf_dir)             # config.json + *.safetensors
   export_hf(hf_dir, cfg, params)                         # a folder `from_pretrained` loads
   hf_to_workdir(hf_dir, workdir); workdir_to_hf(workdir, hf_dir)   # `llmjax convert`
 
-Each architecture module (`gpt2`, `llama`, `bert`, `t5`) maps `config.json` to a
+Each architecture module (`gpt2`, `llama` (also Mistral, Qwen2), `bert`, `t5`) maps `config.json` to a
 `TransformerConfig` and tensor names to the unscanned parameter tree (`layers_i`);
 `stack_layers` gives the scanned layout when `config.scan_layers`. Every import is
 checked against the shapes `Transformer(cfg).init` would create, so a mapping error
@@ -20,7 +20,7 @@ from llmjax.errors import UserError
 from llmjax.models.config import TransformerConfig
 from llmjax.models.stack import stack_layers, unstack_layers
 
-CONVERTERS = {m.MODEL_TYPE: m for m in (gpt2, llama, bert, t5)}
+CONVERTERS = {t: m for m in (gpt2, llama, bert, t5) for t in m.MODEL_TYPES}
 
 
 def _converter(model_type: str):
@@ -85,7 +85,7 @@ def export_hf(hf_dir: str, cfg: TransformerConfig, params, *, model_type: str | 
   if cfg.scan_layers:
     params = unstack_layers(params)
   check_params(cfg.replace(scan_layers=False), params)
-  config = conv.config_to_hf(cfg, dict(base_config or {}))
+  config = conv.config_to_hf(cfg, {**(base_config or {}), "model_type": model_type})
   config["dtype"] = config["torch_dtype"] = "float32"
   tensors = {k: np.ascontiguousarray(v, np.float32)
              for k, v in conv.params_to_hf(params, cfg).items()}
@@ -98,5 +98,5 @@ def infer_model_type(cfg: TransformerConfig) -> str:
     return "t5"
   if cfg.arch == "encoder_only":
     return "bert"
-  return "llama" if cfg.position == "rope" else "gpt2"
+  return llama.infer_model_type(cfg) if cfg.position == "rope" else "gpt2"
 

@@ -4,9 +4,16 @@ Post-norm LayerNorm blocks (`attention.output.LayerNorm` -> `attention_norm`,
 `output.LayerNorm` -> `mlp_norm`), learned positions, token-type embeddings, embedding
 LayerNorm, exact (erf) GELU, and the MLM head: dense + GELU + LayerNorm
 (`cls.predictions.transform` -> `mlm_transform`, `mlm_norm`), then the tied embedding
-and a vocabulary bias (`cls.predictions.bias` -> `logits_bias`). A pooler, if present
-(`BertModel`), is ignored: it belongs to classification fine-tuning.
+and a vocabulary bias (`cls.predictions.bias` -> `logits_bias`). A pooler, if present,
+is ignored: it belongs to classification fine-tuning.
+
+A `BertModel` folder (the encoder without the MLM head) imports with the head
+initialised as `BertForMaskedLM` initialises it (dense ~ N(0, initializer_range), zero
+biases, unit LayerNorm; a warning says so): the encoder's outputs are the checkpoint's,
+MLM logits mean nothing until the head is trained.
 """
+
+import logging
 
 import numpy as np
 
@@ -21,7 +28,7 @@ from llmjax.checkpoint.convert.common import (
 )
 from llmjax.models.config import TransformerConfig
 
-MODEL_TYPE = "bert"
+MODEL_TYPES = ("bert",)
 _ACTIVATIONS = {"gelu": "gelu_exact", "gelu_new": "gelu", "relu": "relu", "silu": "silu"}
 _ATTN = (("query", "query"), ("key", "key"), ("value", "value"))
 
@@ -73,10 +80,23 @@ def params_from_hf(t: Tensors, cfg: TransformerConfig) -> dict:
   return {"embed": {"embedding": t(f"{e}word_embeddings.weight")},
           "pos_embed": {"embedding": t(f"{e}position_embeddings.weight")},
           "token_type_embed": {"embedding": t(f"{e}token_type_embeddings.weight")},
-          "embed_norm": _norm(t, f"{e}LayerNorm"), "encoder": encoder,
-          "mlm_transform": _dense(t, "cls.predictions.transform.dense"),
-          "mlm_norm": _norm(t, "cls.predictions.transform.LayerNorm"),
-          "logits_bias": t("cls.predictions.bias")}
+          "embed_norm": _norm(t, f"{e}LayerNorm"), "encoder": encoder, **_mlm_head(t, cfg)}
+
+
+def _mlm_head(t: Tensors, cfg: TransformerConfig) -> dict:
+  if "cls.predictions.bias" in t:
+    return {"mlm_transform": _dense(t, "cls.predictions.transform.dense"),
+            "mlm_norm": _norm(t, "cls.predictions.transform.LayerNorm"),
+            "logits_bias": t("cls.predictions.bias")}
+  logging.getLogger(__name__).warning(
+      "this BERT checkpoint has no MLM head (a BertModel folder): the head is initialised "
+      "(normal(%s) dense, zero biases); fine-tune it before reading MLM logits.",
+      cfg.init_std)
+  d = cfg.embed_dim
+  kernel = np.random.default_rng(0).normal(0.0, cfg.init_std, (d, d)).astype(np.float32)
+  return {"mlm_transform": {"kernel": kernel, "bias": np.zeros(d, np.float32)},
+          "mlm_norm": {"scale": np.ones(d, np.float32), "bias": np.zeros(d, np.float32)},
+          "logits_bias": np.zeros(cfg.vocab_size, np.float32)}
 
 
 def config_to_hf(cfg: TransformerConfig, base: dict) -> dict:

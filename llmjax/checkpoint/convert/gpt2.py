@@ -17,7 +17,7 @@ from llmjax.checkpoint.convert.common import (
 )
 from llmjax.models.config import TransformerConfig
 
-MODEL_TYPE = "gpt2"
+MODEL_TYPES = ("gpt2",)
 _ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu_fast": "gelu",
                 "gelu": "gelu_exact", "relu": "relu", "silu": "silu"}
 

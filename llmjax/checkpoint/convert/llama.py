@@ -1,9 +1,13 @@
-"""LLaMA (Touvron et al. 2023) <-> llmjax: HF `LlamaForCausalLM` folders.
+"""LLaMA (Touvron et al. 2023) and its kin <-> llmjax: HF `LlamaForCausalLM`,
+`MistralForCausalLM` and `Qwen2ForCausalLM` folders.
 
-RoPE (rotate-half layout, the same as llmjax's, so q/k need no permutation), RMSNorm,
-SwiGLU (`gate_proj` is the activated gate `wi_0`, `up_proj` the linear branch `wi_1`,
-`down_proj` is `wo`), grouped-query attention, untied `lm_head` unless
-`tie_word_embeddings`.
+RoPE (rotate-half layout, the same as llmjax's, so q/k need no permutation; scaling
+'linear', 'llama3', 'yarn', 'dynamic'), RMSNorm, SwiGLU (`gate_proj` is the activated gate
+`wi_0`, `up_proj` the linear branch `wi_1`, `down_proj` is `wo`), grouped-query
+attention, untied `lm_head` unless `tie_word_embeddings`. The three share tensor names;
+they differ in config: Mistral adds a sliding attention window (`sliding_window`), Qwen2
+has q/k/v biases without o/MLP biases (`qkv_bias=True, use_bias=False`) and a sliding
+window only when every layer uses it (mixed layers are refused).
 """
 
 import numpy as np
@@ -19,27 +23,45 @@ from llmjax.checkpoint.convert.common import (
 )
 from llmjax.models.config import TransformerConfig
 
-MODEL_TYPE = "llama"
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                  "qwen2": "Qwen2ForCausalLM"}
+_SCALINGS = ("linear", "llama3", "yarn", "dynamic")
 _PROJ = (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value"))
 _MLP = (("gate_proj", "wi_0"), ("up_proj", "wi_1"), ("down_proj", "wo"))
 
 
-def _rope(hf: dict) -> dict:
+def _rope(hf: dict, model_type: str) -> dict:
   """TransformerConfig's rope fields from transformers' `rope_parameters` (5.x) or
   `rope_scaling` + `rope_theta` (4.x)."""
+  from llmjax.layers.position import yarn_attention_factor
   rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
   kind = rope.get("rope_type", rope.get("type", "default"))
   theta = float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0)))
   if kind == "default":
     return {"rope_theta": theta}
-  if kind not in ("linear", "llama3"):
-    raise unsupported("llama", "rope_type", kind, "RoPE scaling 'linear' and 'llama3' are "
+  if kind not in _SCALINGS:
+    raise unsupported(model_type, "rope_type", kind, f"RoPE scaling {_SCALINGS} is "
                       "implemented; convert a checkpoint with one of those (or none).")
-  out = {"rope_theta": theta, "rope_scaling": kind, "rope_factor": float(rope["factor"])}
+  factor = float(rope.get("factor") or 1.0)
+  # dynamic NTK grows theta past max_position_embeddings (transformers' reading)
+  original = rope.get("original_max_position_embeddings") or hf.get(
+      "max_position_embeddings", 2048)
+  out = {"rope_theta": theta, "rope_scaling": kind, "rope_factor": factor,
+         "rope_original_max_len": int(original)}
   if kind == "llama3":
     out.update(rope_low_freq_factor=float(rope["low_freq_factor"]),
-               rope_high_freq_factor=float(rope["high_freq_factor"]),
-               rope_original_max_len=int(rope["original_max_position_embeddings"]))
+               rope_high_freq_factor=float(rope["high_freq_factor"]))
+  if kind == "yarn":
+    if rope.get("mscale") or rope.get("mscale_all_dim"):
+      raise unsupported(model_type, "yarn mscale", rope.get("mscale"),
+                        "only YaRN's attention_factor (or its default) is mapped.")
+    attention = rope.get("attention_factor")
+    out.update(rope_beta_fast=float(rope.get("beta_fast") or 32.0),
+               rope_beta_slow=float(rope.get("beta_slow") or 1.0),
+               rope_truncate=bool(rope.get("truncate", True)),
+               rope_attention_factor=float(yarn_attention_factor(factor) if attention is None
+                                           else attention))
   return out
 
 
@@ -48,29 +70,57 @@ def _rope_to_hf(cfg: TransformerConfig) -> dict:
           "rope_theta": cfg.rope_theta}
   if cfg.rope_scaling != "none":
     rope["factor"] = cfg.rope_factor
+  if cfg.rope_scaling in ("llama3", "yarn"):
+    rope["original_max_position_embeddings"] = cfg.rope_original_max_len
   if cfg.rope_scaling == "llama3":
     rope.update(low_freq_factor=cfg.rope_low_freq_factor,
-                high_freq_factor=cfg.rope_high_freq_factor,
-                original_max_position_embeddings=cfg.rope_original_max_len)
+                high_freq_factor=cfg.rope_high_freq_factor)
+  if cfg.rope_scaling == "yarn":
+    rope.update(beta_fast=cfg.rope_beta_fast, beta_slow=cfg.rope_beta_slow,
+                truncate=cfg.rope_truncate, attention_factor=cfg.rope_attention_factor)
   return rope
+
+
+def _biases(hf: dict, model_type: str) -> dict:
+  if model_type == "qwen2":  # q/k/v always, o_proj and the MLP never
+    return {"use_bias": False, "qkv_bias": True}
+  attention_bias, mlp_bias = hf.get("attention_bias", False), hf.get("mlp_bias", False)
+  if attention_bias != mlp_bias:
+    raise unsupported(model_type, "attention_bias != mlp_bias", (attention_bias, mlp_bias),
+                      "llmjax's use_bias covers attention and MLP together.")
+  return {"use_bias": bool(attention_bias)}
+
+
+def _sliding_window(hf: dict, model_type: str) -> int:
+  if model_type == "llama":
+    return 0
+  kinds = set(hf.get("layer_types") or ())
+  if model_type == "qwen2" and not hf.get("use_sliding_window"):
+    return 0
+  if kinds - {"sliding_attention"}:
+    if "sliding_attention" in kinds:
+      raise unsupported(model_type, "layer_types", sorted(kinds), "llmjax uses one "
+                        "attention window for every layer; mixed full/sliding layers "
+                        "(max_window_layers < num_hidden_layers) are not mapped.")
+    return 0
+  return int(hf.get("sliding_window") or 0)
 
 
 def config_from_hf(hf: dict, tensors: dict | None = None) -> TransformerConfig:
   del tensors  # the config alone decides
+  model_type = hf.get("model_type", "llama")
   if hf.get("hidden_act", "silu") != "silu":
-    raise unsupported("llama", "hidden_act", hf["hidden_act"], "only silu (SwiGLU) is mapped.")
-  attention_bias, mlp_bias = hf.get("attention_bias", False), hf.get("mlp_bias", False)
-  if attention_bias != mlp_bias:
-    raise unsupported("llama", "attention_bias != mlp_bias", (attention_bias, mlp_bias),
-                      "llmjax's use_bias covers attention and MLP together.")
+    raise unsupported(model_type, "hidden_act", hf["hidden_act"],
+                      "only silu (SwiGLU) is mapped.")
   d, n = hf["hidden_size"], hf["num_attention_heads"]
   return TransformerConfig(
       arch="decoder_only", vocab_size=hf["vocab_size"], embed_dim=d,
       num_layers=hf["num_hidden_layers"], num_heads=n,
       num_kv_heads=hf.get("num_key_value_heads") or n, head_dim=hf.get("head_dim") or d // n,
       mlp_dim=hf["intermediate_size"], max_len=hf.get("max_position_embeddings", 2048),
-      position="rope", **_rope(hf), norm="rmsnorm", norm_position="pre",
-      norm_eps=hf.get("rms_norm_eps", 1e-6), activation="swiglu", use_bias=bool(attention_bias),
+      position="rope", **_rope(hf, model_type), norm="rmsnorm", norm_position="pre",
+      norm_eps=hf.get("rms_norm_eps", 1e-6), activation="swiglu", **_biases(hf, model_type),
+      sliding_window=_sliding_window(hf, model_type),
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
       init_std=hf.get("initializer_range", 0.02))
 
@@ -107,22 +157,44 @@ def params_from_hf(t: Tensors, cfg: TransformerConfig) -> dict:
   return params
 
 
+def infer_model_type(cfg: TransformerConfig) -> str:
+  """The one of MODEL_TYPES that holds `cfg` (qkv-only biases: qwen2; a window: mistral)."""
+  if cfg.qkv_bias and not cfg.use_bias:
+    return "qwen2"
+  return "mistral" if cfg.sliding_window else "llama"
+
+
 def config_to_hf(cfg: TransformerConfig, base: dict) -> dict:
+  model_type = base.get("model_type") or infer_model_type(cfg)
   if (cfg.arch, cfg.position, cfg.norm, cfg.norm_position, cfg.activation) != (
       "decoder_only", "rope", "rmsnorm", "pre", "swiglu") or cfg.query_scale is not None:
-    raise unsupported("llama", "this llmjax config", "(not LLaMA shaped)",
+    raise unsupported(model_type, "this llmjax config", "(not LLaMA shaped)",
                       "LLaMA needs rope, rmsnorm, pre-norm and swiglu.")
+  fits = {"llama": cfg.qkv_bias == cfg.use_bias and not cfg.sliding_window,
+          "mistral": not cfg.qkv_bias and not cfg.use_bias,
+          "qwen2": cfg.qkv_bias and not cfg.use_bias}[model_type]
+  if not fits:
+    raise unsupported(model_type, "biases/sliding_window", (cfg.qkv_bias, cfg.use_bias,
+                      cfg.sliding_window), f"export as {infer_model_type(cfg)!r} instead.")
   base = {k: v for k, v in base.items() if k not in ("rope_scaling", "rope_theta")}
-  return {**base, "model_type": "llama", "architectures": ["LlamaForCausalLM"],
-          "vocab_size": cfg.vocab_size, "hidden_size": cfg.embed_dim,
-          "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-          "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
-          "intermediate_size": cfg.mlp_dim, "max_position_embeddings": cfg.max_len,
-          "rope_parameters": _rope_to_hf(cfg),
-          "rope_theta": cfg.rope_theta,  # transformers 4.x reads this one
-          "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
-          "attention_bias": cfg.use_bias, "mlp_bias": cfg.use_bias,
-          "tie_word_embeddings": cfg.tie_embeddings}
+  out = {**base, "model_type": model_type, "architectures": [_ARCHITECTURES[model_type]],
+         "vocab_size": cfg.vocab_size, "hidden_size": cfg.embed_dim,
+         "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+         "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+         "intermediate_size": cfg.mlp_dim, "max_position_embeddings": cfg.max_len,
+         "rope_parameters": _rope_to_hf(cfg),
+         "rope_theta": cfg.rope_theta,  # transformers 4.x reads this one
+         "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
+         "tie_word_embeddings": cfg.tie_embeddings}
+  if model_type == "llama":
+    out.update(attention_bias=cfg.use_bias, mlp_bias=cfg.use_bias)
+  else:
+    out["sliding_window"] = cfg.sliding_window or None
+  if model_type == "qwen2":
+    kind = "sliding_attention" if cfg.sliding_window else "full_attention"
+    out.update(use_sliding_window=bool(cfg.sliding_window), max_window_layers=0,
+               layer_types=[kind] * cfg.num_layers)
+  return out
 
 
 def params_to_hf(params: dict, cfg: TransformerConfig) -> dict[str, np.ndarray]:

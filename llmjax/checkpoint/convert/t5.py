@@ -1,4 +1,4 @@
-"""T5 v1.1 (Raffel et al. 2020; v1.1: gated GELU, no bias) <-> llmjax: HF
+"""T5 (Raffel et al. 2020; v1.0: ReLU MLP; v1.1: gated GELU) <-> llmjax: HF
 `T5ForConditionalGeneration` folders.
 
 Encoder-decoder with one shared embedding, pre-norm RMSNorm without bias ("T5LayerNorm"),
@@ -7,8 +7,9 @@ stack -> `encoder|decoder/relpos_bias/embedding`), unscaled q.k (`query_scale=1.
 cross-attention in the decoder. HF blocks: encoder `layer.0` self-attention, `layer.1`
 MLP; decoder `layer.0` self, `layer.1` cross (`EncDecAttention`), `layer.2` MLP.
 
-T5 v1.0 (tied embeddings whose decoder output is scaled by d_model**-0.5) is rejected:
-llmjax has no output scaling.
+T5 v1.0 scales the decoder output by d_model**-0.5 before its tied head
+(`scale_decoder_outputs`, or `tie_word_embeddings` not false in older configs):
+`logits_scale = d_model**-0.5`; v1.1 has none (`logits_scale = 1`).
 """
 
 import numpy as np
@@ -24,7 +25,7 @@ from llmjax.checkpoint.convert.common import (
 )
 from llmjax.models.config import TransformerConfig
 
-MODEL_TYPE = "t5"
+MODEL_TYPES = ("t5",)
 _FF = {"gated-gelu": "geglu", "gated-gelu_new": "geglu", "gated-silu": "swiglu",
        "relu": "relu", "gelu": "gelu_exact", "gelu_new": "gelu"}
 _ATTN = (("q", "query"), ("k", "key"), ("v", "value"))
@@ -41,9 +42,6 @@ def config_from_hf(hf: dict, tensors: dict | None = None) -> TransformerConfig:
   ff = hf.get("feed_forward_proj", "relu")
   if ff not in _FF:
     raise unsupported("t5", "feed_forward_proj", ff, f"use one of {sorted(_FF)}.")
-  if _scales_output(hf):
-    raise unsupported("t5", "scaled decoder outputs (T5 v1.0, tie_word_embeddings)", True,
-                      "convert a T5 v1.1-style checkpoint (tie_word_embeddings=false).")
   return TransformerConfig(
       arch="encoder_decoder", vocab_size=hf["vocab_size"], embed_dim=hf["d_model"],
       num_layers=hf.get("num_decoder_layers") or hf["num_layers"],
@@ -52,8 +50,8 @@ def config_from_hf(hf: dict, tensors: dict | None = None) -> TransformerConfig:
       relative_buckets=hf.get("relative_attention_num_buckets", 32),
       relative_max_distance=hf.get("relative_attention_max_distance", 128), query_scale=1.0,
       norm="rmsnorm", norm_position="pre", norm_eps=hf.get("layer_norm_epsilon", 1e-6),
-      activation=_FF[ff], use_bias=False,
-      tie_embeddings=_tied(tensors))
+      activation=_FF[ff], use_bias=False, tie_embeddings=_tied(tensors),
+      logits_scale=hf["d_model"] ** -0.5 if _scales_output(hf) else 1.0)
 
 
 def _tied(tensors) -> bool:
@@ -109,6 +107,10 @@ def config_to_hf(cfg: TransformerConfig, base: dict) -> dict:
       or cfg.activation not in ff or cfg.num_kv_heads != cfg.num_heads:
     raise unsupported("t5", "this llmjax config", "(not T5 shaped)",
                       "T5 needs encoder_decoder, t5_relative, rmsnorm, no bias, query_scale=1.")
+  scaled = cfg.logits_scale != 1.0
+  if scaled and (cfg.logits_scale != cfg.embed_dim ** -0.5 or not cfg.tie_embeddings):
+    raise unsupported("t5", "logits_scale", cfg.logits_scale, "T5 v1.0 scales the tied head "
+                      "by d_model**-0.5 exactly; set logits_scale to that or 1.")
   base = {k: v for k, v in base.items() if k != "scale_decoder_outputs"}
   return {**base, "model_type": "t5", "architectures": ["T5ForConditionalGeneration"],
           "vocab_size": cfg.vocab_size, "d_model": cfg.embed_dim, "d_kv": cfg.head_dim,
@@ -117,7 +119,8 @@ def config_to_hf(cfg: TransformerConfig, base: dict) -> dict:
           "relative_attention_num_buckets": cfg.relative_buckets,
           "relative_attention_max_distance": cfg.relative_max_distance,
           "layer_norm_epsilon": cfg.norm_eps, "feed_forward_proj": ff[cfg.activation],
-          "is_encoder_decoder": True, "tie_word_embeddings": False,
+          # transformers reads tie_word_embeddings as "scale the decoder output" (v1.0)
+          "is_encoder_decoder": True, "tie_word_embeddings": scaled,
           "decoder_start_token_id": base.get("decoder_start_token_id", 0)}
 
 
