@@ -7,7 +7,9 @@ tokenizer (base64) and the imported `config.json` (`hf_model_type`, `hf_config`,
 export writes the same token ids and architecture back). The tokenizer found beside the
 checkpoint is stored as `tokenizer.model` (SentencePiece: LLaMA, T5) or
 `tokenizer.json` (`tokenizers`: GPT-2, BERT), and every HF tokenizer file is kept in
-`hf_tokenizer/` for the export.
+`hf_tokenizer/` for the export. Exporting a run trained here writes its SentencePiece
+model as HF tokenizer files (`llmjax.data.spm_to_hf`) and its bos/eos/pad ids into
+`config.json`, so transformers' `generate` continues a prompt as `llmjax generate` does.
 """
 
 import dataclasses
@@ -117,14 +119,26 @@ def workdir_to_hf(workdir: str, hf_dir: str, *, step: int | None = None,
   ckpt.close()
   cfg = TransformerConfig(**meta["model_config"])
   model_type = model_type or meta.get("hf_model_type") or infer_model_type(cfg)
-  extra = {}
-  hf_tok = os.path.join(workdir, HF_TOKENIZER_DIR)
-  if os.path.isdir(hf_tok):
-    extra = {n: _read(os.path.join(hf_tok, n)) for n in sorted(os.listdir(hf_tok))}
-  elif os.path.isfile(os.path.join(workdir, JSON_FILE)):
-    extra = {JSON_FILE: _read(os.path.join(workdir, JSON_FILE))}
+  extra, ids = _tokenizer_files(workdir, meta, cfg)
   base = meta.get("hf_config") if meta.get("hf_model_type") == model_type else None
-  export_hf(hf_dir, cfg, params, model_type=model_type, base_config=base,
+  export_hf(hf_dir, cfg, params, model_type=model_type, base_config={**ids, **(base or {})},
             max_shard_bytes=max_shard_bytes, extra_files=extra)
   log(f"exported {model_type} from {workdir} to {hf_dir}")
   return cfg
+
+
+def _tokenizer_files(workdir: str, meta: dict, cfg: TransformerConfig):
+  """(HF tokenizer files, token ids for config.json) for an export of `workdir`.
+
+  An imported run gives back the files it came with; a run trained here converts its
+  SentencePiece model (`llmjax.data.spm_to_hf`) and names its bos/eos/pad ids."""
+  from llmjax.data import hf_tokenizer, spm_to_hf
+  hf_tok = os.path.join(workdir, HF_TOKENIZER_DIR)
+  if os.path.isdir(hf_tok):
+    return {n: _read(os.path.join(hf_tok, n)) for n in sorted(os.listdir(hf_tok))}, {}
+  if os.path.isfile(os.path.join(workdir, JSON_FILE)):
+    return {JSON_FILE: _read(os.path.join(workdir, JSON_FILE))}, {}
+  data = ckpt_lib.decode_bytes(meta["tokenizer"]) if meta.get("tokenizer") else None
+  if data is None or hf_tokenizer.is_tokenizer_json(data):
+    return ({JSON_FILE: data} if data else {}), {}
+  return spm_to_hf.hf_tokenizer_files(data, cfg.max_len), spm_to_hf.special_ids(data)
