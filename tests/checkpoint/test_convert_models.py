@@ -55,6 +55,11 @@ def _hf_model(name):
       return T.MistralForCausalLM(T.MistralConfig(**shape, tie_word_embeddings=False))
     return T.Qwen2ForCausalLM(T.Qwen2Config(**shape, use_sliding_window=True,
                                             max_window_layers=0, tie_word_embeddings=True))
+  if name == "gemma":  # GeGLU, sqrt(D)-scaled embeddings, RMSNorm by 1 + weight, tied
+    cfg = T.GemmaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                        num_key_value_heads=1, head_dim=32, intermediate_size=96, vocab_size=V,
+                        max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+    return T.GemmaForCausalLM(cfg)
   if name == "t5v1":  # T5 v1.0: ReLU MLP, tied head over outputs scaled by d_model**-0.5
     cfg = T.T5Config(num_layers=2, d_model=64, d_kv=16, num_heads=4, d_ff=96, vocab_size=V,
                      feed_forward_proj="relu", relative_attention_num_buckets=8,
@@ -125,7 +130,8 @@ def _max_diff(a, b, valid):
                                        ("bert", False), ("llama3", True),
                                        ("llama-linear", False), ("llama-yarn", True),
                                        ("llama-dynamic", False), ("mistral", True),
-                                       ("qwen2", False), ("t5v1", False)])
+                                       ("qwen2", False), ("t5v1", False),
+                                       ("gemma", True)])
 def test_import_export_parity(name, scan, tmp_path):
   hf = _randomize(_hf_model(name))
   hf.save_pretrained(tmp_path / "hf")
@@ -158,7 +164,7 @@ def _hf_greedy(model, prompt, n):
   return ids[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "mistral", "qwen2", "gemma"])
 def test_greedy_generation_matches(name, tmp_path):
   from llmjax.decode.generate import generate
   from llmjax.decode.sampling import SamplingConfig

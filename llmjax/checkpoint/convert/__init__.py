@@ -1,11 +1,12 @@
-"""Hugging Face checkpoint import and export (GPT-2, LLaMA, Mistral, Qwen2, BERT, T5).
+"""Hugging Face checkpoint import and export (GPT-2, LLaMA, Mistral, Qwen2, Gemma, BERT,
+T5).
 
   cfg, params, hf_config = import_hf(hf_dir)             # config.json + *.safetensors
   export_hf(hf_dir, cfg, params)                         # a folder `from_pretrained` loads
   hf_to_workdir(hf_dir, workdir); workdir_to_hf(workdir, hf_dir)   # `llmjax convert`
 
-Each architecture module (`gpt2`, `llama` (also Mistral, Qwen2), `bert`, `t5`) maps `config.json` to a
-`TransformerConfig` and tensor names to the unscanned parameter tree (`layers_i`);
+Each architecture module (`gpt2`, `llama` (also Mistral, Qwen2, Gemma), `bert`, `t5`)
+maps `config.json` to a `TransformerConfig` and tensor names to the unscanned parameter tree (`layers_i`);
 `stack_layers` gives the scanned layout when `config.scan_layers`. Every import is
 checked against the shapes `Transformer(cfg).init` would create, so a mapping error
 fails loudly instead of loading garbage. Parameters are float32 (`param_dtype`).

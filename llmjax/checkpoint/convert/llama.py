@@ -1,5 +1,5 @@
 """LLaMA (Touvron et al. 2023) and its kin <-> llmjax: HF `LlamaForCausalLM`,
-`MistralForCausalLM` and `Qwen2ForCausalLM` folders.
+`MistralForCausalLM`, `Qwen2ForCausalLM` and `GemmaForCausalLM` folders.
 
 RoPE (rotate-half layout, the same as llmjax's, so q/k need no permutation; scaling
 'linear', 'llama3', 'yarn', 'dynamic'), RMSNorm, SwiGLU (`gate_proj` is the activated gate
@@ -7,7 +7,10 @@ RoPE (rotate-half layout, the same as llmjax's, so q/k need no permutation; scal
 attention, untied `lm_head` unless `tie_word_embeddings`. The three share tensor names;
 they differ in config: Mistral adds a sliding attention window (`sliding_window`), Qwen2
 has q/k/v biases without o/MLP biases (`qkv_bias=True, use_bias=False`) and a sliding
-window only when every layer uses it (mixed layers are refused).
+window only when every layer uses it (mixed layers are refused); Gemma (1) gates with
+tanh GELU (`geglu`), scales the embeddings by sqrt(D), ties the head, and its RMSNorm
+multiplies by 1 + weight (imported as `scale = 1 + weight`, exported as `scale - 1`).
+Gemma 2/3 (soft-capping, alternating windows, extra norms) are refused.
 """
 
 import numpy as np
@@ -23,9 +26,11 @@ from llmjax.checkpoint.convert.common import (
 )
 from llmjax.models.config import TransformerConfig
 
-MODEL_TYPES = ("llama", "mistral", "qwen2")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma")
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                  "qwen2": "Qwen2ForCausalLM"}
+                  "qwen2": "Qwen2ForCausalLM", "gemma": "GemmaForCausalLM"}
+_ACTIVATIONS = {"llama": ("silu", "swiglu"), "mistral": ("silu", "swiglu"),
+                "qwen2": ("silu", "swiglu"), "gemma": ("gelu_pytorch_tanh", "geglu")}
 _SCALINGS = ("linear", "llama3", "yarn", "dynamic")
 _PROJ = (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value"))
 _MLP = (("gate_proj", "wi_0"), ("up_proj", "wi_1"), ("down_proj", "wo"))
@@ -92,7 +97,7 @@ def _biases(hf: dict, model_type: str) -> dict:
 
 
 def _sliding_window(hf: dict, model_type: str) -> int:
-  if model_type == "llama":
+  if model_type in ("llama", "gemma"):
     return 0
   kinds = set(hf.get("layer_types") or ())
   if model_type == "qwen2" and not hf.get("use_sliding_window"):
@@ -109,9 +114,10 @@ def _sliding_window(hf: dict, model_type: str) -> int:
 def config_from_hf(hf: dict, tensors: dict | None = None) -> TransformerConfig:
   del tensors  # the config alone decides
   model_type = hf.get("model_type", "llama")
-  if hf.get("hidden_act", "silu") != "silu":
-    raise unsupported(model_type, "hidden_act", hf["hidden_act"],
-                      "only silu (SwiGLU) is mapped.")
+  act, ours = _ACTIVATIONS[model_type]
+  if hf.get("hidden_act", act) not in (act, "gelu" if model_type == "gemma" else act):
+    raise unsupported(model_type, "hidden_act", hf["hidden_act"], f"only {act} is mapped.")
+  gemma = model_type == "gemma"
   d, n = hf["hidden_size"], hf["num_attention_heads"]
   return TransformerConfig(
       arch="decoder_only", vocab_size=hf["vocab_size"], embed_dim=d,
@@ -119,9 +125,9 @@ def config_from_hf(hf: dict, tensors: dict | None = None) -> TransformerConfig:
       num_kv_heads=hf.get("num_key_value_heads") or n, head_dim=hf.get("head_dim") or d // n,
       mlp_dim=hf["intermediate_size"], max_len=hf.get("max_position_embeddings", 2048),
       position="rope", **_rope(hf, model_type), norm="rmsnorm", norm_position="pre",
-      norm_eps=hf.get("rms_norm_eps", 1e-6), activation="swiglu", **_biases(hf, model_type),
-      sliding_window=_sliding_window(hf, model_type),
-      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      norm_eps=hf.get("rms_norm_eps", 1e-6), activation=ours, **_biases(hf, model_type),
+      sliding_window=_sliding_window(hf, model_type), scale_embeddings=gemma,
+      tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
       init_std=hf.get("initializer_range", 0.02))
 
 
@@ -135,8 +141,10 @@ def _maybe_bias(t, name, shape=None):
 def params_from_hf(t: Tensors, cfg: TransformerConfig) -> dict:
   """Unscanned llmjax params from `model.*` / `lm_head.weight` tensors."""
   p = "model." if "model.embed_tokens.weight" in t else ""
+  offset = 1.0 if _is_gemma(cfg) else 0.0
+  norm = lambda name: {"scale": t(name) + np.float32(offset)}
   heads = {"query": cfg.num_heads, "key": cfg.num_kv_heads, "value": cfg.num_kv_heads}
-  decoder = {"final_norm": {"scale": t(f"{p}norm.weight")}}
+  decoder = {"final_norm": norm(f"{p}norm.weight")}
   for i in range(cfg.num_layers):
     h = f"{p}layers.{i}."
     attention = {ours: {"kernel": split_heads_in(linear(t(f"{h}self_attn.{hf}.weight")),
@@ -147,8 +155,8 @@ def params_from_hf(t: Tensors, cfg: TransformerConfig) -> dict:
                                                   cfg.num_heads),
                         **_maybe_bias(t, f"{h}self_attn.o_proj")}
     decoder[f"layers_{i}"] = {
-        "attention_norm": {"scale": t(f"{h}input_layernorm.weight")}, "attention": attention,
-        "mlp_norm": {"scale": t(f"{h}post_attention_layernorm.weight")},
+        "attention_norm": norm(f"{h}input_layernorm.weight"), "attention": attention,
+        "mlp_norm": norm(f"{h}post_attention_layernorm.weight"),
         "mlp": {ours: {"kernel": linear(t(f"{h}mlp.{hf}.weight")), **_maybe_bias(t, f"{h}mlp.{hf}")}
                 for hf, ours in _MLP}}
   params = {"embed": {"embedding": t(f"{p}embed_tokens.weight")}, "decoder": decoder}
@@ -157,8 +165,15 @@ def params_from_hf(t: Tensors, cfg: TransformerConfig) -> dict:
   return params
 
 
+def _is_gemma(cfg: TransformerConfig) -> bool:
+  return cfg.activation == "geglu" and cfg.scale_embeddings
+
+
 def infer_model_type(cfg: TransformerConfig) -> str:
-  """The one of MODEL_TYPES that holds `cfg` (qkv-only biases: qwen2; a window: mistral)."""
+  """The one of MODEL_TYPES that holds `cfg` (qkv-only biases: qwen2; a window: mistral;
+  GeGLU with scaled embeddings: gemma)."""
+  if _is_gemma(cfg):
+    return "gemma"
   if cfg.qkv_bias and not cfg.use_bias:
     return "qwen2"
   return "mistral" if cfg.sliding_window else "llama"
@@ -166,13 +181,18 @@ def infer_model_type(cfg: TransformerConfig) -> str:
 
 def config_to_hf(cfg: TransformerConfig, base: dict) -> dict:
   model_type = base.get("model_type") or infer_model_type(cfg)
+  act, ours = _ACTIVATIONS[model_type]
   if (cfg.arch, cfg.position, cfg.norm, cfg.norm_position, cfg.activation) != (
-      "decoder_only", "rope", "rmsnorm", "pre", "swiglu") or cfg.query_scale is not None:
+      "decoder_only", "rope", "rmsnorm", "pre", ours) or cfg.query_scale is not None \
+      or cfg.logits_scale != 1.0 or cfg.scale_embeddings != (model_type == "gemma"):
     raise unsupported(model_type, "this llmjax config", "(not LLaMA shaped)",
-                      "LLaMA needs rope, rmsnorm, pre-norm and swiglu.")
+                      f"{model_type} needs rope, rmsnorm, pre-norm and {ours}"
+                      + (", scaled embeddings." if model_type == "gemma" else "."))
   fits = {"llama": cfg.qkv_bias == cfg.use_bias and not cfg.sliding_window,
           "mistral": not cfg.qkv_bias and not cfg.use_bias,
-          "qwen2": cfg.qkv_bias and not cfg.use_bias}[model_type]
+          "qwen2": cfg.qkv_bias and not cfg.use_bias,
+          "gemma": not (cfg.qkv_bias or cfg.use_bias or cfg.sliding_window)
+          and cfg.tie_embeddings}[model_type]
   if not fits:
     raise unsupported(model_type, "biases/sliding_window", (cfg.qkv_bias, cfg.use_bias,
                       cfg.sliding_window), f"export as {infer_model_type(cfg)!r} instead.")
@@ -184,11 +204,13 @@ def config_to_hf(cfg: TransformerConfig, base: dict) -> dict:
          "intermediate_size": cfg.mlp_dim, "max_position_embeddings": cfg.max_len,
          "rope_parameters": _rope_to_hf(cfg),
          "rope_theta": cfg.rope_theta,  # transformers 4.x reads this one
-         "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
+         "rms_norm_eps": cfg.norm_eps, "hidden_act": act,
          "tie_word_embeddings": cfg.tie_embeddings}
+  if model_type in ("llama", "gemma"):
+    out.update(attention_bias=cfg.use_bias)
   if model_type == "llama":
-    out.update(attention_bias=cfg.use_bias, mlp_bias=cfg.use_bias)
-  else:
+    out["mlp_bias"] = cfg.use_bias
+  elif model_type != "gemma":
     out["sliding_window"] = cfg.sliding_window or None
   if model_type == "qwen2":
     kind = "sliding_attention" if cfg.sliding_window else "full_attention"
@@ -199,8 +221,9 @@ def config_to_hf(cfg: TransformerConfig, base: dict) -> dict:
 
 def params_to_hf(params: dict, cfg: TransformerConfig) -> dict[str, np.ndarray]:
   dec = params["decoder"]
+  offset = np.float32(1.0 if _is_gemma(cfg) else 0.0)  # Gemma stores weight = scale - 1
   out = {"model.embed_tokens.weight": params["embed"]["embedding"],
-         "model.norm.weight": dec["final_norm"]["scale"]}
+         "model.norm.weight": dec["final_norm"]["scale"] - offset}
   for i in range(cfg.num_layers):
     layer, h = dec[f"layers_{i}"], f"model.layers.{i}."
     att = layer["attention"]
@@ -211,8 +234,8 @@ def params_to_hf(params: dict, cfg: TransformerConfig) -> dict[str, np.ndarray]:
     out[f"{h}self_attn.o_proj.weight"] = merge_heads_out(att["out"]["kernel"]).T
     if "bias" in att["out"]:
       out[f"{h}self_attn.o_proj.bias"] = att["out"]["bias"]
-    out[f"{h}input_layernorm.weight"] = layer["attention_norm"]["scale"]
-    out[f"{h}post_attention_layernorm.weight"] = layer["mlp_norm"]["scale"]
+    out[f"{h}input_layernorm.weight"] = layer["attention_norm"]["scale"] - offset
+    out[f"{h}post_attention_layernorm.weight"] = layer["mlp_norm"]["scale"] - offset
     for hf, ours in _MLP:
       out[f"{h}mlp.{hf}.weight"] = layer["mlp"][ours]["kernel"].T
       if "bias" in layer["mlp"][ours]:
