@@ -125,10 +125,12 @@ def run(args):
   from llmjax.eval import harness
   from llmjax.models.config import TransformerConfig
   from llmjax.models.transformer import Transformer
+  from llmjax.peft import model as peft_model
 
   ckpt = ckpt_lib.CheckpointManager(os.path.join(args.workdir, "checkpoints"))
   params, meta = ckpt.restore_params(args.step)
   model = Transformer(TransformerConfig(**meta["model_config"]))
+  params = peft_model.merged_params(model, params, meta)  # LoRA runs decode merged
   if args.tokenizer:
     tokenizer = tokenizer_lib.load_any(args.tokenizer)
   elif meta.get("tokenizer"):

@@ -27,7 +27,10 @@ def run(args):
   from llmjax.commands import generate
   rt = result.runtime
   print(f"\n--- sample (prompt {rt.sample_prompt!r}, {rt.sample_tokens} tokens) ---")
-  generate.sample_and_print(result.model, result.state.params, result.tokenizer, rt.sample_prompt,
+  model, params = result.model, result.state.params
+  if hasattr(model, "merged"):  # a PeftModel: sample from the base with adapters folded in
+    model, params = model.merged(params)
+  generate.sample_and_print(model, params, result.tokenizer, rt.sample_prompt,
                             max_new_tokens=rt.sample_tokens, temperature=rt.sample_temperature,
                             seed=result.config.seed, stream=sys.stdout)
   return 0

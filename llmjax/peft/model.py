@@ -13,6 +13,7 @@ the base `Transformer`'s.
 """
 
 import contextlib
+import dataclasses
 from collections.abc import Sequence
 
 import jax
@@ -108,3 +109,30 @@ def equations(base: Transformer, *init_args, **init_kwargs) -> dict[str, str]:
 def wrap(net: Transformer, configs: Sequence):
   """`net` itself when there is no PEFT config, else a `PeftModel`."""
   return PeftModel(net, configs) if configs else net
+
+
+def to_meta(configs: Sequence) -> list[dict]:
+  """The configs as checkpoint metadata (`meta['peft']`)."""
+  return [{"method": "lora", **dataclasses.asdict(c)} for c in configs]
+
+
+def from_meta(entries) -> list:
+  out = []
+  for entry in entries or ():
+    entry = dict(entry)
+    if entry.pop("method", None) != "lora":
+      raise UserError(f"unknown PEFT method in checkpoint metadata: {entry}")
+    out.append(lora_lib.LoraConfig(**entry))
+  return out
+
+
+def merged_params(model: Transformer, params, meta: dict):
+  """`params` of a checkpoint with its adapters (`meta['peft']`) folded in, for a plain
+  `Transformer` (generation, export); `params` unchanged when it has none."""
+  configs = from_meta(meta.get("peft"))
+  return PeftModel(model, configs).merged(params)[1] if configs else params
+
+
+def trainable_pattern(configs: Sequence) -> str | None:
+  """The `OptimizerConfig.trainable` regex of the configs' adapters (None: no configs)."""
+  return "|".join(f"(?:{c.trainable})" for c in configs) if configs else None

@@ -21,6 +21,7 @@ from llmjax.models.transformer import Transformer
 from llmjax.objectives.lm import CausalLM
 from llmjax.objectives.protocol import Objective
 from llmjax.optim.optimizers import OptimizerConfig
+from llmjax.peft import model as peft_lib
 from llmjax.scaling import counts
 from llmjax.sharding import mesh as mesh_lib
 from llmjax.sharding import partition
@@ -93,16 +94,24 @@ class Setup(NamedTuple):
 def train(workdir: str, *, model: TransformerConfig | None = None, data,
           tokenizer: inputs.TokenizerSpec, optimizer: OptimizerConfig | None = None,
           objective: Objective | None = None, config: TrainConfig | None = None,
-          operative_config: str = "", peak_flops: float = DEFAULT_PEAK_FLOPS, log=print):
+          operative_config: str = "", peak_flops: float = DEFAULT_PEAK_FLOPS, log=print,
+          peft=()):
   """Trains `model` on `data` in `workdir`, resuming from its latest checkpoint if any.
+
+  `peft`: adapter configs (`llmjax.peft`, e.g. `[LoraConfig(...)]`); then only the
+  adapters train (unless `optimizer.trainable` says otherwise) and the network is a
+  `PeftModel` (TrainResult.model; `merged(params)` gives a plain Transformer).
 
   Returns a TrainResult (final state, the network, the tokenizer, the loop config).
   Writes metrics.jsonl, TensorBoard events, checkpoints, the tokenizer, and
   loss_curve.png into `workdir`. `peak_flops` (per device) is MFU's denominator.
   """
   objective, config = objective or CausalLM(), config or TrainConfig()
-  s = setup(os.path.abspath(workdir), model, data, tokenizer, optimizer or OptimizerConfig(),
-            objective, config, operative_config, log)
+  optimizer = optimizer or OptimizerConfig()
+  if peft and optimizer.trainable is None:
+    optimizer = dataclasses.replace(optimizer, trainable=peft_lib.trainable_pattern(peft))
+  s = setup(os.path.abspath(workdir), model, data, tokenizer, optimizer, objective, config,
+            operative_config, log, tuple(peft))
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
     state = StepLoop(s, config, s.flops_per_step / (peak_flops * jax.device_count()),
                      log).run()
@@ -115,7 +124,7 @@ def train(workdir: str, *, model: TransformerConfig | None = None, data,
 
 
 def setup(workdir, model, data, tokenizer, optimizer, objective, config, operative_config,
-          log) -> Setup:
+          log, peft=()) -> Setup:
   """Mesh, tokenizer, data, sharded state (restored or warm-started), compiled steps."""
   resume.check_workdir(workdir)
   if config.on_nonfinite not in ("halt", "skip"):
@@ -129,7 +138,7 @@ def setup(workdir, model, data, tokenizer, optimizer, objective, config, operati
   tok = inputs.resolve_tokenizer(tokenizer, workdir, data.dataset, data.data_dir,
                                  data.text_key, log=log, input_dir=data.input_dir)
   model_cfg = _model_config(model, source, tok, config.pad_vocab_to_multiple, data)
-  net = Transformer(model_cfg)
+  net = peft_lib.wrap(Transformer(model_cfg), peft)
   train_iter, make_eval_iter = _build_data(data, tok, objective, config)
   tx, schedule = optimizer.make(config.num_steps)
   init_inputs = objective.init_inputs(data.lengths())
@@ -143,10 +152,11 @@ def setup(workdir, model, data, tokenizer, optimizer, objective, config, operati
                                     keep=config.keep_checkpoints, cleanup_tmp=True)
   state, log_state = resume.restore(ckpt, state, shardings, train_iter, model_cfg, log, tok)
   if source is not None and ckpt.latest_step() is None:
-    state = _warm_start(state, shardings, source, objective, log)
+    state = _warm_start(state, shardings, source, objective, log, fresh=optimizer.trainable)
   resume.write_operative_config(workdir, operative_config)
   meta = {"model_config": dataclasses.asdict(model_cfg), "operative_config": operative_config,
-          "tokenizer": ckpt_lib.encode_bytes(tok.serialized()), "num_params": num_params}
+          "tokenizer": ckpt_lib.encode_bytes(tok.serialized()), "num_params": num_params,
+          **({"peft": peft_lib.to_meta(peft)} if peft else {})}
   batch_sharding = partition.batch_sharding(mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     train_step = jax.jit(
@@ -185,9 +195,10 @@ def _model_config(model, source, tok, multiple, data) -> TransformerConfig:
   return model_cfg
 
 
-def _warm_start(state, shardings, source, objective, log):
-  """A fresh run's parameters from `source`; the objective's frozen trees from them."""
-  params = warm_start.restore_params(source, state.params, shardings.params)
+def _warm_start(state, shardings, source, objective, log, fresh=None):
+  """A fresh run's parameters from `source`; the objective's frozen trees from them.
+  Parameters the source lacks that match `fresh` (new adapters) keep their init."""
+  params = warm_start.restore_params(source, state.params, shardings.params, fresh=fresh)
   frozen = jax.jit(objective.frozen_trees, out_shardings=shardings.frozen)(params)
   log(f"initialized parameters from {source.workdir} (step {source.step})")
   return state.replace(params=params, frozen=frozen)

@@ -54,11 +54,12 @@ def register_configurables():
   from llmjax.models.config import TransformerConfig
   from llmjax.objectives.lm import CausalLM
   from llmjax.optim.optimizers import OptimizerConfig
+  from llmjax.peft.lora import LoraConfig
   from llmjax.train.inputs import TokenizerSpec
   from llmjax.train.loop import TrainConfig
 
   for cls in (TransformerConfig, DataConfig, TokenizerSpec, OptimizerConfig, TrainConfig,
-              RuntimeConfig, CausalLM):
+              RuntimeConfig, CausalLM, LoraConfig):
     gin.external_configurable(cls, module="llmjax")
   gin.external_configurable(presets.get_preset, module="llmjax")
   from llmjax.objectives import classification, mlm, seq2seq, span_corruption
@@ -127,20 +128,22 @@ def _check_required(cfg):
 
 @gin.configurable(module="llmjax")
 def train(workdir=gin.REQUIRED, model=gin.REQUIRED, data=gin.REQUIRED, tokenizer=gin.REQUIRED,
-          optimizer=None, objective=None, config=None, runtime=None):
-  """The configurable training entry: builds what gin says and runs `loop.train`."""
+          optimizer=None, objective=None, config=None, runtime=None, peft=()):
+  """The configurable training entry: builds what gin says and runs `loop.train`.
+  `peft`: a list of adapter configs (`train.peft = [@LoraConfig()]`, gin_configs/peft/)."""
   from llmjax.train import host_memory, loop
   from llmjax.validation import check_types
 
   runtime = runtime or RuntimeConfig()
-  for cfg in (model, data, tokenizer, optimizer, objective, config, runtime):
+  peft = list(peft or ())
+  for cfg in (model, data, tokenizer, optimizer, objective, config, runtime, *peft):
     _check_required(cfg)
     check_types(cfg)
   host_memory.configure(runtime.host_malloc)  # before the first jax computation
   result = loop.train(workdir, model=model, data=data, tokenizer=tokenizer,
                       optimizer=optimizer, objective=objective, config=config,
                       operative_config=gin.operative_config_str(),
-                      peak_flops=runtime.peak_flops)
+                      peak_flops=runtime.peak_flops, peft=peft)
   return result._replace(runtime=runtime)
 
 

@@ -14,6 +14,7 @@ Scanned and unscanned layer layouts convert into each other, so a model imported
 
 import dataclasses
 import os
+import re
 
 import jax
 import numpy as np
@@ -57,6 +58,19 @@ def load(workdir: str) -> Source:
   return Source(workdir, step, model_config, tokenizer_path)
 
 
+def _strip(tree, fresh):
+  """`tree` without the leaves whose path matches `fresh` (and dicts left empty)."""
+  if fresh is None:
+    return tree
+  def keep(node, path):
+    if not isinstance(node, dict):
+      return node if re.search(fresh, path) is None else None
+    kept = {k: keep(v, f"{path}/{k}") for k, v in node.items()}
+    kept = {k: v for k, v in kept.items() if v is not None}
+    return kept or None
+  return keep(tree, "") or {}
+
+
 def _shapes(tree):
   return jax.tree.map(lambda a: tuple(a.shape), tree)
 
@@ -72,15 +86,33 @@ def _match_layout(params, like):
   return params
 
 
-def restore_params(source: Source, like, shardings):
-  """The source's parameters, shaped and sharded like `like` (the fresh run's params)."""
+def _graft(params, like, fresh):
+  """`params` plus the leaves of `like` it lacks whose path matches regex `fresh` (the
+  new run's adapters: the source has none)."""
+  if fresh is None or not isinstance(like, dict) or not isinstance(params, dict):
+    return params
+  out = dict(params)
+  for key, value in like.items():
+    if key in params:
+      out[key] = _graft(params[key], value, fresh)
+    elif any(re.search(fresh, "/" + jax.tree_util.keystr(p, simple=True, separator="/"))
+             for p, _ in jax.tree_util.tree_flatten_with_path({key: value})[0]):
+      out[key] = value
+  return out
+
+
+def restore_params(source: Source, like, shardings, fresh: str | None = None):
+  """The source's parameters, shaped and sharded like `like` (the fresh run's params);
+  leaves of `like` the source lacks and whose path matches regex `fresh` keep `like`'s."""
   ckpt = ckpt_lib.CheckpointManager(os.path.join(source.workdir, "checkpoints"),
                                     async_save=False)
   try:
     params, _ = ckpt.restore_params(source.step)
   finally:
     ckpt.close()
-  params = _match_layout(jax.tree.map(np.asarray, params), like)
+  bare = _strip(like, fresh)
+  params = _match_layout(jax.tree.map(np.asarray, params), bare)
+  params = _graft(params, like, fresh)
   if _shapes(params) != _shapes(like):
     got = dict(jax.tree_util.tree_flatten_with_path(_shapes(params))[0])
     want = dict(jax.tree_util.tree_flatten_with_path(_shapes(like))[0])

@@ -118,6 +118,9 @@ def workdir_to_hf(workdir: str, hf_dir: str, *, step: int | None = None,
   params, meta = ckpt.restore_params(step)
   ckpt.close()
   cfg = TransformerConfig(**meta["model_config"])
+  from llmjax.models.transformer import Transformer
+  from llmjax.peft import model as peft_model
+  params = peft_model.merged_params(Transformer(cfg), params, meta)  # adapters folded in
   model_type = model_type or meta.get("hf_model_type") or infer_model_type(cfg)
   extra, ids = _tokenizer_files(workdir, meta, cfg)
   base = meta.get("hf_config") if meta.get("hf_model_type") == model_type else None
