@@ -38,8 +38,10 @@ def _meta_checker(ckpt, model_cfg, tok):
           f"{ckpt.directory} was trained with (its embedding has {saved.get('vocab_size')} "
           "rows); put the run's original tokenizer.model back into the workdir (a copy is "
           "in every checkpoint's meta) or use a new --workdir.")
-    # A field added after the checkpoint was written is read as its default.
-    saved = {**defaults, **saved} if saved else saved
+    # A field added after the checkpoint was written is read as its default, derived from
+    # the saved fields where the default is derived (qkv_bias follows use_bias).
+    if saved and set(defaults) - set(saved):
+      saved = _with_new_fields(type(model_cfg), saved, defaults)
     if saved and any(saved.get(k) != v for k, v in want.items()):
       diff = {k: (saved.get(k), v) for k, v in want.items() if saved.get(k) != v}
       raise UserError(f"the checkpoint in {ckpt.directory} was trained with a different "
@@ -47,6 +49,13 @@ def _meta_checker(ckpt, model_cfg, tok):
                       "--workdir or restore the original config.")
 
   return check
+
+
+def _with_new_fields(config_cls, saved, defaults):
+  try:
+    return dataclasses.asdict(config_cls(**{k: v for k, v in saved.items() if k in defaults}))
+  except (UserError, TypeError, ValueError):
+    return {**defaults, **saved}
 
 
 def restore(ckpt, state, shardings, train_iter, model_cfg, log, tok=None):
