@@ -17,6 +17,7 @@ COMMANDS = {
     "train": ("llmjax.commands.train", "train a model from gin configs"),
     "generate": ("llmjax.commands.generate", "sample from a trained checkpoint"),
     "convert": ("llmjax.commands.convert", "import/export Hugging Face checkpoints"),
+    "peft": ("llmjax.commands.peft", "merge, export and import fine-tuning adapters"),
     "memory": ("llmjax.commands.memory", "training memory per device for each sharding"),
 }
 

@@ -156,7 +156,8 @@ def setup(workdir, model, data, tokenizer, optimizer, objective, config, operati
   resume.write_operative_config(workdir, operative_config)
   meta = {"model_config": dataclasses.asdict(model_cfg), "operative_config": operative_config,
           "tokenizer": ckpt_lib.encode_bytes(tok.serialized()), "num_params": num_params,
-          **({"peft": peft_lib.to_meta(peft)} if peft else {})}
+          **({"peft": peft_lib.to_meta(peft)} if peft else {}),
+          **({"init_from": os.path.abspath(config.init_from)} if config.init_from else {})}
   batch_sharding = partition.batch_sharding(mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     train_step = jax.jit(

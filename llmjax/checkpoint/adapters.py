@@ -1,0 +1,216 @@
+"""Adapters as files of their own, and the workdir operations of `llmjax peft`.
+
+A fine-tuning run's checkpoint holds the base parameters and its adapters together
+(`meta['peft']` names the adapter configs). Besides that full checkpoint:
+
+  save_adapter(workdir, dir)        an adapter-only Orbax checkpoint: the adapter leaves
+                                    (kilobytes), their configs, and the base's identity --
+                                    its model config and a fingerprint (SHA-256 over every
+                                    base array's path, shape, dtype and bytes)
+  apply_adapter(dir, base, out)     a new workdir: `base`'s parameters + the adapter, after
+                                    checking the base is the one the adapter was trained on
+  merge_workdir(workdir, out)       a new workdir with every mergeable adapter folded into
+                                    the kernels: a plain model for decoding and export
+  export_peft(workdir, dir)         a LoRA/DoRA adapter as a Hugging Face PEFT folder
+  import_peft(dir, base, out)       such a folder onto an imported base (`convert --from_hf`)
+
+New workdirs look like converted ones (`checkpoints/0`, no optimizer state, the
+tokenizer files copied), so `llmjax generate`, `convert --to_hf` and
+`TrainConfig.init_from` read them.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from llmjax.checkpoint import manager as ckpt_lib
+from llmjax.errors import UserError
+from llmjax.models.config import TransformerConfig
+
+_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+_TOKENIZER_DIRS = ("hf_tokenizer",)
+
+
+def _restore(workdir: str, step: int | None = None):
+  ckpt = ckpt_lib.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"))
+  try:
+    params, meta = ckpt.restore_params(step)
+  finally:
+    ckpt.close()
+  return jax.tree.map(np.asarray, jax.device_get(params)), meta
+
+
+def _write(out: str, params, meta: dict, source_workdir: str, log):
+  out = os.path.abspath(out)
+  ckpt_dir = os.path.join(out, "checkpoints")
+  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+    raise UserError(f"{out} already holds checkpoints; pass a new --output (nothing was "
+                    "written).")
+  os.makedirs(out, exist_ok=True)
+  ckpt = ckpt_lib.CheckpointManager(ckpt_dir, async_save=False)
+  ckpt.save(0, {"params": params}, {}, meta, force=True)
+  ckpt.close()
+  for name in _TOKENIZER_FILES:
+    if os.path.isfile(os.path.join(source_workdir, name)):
+      shutil.copyfile(os.path.join(source_workdir, name), os.path.join(out, name))
+  for name in _TOKENIZER_DIRS:
+    if os.path.isdir(os.path.join(source_workdir, name)):
+      shutil.copytree(os.path.join(source_workdir, name), os.path.join(out, name),
+                      dirs_exist_ok=True)
+  log(f"wrote {out}")
+
+
+def _configs(meta):
+  from llmjax.peft import model as peft_model
+  configs = peft_model.from_meta(meta.get("peft"))
+  if not configs:
+    raise UserError("this checkpoint has no adapters (meta['peft'] is empty): train with "
+                    "gin_configs/peft/*.gin, or pass the fine-tuned run's --workdir.")
+  return configs
+
+
+def split_adapters(params, configs) -> tuple[dict, dict]:
+  """`(base params, adapter params)`: the leaves the configs' trainable regex selects."""
+  from llmjax.peft import model as peft_model
+  regex = re.compile(peft_model.trainable_pattern(configs))
+  flat = traverse_util.flatten_dict(params)
+  adapter = {k: v for k, v in flat.items() if regex.search("/" + "/".join(k))}
+  base = {k: v for k, v in flat.items() if k not in adapter}
+  return traverse_util.unflatten_dict(base), traverse_util.unflatten_dict(adapter)
+
+
+def fingerprint(params) -> str:
+  """SHA-256 over every array's path, shape, dtype and bytes (sorted by path)."""
+  digest = hashlib.sha256()
+  for key, value in sorted(traverse_util.flatten_dict(params).items()):
+    value = np.ascontiguousarray(value)
+    digest.update(f"{'/'.join(key)}:{value.shape}:{value.dtype};".encode())
+    digest.update(value.tobytes())
+  return digest.hexdigest()
+
+
+def save_adapter(workdir: str, out: str, *, step: int | None = None, log=print) -> int:
+  """Writes the adapters of `workdir`'s checkpoint as an adapter-only checkpoint in `out`;
+  returns its size in bytes."""
+  params, meta = _restore(workdir, step)
+  configs = _configs(meta)
+  base, adapter = split_adapters(params, configs)
+  cfg = dataclasses.asdict(TransformerConfig(**meta["model_config"]))
+  adapter_meta = {"peft": meta["peft"], "base_model_config": json.loads(json.dumps(cfg)),
+                  "base_fingerprint": fingerprint(base),
+                  "base_workdir": meta.get("init_from") or os.path.abspath(workdir),
+                  "adapter_only": True}
+  ckpt = ckpt_lib.CheckpointManager(os.path.abspath(out), async_save=False)
+  if ckpt.latest_step() is not None:
+    ckpt.close()
+    raise UserError(f"{out} already holds a checkpoint; pass a new --output.")
+  ckpt.save(0, {"params": adapter}, {}, adapter_meta, force=True)
+  ckpt.close()
+  size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
+  log(f"wrote the adapters {[c.name for c in configs]} ({size / 1024:.1f} KiB) to {out}")
+  return size
+
+
+def load_adapter(adapter_dir: str, base_params, base_config: TransformerConfig,
+                 base_name: str = "the base"):
+  """`(params with the adapters, meta['peft'])`; a UserError naming both bases when
+  `base_params` is not the base the adapter was trained on."""
+  adapter, meta = _restore_adapter(adapter_dir)
+  got = fingerprint(base_params)
+  same_config = meta["base_model_config"] == json.loads(json.dumps(
+      dataclasses.asdict(base_config)))
+  if not same_config or got != meta["base_fingerprint"]:
+    raise UserError(
+        f"the adapter in {adapter_dir} was trained on the base {meta.get('base_workdir')} "
+        f"(fingerprint {meta['base_fingerprint'][:12]}), not on {base_name} (fingerprint "
+        f"{got[:12]}{'' if same_config else ', another model config'}); apply it to the "
+        "base it was trained on.")
+  flat = {**traverse_util.flatten_dict(base_params), **traverse_util.flatten_dict(adapter)}
+  return traverse_util.unflatten_dict(flat), meta["peft"]
+
+
+def _restore_adapter(adapter_dir):
+  ckpt = ckpt_lib.CheckpointManager(os.path.abspath(adapter_dir))
+  try:
+    if ckpt.latest_step() is None:
+      raise UserError(f"{adapter_dir} holds no adapter checkpoint; pass the --output of "
+                      "`llmjax peft export --to_adapter`.")
+    adapter, meta = ckpt.restore_params()
+  finally:
+    ckpt.close()
+  if not meta.get("adapter_only"):
+    raise UserError(f"{adapter_dir} is a full checkpoint, not an adapter-only one; pass "
+                    "its workdir to --workdir instead.")
+  return jax.tree.map(np.asarray, jax.device_get(adapter)), meta
+
+
+def apply_adapter(adapter_dir: str, base_workdir: str, out: str, *, log=print):
+  """A new workdir `out`: `base_workdir`'s parameters with the adapters of `adapter_dir`."""
+  base, meta = _restore(base_workdir)
+  cfg = TransformerConfig(**meta["model_config"])
+  if meta.get("peft"):
+    base, _ = split_adapters(base, _configs(meta))
+  params, peft = load_adapter(adapter_dir, base, cfg, os.path.abspath(base_workdir))
+  _write(out, params, {**meta, "peft": peft, "adapter_from": os.path.abspath(adapter_dir)},
+         base_workdir, log)
+
+
+def merge_workdir(workdir: str, out: str, *, step: int | None = None, log=print):
+  """A new workdir `out` with `workdir`'s adapters folded into the kernels."""
+  from llmjax.models.transformer import Transformer
+  from llmjax.peft import model as peft_model
+  params, meta = _restore(workdir, step)
+  _configs(meta)
+  cfg = TransformerConfig(**meta["model_config"])
+  merged = peft_model.merged_params(Transformer(cfg), params, meta)
+  _write(out, merged, {k: v for k, v in meta.items() if k not in ("peft", "log")}, workdir,
+         log)
+
+
+def _model_type(meta, cfg, model_type):
+  from llmjax.checkpoint.convert import infer_model_type
+  return model_type or meta.get("hf_model_type") or infer_model_type(cfg)
+
+
+def export_peft(workdir: str, out: str, *, step: int | None = None, name: str | None = None,
+                model_type: str | None = None, log=print):
+  """The LoRA/DoRA adapter `name` (default: the only one) as a PEFT folder `out`, for the
+  `convert --to_hf` export of the run's base."""
+  from llmjax.checkpoint.convert import adapters
+  from llmjax.peft.lora import LoraConfig
+  params, meta = _restore(workdir, step)
+  loras = [c for c in _configs(meta) if isinstance(c, LoraConfig)
+           and (name is None or c.name == name)]
+  if len(loras) != 1:
+    raise UserError(f"{workdir} has LoRA adapters {[c.name for c in _configs(meta)]}; pass "
+                    "--name=<one of them> (PEFT folders hold LoRA/DoRA adapters only).")
+  cfg = TransformerConfig(**meta["model_config"])
+  kind = _model_type(meta, cfg, model_type)
+  adapters.export_adapter(out, cfg, params, loras[0], model_type=kind,
+                          base_model_name_or_path=meta.get("converted_from"))
+  log(f"exported LoRA adapter {loras[0].name!r} of {workdir} as a PEFT folder for "
+      f"{kind} in {out}")
+
+
+def import_peft(adapter_dir: str, base_workdir: str, out: str, *, name: str = "default",
+                model_type: str | None = None, log=print):
+  """A new workdir `out`: `base_workdir` (an imported HF model) + a PEFT LoRA folder."""
+  from llmjax.checkpoint.convert import adapters
+  from llmjax.peft import model as peft_model
+  base, meta = _restore(base_workdir)
+  if meta.get("peft"):
+    raise UserError(f"{base_workdir} already has adapters; pass the base workdir (the "
+                    "`convert --from_hf` output), or `llmjax peft merge` first.")
+  cfg = TransformerConfig(**meta["model_config"])
+  kind = _model_type(meta, cfg, model_type)
+  config, params = adapters.import_adapter(adapter_dir, cfg, base, model_type=kind,
+                                           name=name)
+  _write(out, params, {**meta, "peft": peft_model.to_meta([config]),
+                       "adapter_from": os.path.abspath(adapter_dir)}, base_workdir, log)

@@ -1,0 +1,109 @@
+"""`llmjax peft merge|export|import` on a LoRA run warm-started from a checkpoint: the
+adapter-only checkpoint is small and refuses another base, merged decoding equals the
+adapter run's, and the PEFT folder goes through `peft` and back into llmjax."""
+
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from llmjax import cli
+from llmjax.checkpoint import manager as ckpt_lib
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "..", "data", "fixtures", "a5996b6_tiny_run")
+SHAPE = ("get_preset.embed_dim=16", "get_preset.num_heads=2", "get_preset.mlp_dim=32",
+         "get_preset.dropout_rate=0.1")
+GENERATE = ["--prompt=ROMEO:", "--max_new_tokens=8", "--temperature=0"]
+
+
+def _leaves(workdir, step=None):
+  ckpt = ckpt_lib.CheckpointManager(os.path.join(workdir, "checkpoints"))
+  params, _ = ckpt.restore_params(step)
+  ckpt.close()
+  return {jax.tree_util.keystr(p): np.asarray(v)
+          for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def _generate(workdir, capsys):
+  capsys.readouterr()
+  assert cli.main(["generate", f"--workdir={workdir}", *GENERATE]) == 0
+  return capsys.readouterr().out
+
+
+def _train(tmp_path, data_dir, source, extra=()):
+  work = str(tmp_path / "lora")
+  params = [f"DataConfig.data_dir={data_dir!r}", f"TrainConfig.init_from={source!r}",
+            "TrainConfig.num_steps=6", "TrainConfig.checkpoint_every=6",
+            "OptimizerConfig.peak_lr=0.02", "LoraConfig.rank=2", *SHAPE, *extra]
+  argv = ["train", "--gin_file=runs/debug.gin", "--gin_file=peft/lora.gin",
+          f"--workdir={work}", "--no_sample"] + [f"--gin_param={p}" for p in params]
+  assert cli.main(argv) == 0
+  return work
+
+
+def test_merge_and_adapter_only_checkpoints(tmp_path, data_dir, capsys):
+  source = str(tmp_path / "source")
+  shutil.copytree(FIXTURE, source)
+  work = _train(tmp_path, data_dir, source)
+  tuned = _leaves(work)
+
+  adapter = str(tmp_path / "adapter")
+  assert cli.main(["peft", "export", f"--workdir={work}", f"--to_adapter={adapter}"]) == 0
+  size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(adapter)
+             for f in fs)
+  full = sum(os.path.getsize(os.path.join(d, f))
+             for d, _, fs in os.walk(os.path.join(work, "checkpoints")) for f in fs)
+  print(f"adapter-only checkpoint {size} bytes, full checkpoint {full} bytes")
+  assert size < full / 3
+
+  again = str(tmp_path / "again")
+  assert cli.main(["peft", "import", f"--from_adapter={adapter}", f"--workdir={source}",
+                   f"--output={again}"]) == 0
+  restored = _leaves(again)
+  assert set(restored) == set(tuned)
+  for key, value in tuned.items():
+    np.testing.assert_array_equal(restored[key], value, err_msg=key)
+
+  merged = str(tmp_path / "merged")
+  assert cli.main(["peft", "merge", f"--workdir={work}", f"--output={merged}"]) == 0
+  assert not any("lora_" in k for k in _leaves(merged))
+  assert _generate(merged, capsys) == _generate(work, capsys) != _generate(source, capsys)
+
+  # The merged model is another base: the adapter refuses it, naming both, and writes
+  # nothing.
+  capsys.readouterr()
+  assert cli.main(["peft", "import", f"--from_adapter={adapter}", f"--workdir={merged}",
+                   f"--output={tmp_path / 'wrong'}"]) == 2
+  err = capsys.readouterr().err
+  assert "trained on the base" in err and source in err and merged in err
+  assert not (tmp_path / "wrong").exists()
+
+
+def test_peft_folder_round_trip_through_an_hf_export(tmp_path, data_dir, capsys):
+  peft = pytest.importorskip("peft")
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  source = str(tmp_path / "source")
+  shutil.copytree(FIXTURE, source)
+  work = _train(tmp_path, data_dir, source, extra=("LoraConfig.dora=True",))
+  hf_dir, adapter = tmp_path / "hf", tmp_path / "peft_adapter"
+  assert cli.main(["convert", f"--workdir={source}", f"--to_hf={hf_dir}"]) == 0
+  assert cli.main(["peft", "export", f"--workdir={work}", f"--to_peft={adapter}"]) == 0
+
+  model = peft.PeftModel.from_pretrained(
+      transformers.AutoModelForCausalLM.from_pretrained(hf_dir), adapter).eval()
+  prompt = transformers.AutoTokenizer.from_pretrained(hf_dir)("ROMEO:")["input_ids"]
+  with torch.no_grad():
+    out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=8,
+                         do_sample=False, pad_token_id=0)
+  hf_text = transformers.AutoTokenizer.from_pretrained(hf_dir).decode(
+      out[0], skip_special_tokens=True)
+  assert _generate(work, capsys).strip().startswith(hf_text.strip())
+
+  imported, back = str(tmp_path / "imported"), str(tmp_path / "back")
+  assert cli.main(["convert", f"--from_hf={hf_dir}", f"--workdir={imported}"]) == 0
+  assert cli.main(["peft", "import", f"--from_peft={adapter}", f"--workdir={imported}",
+                   f"--output={back}"]) == 0
+  assert _generate(back, capsys) == _generate(work, capsys)
