@@ -42,12 +42,14 @@ def _source_args(parser):
   parser.add_argument("--dataset", required=True,
                       help=f"one of {', '.join(datasets.known_datasets())}")
   parser.add_argument("--data_dir", help="TFDS data_dir (default: TFDS's own)")
-  parser.add_argument("--input", metavar="DIR", help="the corpus folder (local_text)")
+  parser.add_argument("--input", metavar="DIR",
+                      help="the corpus folder (local_text) or JSONL folder (local_instruct)")
 
 
 def _options(args) -> dict:
-  if args.input and args.dataset != "local_text":
-    raise UserError(f"--input is for local_text, not {args.dataset}: drop it")
+  if args.input and args.dataset not in ("local_text", "local_instruct"):
+    raise UserError(f"--input is for local_text and local_instruct, not {args.dataset}: "
+                    "drop it")
   return {"input_dir": args.input} if args.input else {}
 
 

@@ -4,7 +4,9 @@
 `grain.MapDataset.source` wants) whose records are dicts with `str` text (TFDS hands
 back `bytes`; mock data hands back `str`; we make both `str`). Our builders
 (`shakespeare`, `local_text`, `num2words_translate`) are built on first use into
-`data_dir`. Public datasets
+`data_dir`; so are the instruction sets for SFT, `shakespeare_instruct` and
+`local_instruct` (a folder of JSON lines; records with `prompt` and `response`). Public
+datasets
 (`lm1b`, `c4`, `tiny_shakespeare`, `wmt14_translate`) go through `tfds.data_source`
 with array_record files, which downloads and prepares them where the network allows;
 `tfds.testing.mock_data` patches exactly that call, which is how the tests run them.
@@ -21,7 +23,14 @@ from typing import Any
 from llmjax.errors import UserError
 
 TextKey = str | tuple[str, ...]
-OWN = ("shakespeare", "local_text", "num2words_translate")
+OWN = ("shakespeare", "local_text", "num2words_translate", "shakespeare_instruct",
+       "local_instruct")
+# What the folder datasets read, and how to name it.
+_FOLDER_INPUT = {
+    "local_text": ("a folder of .txt, .md or .jsonl files",
+                   "pass --input DIR (input_dir=DIR; in gin, DataConfig.input_dir='DIR')"),
+    "local_instruct": ("a folder of .jsonl instruction files (or one such file)",
+                       "set --gin_param=\"DataConfig.input_dir='DIR'\" (input_dir=DIR)")}
 # Our builders that take a config after the slash, and the one used without it.
 OWN_DEFAULT_CONFIG = {"num2words_translate": "en-fr"}
 
@@ -122,18 +131,29 @@ def own_builder(dataset: str, data_dir: str | None = None, *, build: bool = True
     if n2w_config.name in tfds_builders.Num2WordsTranslate.builder_configs:
       n2w_config = n2w_config.name  # TFDS refuses a custom copy of a registered config
     builder = tfds_builders.Num2WordsTranslate(config=n2w_config, data_dir=data_dir)
-  elif dataset == "shakespeare":
+  elif base in ("shakespeare", "shakespeare_instruct"):
     if kwargs:
-      raise UserError(f"shakespeare takes no options, got {sorted(kwargs)}: drop them")
-    builder = tfds_builders.Shakespeare(data_dir=data_dir)
+      raise UserError(f"{base} takes no options, got {sorted(kwargs)}: drop them")
+    cls = tfds_builders.Shakespeare if base == "shakespeare" else (
+        tfds_builders.ShakespeareInstruct)
+    builder = cls(data_dir=data_dir)
   else:
-    input_dir = kwargs.pop("input_dir", None)
-    if not input_dir:
-      raise UserError("local_text needs the corpus folder: pass --input DIR "
-                      "(input_dir=DIR)")
-    config = tfds_builders.local_text_config(input_dir, **kwargs)
-    builder = tfds_builders.LocalText(config=config, data_dir=data_dir)
+    builder = _folder_builder(base, data_dir, kwargs)
   return tfds_builders.build(builder) if build else builder
+
+
+def _folder_builder(base: str, data_dir, kwargs):
+  """`local_text` / `local_instruct`: the builder over the user's folder `input_dir`."""
+  from llmjax.data import tfds_builders  # pylint: disable=import-outside-toplevel
+  input_dir = kwargs.pop("input_dir", None)
+  if not input_dir:
+    what, how = _FOLDER_INPUT[base]
+    raise UserError(f"{base} needs {what}: {how}")
+  if base == "local_text":
+    config = tfds_builders.local_text_config(input_dir, **kwargs)
+    return tfds_builders.LocalText(config=config, data_dir=data_dir)
+  config = tfds_builders.local_instruct_config(input_dir, **kwargs)
+  return tfds_builders.LocalInstruct(config=config, data_dir=data_dir)
 
 
 def get_source(dataset: str, split: str, data_dir: str | None = None,
@@ -141,7 +161,8 @@ def get_source(dataset: str, split: str, data_dir: str | None = None,
   """A random-access source of `dataset`'s `split` (see the module docstring).
 
   kwargs: for `local_text`, `input_dir` (required) and `text_key`, `split_fractions`,
-  `cleaning` (see `local_text_config`); for public datasets, nothing.
+  `cleaning` (see `local_text_config`); for `local_instruct`, `input_dir` and
+  `chat_template`, `split_fractions` (see `local_instruct_config`); otherwise nothing.
   """
   base, config = _parse_name(dataset)
   if base in OWN:

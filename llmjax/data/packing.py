@@ -82,6 +82,10 @@ def pad_unpacked(features: Mapping[str, np.ndarray],
   return row
 
 
+def _select(features: Mapping[str, np.ndarray], keys) -> dict[str, np.ndarray]:
+  return {k: features[k] for k in keys}
+
+
 def _as_int32(row: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {k: np.asarray(v, np.int32) for k, v in row.items()}
 
@@ -108,6 +112,7 @@ def pack(ds: grain.IterDataset, lengths: Mapping[str, int], mode: str = "first_f
     raise UserError(f"unknown packing {mode!r}: use one of {', '.join(PACKING_MODES)}")
   lengths = dict(lengths)
   if mode == "concat":
+    ds = ds.map(functools.partial(_select, keys=tuple(lengths)))  # the packer wants only these
     packed = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct=lengths)
     return packed.map(_as_int32)
   ds = grain.experimental.FlatMapIterDataset(ds, _SplitLong(lengths))

@@ -83,6 +83,8 @@ class _Features:
 
   def __call__(self, example):
     features = self.feature_fn(example, self.tokenizer)
+    if features is None:  # the feature function skips this example (e.g. SFT.overlong)
+      return None
     return {k: np.asarray(v, np.int32) for k, v in features.items()}
 
 
@@ -135,7 +137,7 @@ def _documents(config: DataConfig, tokenizer, feature_fn, process_index, process
     cleaning_config = config.cleaning or cleaning.CleaningConfig()
   text_key = config.text_key or datasets.default_text_key(config.dataset)
   ds = ds.map(_Prepare(text_key, cleaning_config)).filter(lambda x: x is not None)
-  return ds.map(_Features(feature_fn, tokenizer))
+  return ds.map(_Features(feature_fn, tokenizer)).filter(lambda x: x is not None)
 
 
 def fingerprint(config: DataConfig, process_index: int, process_count: int) -> str:

@@ -62,9 +62,9 @@ def register_configurables():
               RuntimeConfig, CausalLM, LoraConfig):
     gin.external_configurable(cls, module="llmjax")
   gin.external_configurable(presets.get_preset, module="llmjax")
-  from llmjax.objectives import classification, mlm, seq2seq, span_corruption
+  from llmjax.objectives import classification, mlm, seq2seq, sft, span_corruption
   for cls in (mlm.MaskedLM, span_corruption.SpanCorruption, seq2seq.Seq2Seq,
-              classification.Classification):
+              classification.Classification, sft.SFT):
     gin.external_configurable(cls, module="llmjax")
   _REGISTERED = True
 

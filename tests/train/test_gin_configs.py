@@ -48,7 +48,7 @@ def test_run_files_parse_and_build(path):
   files = [path]
   if "pretrain" in os.path.basename(path):  # the wiring alone leaves the model REQUIRED
     files.append(os.path.join(main.GIN_ROOT, "models", "tiny.gin"))
-  if "finetune" in os.path.basename(path):  # the model comes from the init_from workdir
+  if os.path.basename(path).startswith(("finetune", "sft")):  # the model: init_from's
     main.parse_gin(files, ["TrainConfig.init_from='/some/run'"])
     assert _build("model") is None and _build("config").init_from == "/some/run"
     main.parse_gin(files + [os.path.join(main.GIN_ROOT, "models", "tiny.gin")], [])

@@ -4,8 +4,10 @@ Importing this package registers the builders with TFDS (`tfds.builder('shakespe
 works after it). Build with `builder.download_and_prepare(file_format='array_record')`
 (`build` below does that) and read with `builder.as_data_source()`.
 
-Each builder cleans its corpus at build time (`llmjax.data.cleaning`) and saves the
-cleaning report as `cleaning_report.json` beside the dataset files. TFDS writes into
+Each text builder cleans its corpus at build time (`llmjax.data.cleaning`) and saves
+the cleaning report as `cleaning_report.json` beside the dataset files; the instruction
+builders for SFT (`shakespeare_instruct`, `local_instruct`) keep their records as
+written (the first reads `shakespeare`'s cleaned scenes). TFDS writes into
 an `incomplete.*` folder and renames it when the build succeeds, so a failed build
 leaves no dataset behind.
 """
@@ -17,6 +19,11 @@ import tempfile
 
 import tensorflow_datasets as tfds
 
+from llmjax.data.tfds_builders.local_instruct import (
+    LocalInstruct,
+    LocalInstructConfig,
+    local_instruct_config,
+)
 from llmjax.data.tfds_builders.local_text import LocalText, LocalTextConfig, local_text_config
 from llmjax.data.tfds_builders.num2words_translate import (
     Num2WordsConfig,
@@ -24,12 +31,14 @@ from llmjax.data.tfds_builders.num2words_translate import (
     num2words_config,
 )
 from llmjax.data.tfds_builders.shakespeare import Shakespeare
+from llmjax.data.tfds_builders.shakespeare_instruct import ShakespeareInstruct
 
 REPORT_NAME = "cleaning_report.json"
 
-__all__ = ["LocalText", "LocalTextConfig", "Num2WordsConfig", "Num2WordsTranslate",
-           "Shakespeare", "build", "load_report", "local_text_config", "num2words_config",
-           "write_report"]
+__all__ = ["LocalInstruct", "LocalInstructConfig", "LocalText", "LocalTextConfig",
+           "Num2WordsConfig", "Num2WordsTranslate", "Shakespeare", "ShakespeareInstruct",
+           "build", "load_report", "local_instruct_config", "local_text_config",
+           "num2words_config", "write_report"]
 
 
 def write_report(report, path: os.PathLike) -> None:

