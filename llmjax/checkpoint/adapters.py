@@ -167,11 +167,14 @@ def merge_workdir(workdir: str, out: str, *, step: int | None = None, log=print)
   from llmjax.models.transformer import Transformer
   from llmjax.peft import model as peft_model
   params, meta = _restore(workdir, step)
-  _configs(meta)
+  configs = _configs(meta)
   cfg = TransformerConfig(**meta["model_config"])
   merged = peft_model.merged_params(Transformer(cfg), params, meta)
-  _write(out, merged, {k: v for k, v in meta.items() if k not in ("peft", "log")}, workdir,
-         log)
+  # Bottleneck adapters and soft prompts do not fold: they stay, and so do their configs.
+  rest = [c for c in configs if not peft_model.mergeable(c)]
+  kept = {"peft": peft_model.to_meta(rest)} if rest else {}
+  _write(out, merged, {**{k: v for k, v in meta.items() if k not in ("peft", "log")}, **kept},
+         workdir, log)
 
 
 def _model_type(meta, cfg, model_type):

@@ -130,7 +130,8 @@ def run(args):
   ckpt = ckpt_lib.CheckpointManager(os.path.join(args.workdir, "checkpoints"))
   params, meta = ckpt.restore_params(args.step)
   model = Transformer(TransformerConfig(**meta["model_config"]))
-  params = peft_model.merged_params(model, params, meta)  # LoRA runs decode merged
+  # LoRA decodes merged; adapters and soft prompts through a PeftModel
+  model, params = peft_model.merged_model(model, params, meta)
   if args.tokenizer:
     tokenizer = tokenizer_lib.load_any(args.tokenizer)
   elif meta.get("tokenizer"):

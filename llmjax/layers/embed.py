@@ -26,6 +26,7 @@ class Embed(nn.Module):
     self.embedding = self.param("embedding", init, (self.vocab_size, self.features),
                                 self.param_dtype)
 
+  @nn.compact  # creates nothing itself; lets an interceptor add parameters (a soft prompt)
   def __call__(self, tokens: jax.Array) -> jax.Array:
     """int `tokens [B, L]` -> `[B, L, D]` in the compute dtype."""
     return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)

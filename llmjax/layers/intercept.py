@@ -19,8 +19,8 @@ The context must be active while jax traces the model, so under `jit` enter it i
 the jitted function (`intercepted` wraps a function in it). Paths are the '/'-joined
 module names of the parameter tree: 'decoder/layers/attention/query' (scanned layers),
 'decoder/layers_0/mlp/wi' (unscanned), 'lm_head', 'embed'. An interceptor on
-`Einsum.__call__` may create parameters of its own beside the kernel with
-`call.module.param(...)` (that method is `nn.compact` for this).
+`Einsum.__call__` or `Embed.__call__` may create parameters of its own beside the
+kernel / table with `call.module.param(...)` (those methods are `nn.compact` for this).
 """
 
 import contextlib

@@ -21,7 +21,9 @@ from flax import linen as nn
 from llmjax.optim import schedules
 
 # Parameter-path patterns (joined with '/') that get no weight decay by default.
-DEFAULT_NO_DECAY = (r"(^|/)bias$", r"(^|/)scale$", r"embedding")
+# Biases, norm scales, embedding tables, and their PEFT kin (adapter biases, soft prompts).
+DEFAULT_NO_DECAY = (r"(^|/)bias$", r"(^|/)scale$", r"embedding", r"/adapter_(down|up)_bias_",
+                    r"/prompt_[A-Za-z0-9]+$")
 
 
 def _path_str(path):

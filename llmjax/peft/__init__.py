@@ -1,2 +1,16 @@
-"""Parameter-efficient fine-tuning on the intercept seam: LoRA and DoRA (`lora`),
-the model wrapper that applies them (`model`)."""
+"""Parameter-efficient fine-tuning on the intercept seam (`llmjax.layers.intercept`):
+the model is never edited, its layers are intercepted by module path.
+
+  lora           LoRA (Hu et al. 2021) and DoRA (Liu et al. 2024) on any `Einsum`;
+                 merge/unmerge fold them into the kernels and back.
+  adapters       bottleneck adapters (Houlsby et al. 2019) after the attention and/or
+                 MLP output projections; not mergeable.
+  prompt_tuning  prompt tuning (Lester et al. 2021): k soft-prompt vectors before the
+                 (encoder's) input, through the `embed` lookup; not mergeable.
+  model          `PeftModel`, the wrapper that applies any mix of them (at most one soft
+                 prompt), its checkpoint metadata (`meta['peft']`) and `merged`, which
+                 folds what folds and keeps the rest running through the interceptors.
+
+Gin: `train.peft = [@LoraConfig()]` / `[@AdapterConfig()]` / `[@PromptTuningConfig()]`
+(gin_configs/peft/); only their parameters train.
+"""

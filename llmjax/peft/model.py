@@ -1,15 +1,21 @@
-"""`PeftModel`: a `Transformer` whose dense layers run through PEFT interceptors.
+"""`PeftModel`: a `Transformer` whose layers run through PEFT interceptors.
 
 The training loop and the objectives use a network through `config`, `init` and
 `apply`; `PeftModel` has those and enters the interceptors (`llmjax.layers.intercept`)
 around `init` and `apply`, so the adapters' parameters are created and used without
 an edit of the model. Under `jit` this happens while jax traces. Everything else is
-the base `Transformer`'s.
+the base `Transformer`'s. Methods (`_method`): LoRA/DoRA (`lora`) and bottleneck
+adapters (`adapters`) on `Einsum`s, prompt tuning (`prompt_tuning`) on the `embed`
+lookup plus k input slots that `apply` adds and removes again.
 
   net = PeftModel(Transformer(cfg), [LoraConfig(target="attention", rank=8)])
   params = net.init(rng, tokens)["params"]          # base + lora_a_default/lora_b_default
   logits = net.apply({"params": params}, tokens)
-  base, merged = net.merged(params)                 # a plain Transformer and its params
+  model, merged = net.merged(params)                # LoRA folded into the kernels
+
+`merged` returns the plain `Transformer` when every method folds (LoRA, DoRA); adapters
+and soft prompts cannot, so then it returns a `PeftModel` of those, which decodes
+through the KV cache like the plain model (`llmjax.decode`) and is hashable for `jit`.
 """
 
 import contextlib
@@ -20,16 +26,32 @@ import jax
 import numpy as np
 
 from llmjax.errors import UserError
+from llmjax.layers.embed import Embed
 from llmjax.layers.intercept import intercept
 from llmjax.layers.linear import Einsum
 from llmjax.models.transformer import Transformer
+from llmjax.peft import adapters as adapters_lib
 from llmjax.peft import lora as lora_lib
+from llmjax.peft import prompt_tuning as prompt_lib
+
+# Checkpoint metadata names (`meta['peft'][i]['method']`) of the config classes.
+METHODS = {"lora": lora_lib.LoraConfig, "adapter": adapters_lib.AdapterConfig,
+           "prompt_tuning": prompt_lib.PromptTuningConfig}
+_INTERCEPTORS = {lora_lib.LoraConfig: lora_lib.Lora, adapters_lib.AdapterConfig:
+                 adapters_lib.Adapter, prompt_lib.PromptTuningConfig: prompt_lib.PromptTuning}
 
 
 def _method(config):
-  if isinstance(config, lora_lib.LoraConfig):
-    return lora_lib.Lora(config)
-  raise UserError(f"unknown PEFT method config {config!r}; use a LoraConfig.")
+  for cls, interceptor in _INTERCEPTORS.items():
+    if isinstance(config, cls):
+      return interceptor(config)
+  raise UserError(f"unknown PEFT method config {config!r}; use a LoraConfig, "
+                  "AdapterConfig or PromptTuningConfig.")
+
+
+def mergeable(config) -> bool:
+  """Whether `merged` folds the config's adapter into the kernels (LoRA, DoRA)."""
+  return isinstance(config, lora_lib.LoraConfig)
 
 
 class PeftModel:
@@ -39,15 +61,26 @@ class PeftModel:
     self.base = base
     self.configs = tuple(configs)
     self._methods = [_method(c) for c in self.configs]
+    prompts = [m for m in self._methods if isinstance(m, prompt_lib.PromptTuning)]
+    if len(prompts) > 1:
+      raise UserError(f"{len(prompts)} PromptTuningConfigs; one soft prompt per model "
+                      "(make it longer with PromptTuningConfig.length).")
+    self._prompt = prompts[0] if prompts else None
 
   @property
   def config(self):
     return self.base.config
 
   def _active(self, stack: contextlib.ExitStack):
-    for method in self._methods:
-      stack.enter_context(intercept(method, path=method.config.selects, layers=(Einsum,),
-                                    methods=("__call__",)))
+    # Entered first = called first: bottleneck adapters wrap LoRA on the same layer, so
+    # they see the LoRA-adapted output, as they do once LoRA is merged into the kernel.
+    for method in sorted(self._methods, key=lambda m: not isinstance(m, adapters_lib.Adapter)):
+      if method is self._prompt:  # the token lookup only ('token_type_embed' is another)
+        stack.enter_context(intercept(method, path="embed", layers=(Embed,),
+                                      methods=("__call__",)))
+      else:
+        stack.enter_context(intercept(method, path=method.config.selects, layers=(Einsum,),
+                                      methods=("__call__",)))
 
   def init(self, *args, **kwargs):
     seen = {}
@@ -56,30 +89,49 @@ class PeftModel:
       self._active(stack)
       variables = self.base.init(*args, **kwargs)
     for cfg in self.configs:
-      if not any(cfg.selects(path) for path in seen):
-        raise UserError(f"{type(cfg).__name__}.target={cfg.target!r} (regex "
+      if hasattr(cfg, "selects") and not any(cfg.selects(path) for path in seen):
+        field = "placement" if hasattr(cfg, "placement") else "target"
+        raise UserError(f"{type(cfg).__name__}.{field}={getattr(cfg, field)!r} (regex "
                         f"{cfg.pattern!r}) matches no layer; the dense layers are: "
                         f"{sorted(seen)}.")
     return variables
 
-  def apply(self, *args, **kwargs):
+  def apply(self, variables, *args, method=None, **kwargs):
     with contextlib.ExitStack() as stack:
       self._active(stack)
-      return self.base.apply(*args, **kwargs)
+      if self._prompt is not None:  # k more input slots, their outputs dropped again
+        return self._prompt.apply(self.base, variables, args, kwargs, method)
+      return self.base.apply(variables, *args, method=method, **kwargs)
 
   def equations(self, *init_args, **init_kwargs) -> dict[str, str]:
     """`{layer key: Einsum equation}` of every dense layer (traced, nothing computed)."""
     return equations(self.base, *init_args, **init_kwargs)
 
   def merged(self, params, equations_: dict[str, str] | None = None):
-    """`(base Transformer, params with every adapter folded in)`: for decoding/export."""
-    eqs = equations_ or equations(self.base)
-    for cfg in self.configs:
-      params = lora_lib.merge(params, cfg, eqs)
-    return self.base, params
+    """`(model, params)` with every mergeable adapter (LoRA, DoRA) folded in and removed:
+    model is the base Transformer, or a PeftModel of the rest (adapters, soft prompts),
+    whose parameters stay. For decoding and export."""
+    rest = [cfg for cfg in self.configs if not mergeable(cfg)]
+    if len(rest) < len(self.configs):
+      eqs = equations_ or equations(self.base)
+      for cfg in self.configs:
+        if mergeable(cfg):
+          params = lora_lib.merge(params, cfg, eqs)
+    return (PeftModel(self.base, rest) if rest else self.base), params
+
+  def clone(self, **updates):
+    """The same adapters on `base.clone(**updates)` (e.g. the unscanned decoding layout)."""
+    return PeftModel(self.base.clone(**updates), self.configs)
+
+  def __eq__(self, other):  # jit takes the model as a static argument
+    return (isinstance(other, PeftModel) and self.base == other.base
+            and self.configs == other.configs)
+
+  def __hash__(self):
+    return hash((self.base, self.configs))
 
   def __getattr__(self, name):  # everything else is the base model's
-    if name in ("base", "configs", "_methods"):
+    if name in ("base", "configs", "_methods", "_prompt"):
       raise AttributeError(name)
     return getattr(self.base, name)
 
@@ -112,25 +164,74 @@ def wrap(net: Transformer, configs: Sequence):
 
 
 def to_meta(configs: Sequence) -> list[dict]:
-  """The configs as checkpoint metadata (`meta['peft']`)."""
-  return [{"method": "lora", **dataclasses.asdict(c)} for c in configs]
+  """The configs as checkpoint metadata (`meta['peft']`): `{"method": ..., **fields}`."""
+  names = {cls: name for name, cls in METHODS.items()}
+  out = []
+  for cfg in configs:
+    if type(cfg) not in names:
+      raise UserError(f"unknown PEFT method config {cfg!r}; use one of "
+                      f"{', '.join(c.__name__ for c in METHODS.values())}.")
+    out.append({"method": names[type(cfg)], **dataclasses.asdict(cfg)})
+  return out
 
 
 def from_meta(entries) -> list:
   out = []
   for entry in entries or ():
     entry = dict(entry)
-    if entry.pop("method", None) != "lora":
-      raise UserError(f"unknown PEFT method in checkpoint metadata: {entry}")
-    out.append(lora_lib.LoraConfig(**entry))
+    method = entry.pop("method", None)
+    if method not in METHODS:
+      raise UserError(f"unknown PEFT method {method!r} in checkpoint metadata {entry}; "
+                      f"this llmjax knows {sorted(METHODS)} (a newer version wrote it?).")
+    out.append(METHODS[method](**entry))
   return out
 
 
 def merged_params(model: Transformer, params, meta: dict):
-  """`params` of a checkpoint with its adapters (`meta['peft']`) folded in, for a plain
-  `Transformer` (generation, export); `params` unchanged when it has none."""
+  """`params` of a checkpoint with its mergeable adapters (`meta['peft']`) folded in;
+  unmergeable ones (adapters, soft prompts) keep their parameters (`merged_model` gives
+  the network that uses them). `params` unchanged when it has none."""
+  return merged_model(model, params, meta)[1]
+
+
+def merged_model(model: Transformer, params, meta: dict):
+  """`(network, params)` to run a checkpoint with (generation): LoRA folded into
+  `model`'s kernels, and a `PeftModel` when adapters or a soft prompt remain."""
   configs = from_meta(meta.get("peft"))
-  return PeftModel(model, configs).merged(params)[1] if configs else params
+  return PeftModel(model, configs).merged(params) if configs else (model, params)
+
+
+def require_mergeable(meta: dict) -> None:
+  """Raises if the checkpoint's PEFT methods cannot be folded into plain weights (an
+  export of the base model alone would silently lose them)."""
+  rest = [type(c).__name__ for c in from_meta(meta.get("peft")) if not mergeable(c)]
+  if rest:
+    raise UserError(f"this checkpoint was tuned with {', '.join(rest)}, which cannot be "
+                    "folded into the model's weights, and Hugging Face PEFT has no format "
+                    "for them on these models; only plain and LoRA/DoRA checkpoints export. "
+                    "Sample with `llmjax generate --workdir=...` instead, or fine-tune with "
+                    "gin_configs/peft/lora.gin for an exportable model.")
+
+
+def check_data(configs: Sequence, data) -> None:
+  """Refuses data the configs cannot train on (a soft prompt needs unpacked rows)."""
+  if any(isinstance(c, prompt_lib.PromptTuningConfig) for c in configs) and (
+      getattr(data, "packing", "none") != "none"):
+    raise UserError(f"prompt tuning needs one document per row, but DataConfig.packing="
+                    f"{data.packing!r} packs several; set DataConfig.packing='none' "
+                    "(gin_configs/peft/prompt_tuning.gin does).")
+
+
+def init_prompts(params, configs: Sequence, tokenizer, log=None):
+  """`params` with the soft prompts that have an `init_text` set from its embeddings
+  (a fresh run's step 0, after any warm start)."""
+  for cfg in configs:
+    if isinstance(cfg, prompt_lib.PromptTuningConfig) and cfg.init_text:
+      params = prompt_lib.init_from_text(params, cfg, tokenizer)
+      if log:
+        log(f"soft prompt {cfg.name!r}: {cfg.length} vectors from the embeddings of "
+            f"{cfg.init_text!r}")
+  return params
 
 
 def trainable_pattern(configs: Sequence) -> str | None:

@@ -110,6 +110,7 @@ def train(workdir: str, *, model: TransformerConfig | None = None, data,
   optimizer = optimizer or OptimizerConfig()
   if peft and optimizer.trainable is None:
     optimizer = dataclasses.replace(optimizer, trainable=peft_lib.trainable_pattern(peft))
+  peft_lib.check_data(peft, data)  # a soft prompt needs one document per row
   s = setup(os.path.abspath(workdir), model, data, tokenizer, optimizer, objective, config,
             operative_config, log, tuple(peft))
   with jax.set_mesh(s.mesh), nn.logical_axis_rules(s.rules):
@@ -151,8 +152,9 @@ def setup(workdir, model, data, tokenizer, optimizer, objective, config, operati
                                     save_every=config.checkpoint_every,
                                     keep=config.keep_checkpoints, cleanup_tmp=True)
   state, log_state = resume.restore(ckpt, state, shardings, train_iter, model_cfg, log, tok)
-  if source is not None and ckpt.latest_step() is None:
-    state = _warm_start(state, shardings, source, objective, log, fresh=optimizer.trainable)
+  if ckpt.latest_step() is None:  # a fresh run: warm start, soft prompts from their text
+    state = _fresh_start(state, shardings, source, objective, log, optimizer.trainable,
+                         peft, tok)
   resume.write_operative_config(workdir, operative_config)
   meta = {"model_config": dataclasses.asdict(model_cfg), "operative_config": operative_config,
           "tokenizer": ckpt_lib.encode_bytes(tok.serialized()), "num_params": num_params,
@@ -194,6 +196,14 @@ def _model_config(model, source, tok, multiple, data) -> TransformerConfig:
     raise UserError(f"data row length {row_len} (seq_len / feature_lengths) exceeds the "
                     f"model's max_len={model_cfg.max_len}; shorten the rows or raise max_len.")
   return model_cfg
+
+
+def _fresh_start(state, shardings, source, objective, log, fresh, peft, tok):
+  """Step 0 of a new run: the warm-start `source`'s parameters (if any), then the soft
+  prompts that have an `init_text` set from its tokens' embeddings."""
+  if source is not None:
+    state = _warm_start(state, shardings, source, objective, log, fresh=fresh)
+  return state.replace(params=peft_lib.init_prompts(state.params, peft, tok, log))
 
 
 def _warm_start(state, shardings, source, objective, log, fresh=None):

@@ -54,12 +54,14 @@ def register_configurables():
   from llmjax.models.config import TransformerConfig
   from llmjax.objectives.lm import CausalLM
   from llmjax.optim.optimizers import OptimizerConfig
+  from llmjax.peft.adapters import AdapterConfig
   from llmjax.peft.lora import LoraConfig
+  from llmjax.peft.prompt_tuning import PromptTuningConfig
   from llmjax.train.inputs import TokenizerSpec
   from llmjax.train.loop import TrainConfig
 
   for cls in (TransformerConfig, DataConfig, TokenizerSpec, OptimizerConfig, TrainConfig,
-              RuntimeConfig, CausalLM, LoraConfig):
+              RuntimeConfig, CausalLM, LoraConfig, AdapterConfig, PromptTuningConfig):
     gin.external_configurable(cls, module="llmjax")
   gin.external_configurable(presets.get_preset, module="llmjax")
   from llmjax.objectives import classification, mlm, seq2seq, sft, span_corruption
@@ -130,7 +132,8 @@ def _check_required(cfg):
 def train(workdir=gin.REQUIRED, model=gin.REQUIRED, data=gin.REQUIRED, tokenizer=gin.REQUIRED,
           optimizer=None, objective=None, config=None, runtime=None, peft=()):
   """The configurable training entry: builds what gin says and runs `loop.train`.
-  `peft`: a list of adapter configs (`train.peft = [@LoraConfig()]`, gin_configs/peft/)."""
+  `peft`: a list of adapter configs (`train.peft = [@LoraConfig()]`, `@AdapterConfig()`,
+  `@PromptTuningConfig()`; gin_configs/peft/)."""
   from llmjax.train import host_memory, loop
   from llmjax.validation import check_types
 

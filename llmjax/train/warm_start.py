@@ -86,16 +86,18 @@ def _match_layout(params, like):
   return params
 
 
-def _graft(params, like, fresh):
-  """`params` plus the leaves of `like` it lacks whose path matches regex `fresh` (the
-  new run's adapters: the source has none)."""
+def _graft(params, like, fresh, prefix=""):
+  """`params` plus the leaves of `like` it lacks whose path (from the root, as `_strip`
+  and the optimizer see it) matches regex `fresh` (the new run's adapters: the source
+  has none)."""
   if fresh is None or not isinstance(like, dict) or not isinstance(params, dict):
     return params
   out = dict(params)
   for key, value in like.items():
     if key in params:
-      out[key] = _graft(params[key], value, fresh)
-    elif any(re.search(fresh, "/" + jax.tree_util.keystr(p, simple=True, separator="/"))
+      out[key] = _graft(params[key], value, fresh, f"{prefix}/{key}")
+    elif any(re.search(fresh, prefix + "/" + jax.tree_util.keystr(p, simple=True,
+                                                                   separator="/"))
              for p, _ in jax.tree_util.tree_flatten_with_path({key: value})[0]):
       out[key] = value
   return out

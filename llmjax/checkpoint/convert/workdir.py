@@ -120,6 +120,7 @@ def workdir_to_hf(workdir: str, hf_dir: str, *, step: int | None = None,
   cfg = TransformerConfig(**meta["model_config"])
   from llmjax.models.transformer import Transformer
   from llmjax.peft import model as peft_model
+  peft_model.require_mergeable(meta)  # bottleneck adapters, soft prompts: no HF format
   params = peft_model.merged_params(Transformer(cfg), params, meta)  # adapters folded in
   model_type = model_type or meta.get("hf_model_type") or infer_model_type(cfg)
   extra, ids = _tokenizer_files(workdir, meta, cfg)
