@@ -151,29 +151,60 @@ def _restore_adapter(adapter_dir):
   return jax.tree.map(np.asarray, jax.device_get(adapter)), meta
 
 
+def _base_and_adapters(workdir):
+  """(base params, its adapters' params, their configs, meta) of `workdir`'s latest step."""
+  params, meta = _restore(workdir)
+  configs = _configs(meta) if meta.get("peft") else []
+  base, existing = split_adapters(params, configs) if configs else (params, {})
+  return base, existing, configs, meta
+
+
+def _add(out, base, existing, configs, new_params, new_configs, meta, source, added_from,
+         log):
+  """Writes `out`: the base, the adapters it had and the new ones (the new one active)."""
+  from llmjax.peft import model as peft_model
+  clash = set(peft_model.adapter_names(configs)) & set(peft_model.adapter_names(new_configs))
+  if clash:
+    raise UserError(f"{source} already has an adapter named {sorted(clash)}; import under "
+                    "another name (--name for PEFT folders; LoraConfig.name when training) "
+                    "(nothing was written).")
+  flat = {**traverse_util.flatten_dict(base), **traverse_util.flatten_dict(existing),
+          **traverse_util.flatten_dict(new_params)}
+  _write(out, traverse_util.unflatten_dict(flat),
+         {**meta, "peft": peft_model.to_meta([*configs, *new_configs]),
+          "peft_active": new_configs[0].name, "adapter_from": os.path.abspath(added_from)},
+         source, log)
+
+
 def apply_adapter(adapter_dir: str, base_workdir: str, out: str, *, log=print):
-  """A new workdir `out`: `base_workdir`'s parameters with the adapters of `adapter_dir`."""
-  base, meta = _restore(base_workdir)
+  """A new workdir `out`: `base_workdir`'s parameters with the adapters of `adapter_dir`
+  added (beside any it has: one checkpoint, several named adapters, the new one active)."""
+  from llmjax.peft import model as peft_model
+  base, existing, configs, meta = _base_and_adapters(base_workdir)
   cfg = TransformerConfig(**meta["model_config"])
-  if meta.get("peft"):
-    base, _ = split_adapters(base, _configs(meta))
   params, peft = load_adapter(adapter_dir, base, cfg, os.path.abspath(base_workdir))
-  _write(out, params, {**meta, "peft": peft, "adapter_from": os.path.abspath(adapter_dir)},
-         base_workdir, log)
+  _, new = split_adapters(params, peft_model.from_meta(peft))
+  _add(out, base, existing, configs, new, peft_model.from_meta(peft), meta, base_workdir,
+       adapter_dir, log)
 
 
-def merge_workdir(workdir: str, out: str, *, step: int | None = None, log=print):
-  """A new workdir `out` with `workdir`'s adapters folded into the kernels."""
+def merge_workdir(workdir: str, out: str, *, step: int | None = None,
+                  adapter: str | None = None, log=print):
+  """A new workdir `out` with `workdir`'s (active, or `adapter`) adapters folded into the
+  kernels; the other named adapters are left out."""
   from llmjax.models.transformer import Transformer
   from llmjax.peft import model as peft_model
   params, meta = _restore(workdir, step)
-  configs = _configs(meta)
+  configs, params = peft_model.select_adapter(_configs(meta), params,
+                                              adapter or meta.get("peft_active"))
   cfg = TransformerConfig(**meta["model_config"])
-  merged = peft_model.merged_params(Transformer(cfg), params, meta)
+  merged = peft_model.merged_params(Transformer(cfg), params,
+                                    {"peft": peft_model.to_meta(configs)})
   # Bottleneck adapters and soft prompts do not fold: they stay, and so do their configs.
   rest = [c for c in configs if not peft_model.mergeable(c)]
   kept = {"peft": peft_model.to_meta(rest)} if rest else {}
-  _write(out, merged, {**{k: v for k, v in meta.items() if k not in ("peft", "log")}, **kept},
+  dropped = ("peft", "peft_active", "log")
+  _write(out, merged, {**{k: v for k, v in meta.items() if k not in dropped}, **kept},
          workdir, log)
 
 
@@ -189,6 +220,7 @@ def export_peft(workdir: str, out: str, *, step: int | None = None, name: str | 
   from llmjax.checkpoint.convert import adapters
   from llmjax.peft.lora import LoraConfig
   params, meta = _restore(workdir, step)
+  name = name or meta.get("peft_active")
   loras = [c for c in _configs(meta) if isinstance(c, LoraConfig)
            and (name is None or c.name == name)]
   if len(loras) != 1:
@@ -204,16 +236,13 @@ def export_peft(workdir: str, out: str, *, step: int | None = None, name: str | 
 
 def import_peft(adapter_dir: str, base_workdir: str, out: str, *, name: str = "default",
                 model_type: str | None = None, log=print):
-  """A new workdir `out`: `base_workdir` (an imported HF model) + a PEFT LoRA folder."""
+  """A new workdir `out`: `base_workdir` (an imported HF model, with any adapters it
+  has) + a PEFT LoRA folder as adapter `name`, active."""
   from llmjax.checkpoint.convert import adapters
-  from llmjax.peft import model as peft_model
-  base, meta = _restore(base_workdir)
-  if meta.get("peft"):
-    raise UserError(f"{base_workdir} already has adapters; pass the base workdir (the "
-                    "`convert --from_hf` output), or `llmjax peft merge` first.")
+  base, existing, configs, meta = _base_and_adapters(base_workdir)
   cfg = TransformerConfig(**meta["model_config"])
   kind = _model_type(meta, cfg, model_type)
   config, params = adapters.import_adapter(adapter_dir, cfg, base, model_type=kind,
                                            name=name)
-  _write(out, params, {**meta, "peft": peft_model.to_meta([config]),
-                       "adapter_from": os.path.abspath(adapter_dir)}, base_workdir, log)
+  _, new = split_adapters(params, [config])
+  _add(out, base, existing, configs, new, [config], meta, base_workdir, adapter_dir, log)

@@ -37,6 +37,9 @@ def register(subparsers, name, help_text):
                  help="score this continuation instead of generating (repeatable)")
   p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  p.add_argument("--adapter", default=None,
+                 help="with several named adapters in the checkpoint: the one to use "
+                      "(default: the active one); 'none' for the base model alone")
   p.add_argument("--tokenizer", default=None,
                  help="a SentencePiece .model or tokenizer.json to use instead of the one "
                       "stored with the checkpoint (needed when it has none)")
@@ -131,7 +134,7 @@ def run(args):
   params, meta = ckpt.restore_params(args.step)
   model = Transformer(TransformerConfig(**meta["model_config"]))
   # LoRA decodes merged; adapters and soft prompts through a PeftModel
-  model, params = peft_model.merged_model(model, params, meta)
+  model, params = peft_model.merged_model(model, params, meta, args.adapter)
   if args.tokenizer:
     tokenizer = tokenizer_lib.load_any(args.tokenizer)
   elif meta.get("tokenizer"):

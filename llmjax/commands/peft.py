@@ -1,8 +1,9 @@
 """`llmjax peft`: adapters of a fine-tuning run (gin_configs/peft/*.gin) on their own.
 
-  llmjax peft merge --workdir=W --output=W2 [--step=N]
-      W2: W's parameters with every adapter folded into the kernels (a plain model:
-      fastest decoding, `convert --to_hf` of the fine-tuned model).
+  llmjax peft merge --workdir=W --output=W2 [--step=N] [--name=A]
+      W2: W's parameters with the adapter folded into the kernels (a plain model:
+      fastest decoding, `convert --to_hf` of the fine-tuned model). A checkpoint with
+      several named adapters merges the active one (the last imported) or --name.
   llmjax peft export --workdir=W --to_adapter=DIR [--step=N]
       DIR: an adapter-only Orbax checkpoint (kilobytes) recording the base's config and a
       fingerprint of its parameters.
@@ -12,8 +13,9 @@
       `llmjax convert --to_hf` export of the base.
   llmjax peft import --from_adapter=DIR --workdir=BASE --output=W2
   llmjax peft import --from_peft=DIR --workdir=BASE --output=W2 [--name=A]
-      W2: BASE's parameters with the adapter (checked to belong to BASE); then `llmjax
-      generate --workdir=W2`, or train on with TrainConfig.init_from=W2.
+      W2: BASE's parameters with the adapter (checked to belong to BASE) beside any
+      adapters BASE has: several named adapters in one checkpoint, the new one active
+      (`llmjax generate --workdir=W2 --adapter=NAME` picks another, `none` the base).
 """
 
 
@@ -39,8 +41,9 @@ def register(subparsers, name, help_text):
     sub.add_argument("--output", required=True, help="the new workdir to write")
   for sub in (merge, export):
     sub.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-  for sub in (export, imp):
+  for sub in (merge, export, imp):
     sub.add_argument("--name", default=None, help="the adapter's name (LoraConfig.name)")
+  for sub in (export, imp):
     sub.add_argument("--model_type", default=None,
                      help="the HF model_type of the base (PEFT folders; default: inferred)")
   p.set_defaults(func=run)
@@ -49,7 +52,7 @@ def register(subparsers, name, help_text):
 def run(args):
   from llmjax.checkpoint import adapters
   if args.action == "merge":
-    adapters.merge_workdir(args.workdir, args.output, step=args.step)
+    adapters.merge_workdir(args.workdir, args.output, step=args.step, adapter=args.name)
   elif args.action == "export" and args.to_adapter:
     adapters.save_adapter(args.workdir, args.to_adapter, step=args.step)
   elif args.action == "export":

@@ -194,11 +194,48 @@ def merged_params(model: Transformer, params, meta: dict):
   return merged_model(model, params, meta)[1]
 
 
-def merged_model(model: Transformer, params, meta: dict):
+def merged_model(model: Transformer, params, meta: dict, adapter: str | None = None):
   """`(network, params)` to run a checkpoint with (generation): LoRA folded into
-  `model`'s kernels, and a `PeftModel` when adapters or a soft prompt remain."""
-  configs = from_meta(meta.get("peft"))
+  `model`'s kernels, and a `PeftModel` when adapters or a soft prompt remain.
+
+  A checkpoint may hold several named adapters (`llmjax peft import` adds them); one is
+  active at a time: `adapter` (a `LoraConfig.name` etc.; 'none' for the base alone),
+  else the one `meta['peft_active']` names, else the only one."""
+  configs, params = select_adapter(from_meta(meta.get("peft")), params,
+                                   adapter or meta.get("peft_active"))
   return PeftModel(model, configs).merged(params) if configs else (model, params)
+
+
+def adapter_names(configs: Sequence) -> list[str]:
+  return sorted({c.name for c in configs})
+
+
+def select_adapter(configs: Sequence, params, name: str | None):
+  """`(configs named `name`, params without the other adapters' parameters)`."""
+  names = adapter_names(configs)
+  if name is None and len(names) > 1:
+    raise UserError(f"this checkpoint holds the adapters {names}; pick one with "
+                    "--adapter=NAME (or --adapter=none for the base model).")
+  if name is None or (name in names and len(names) == 1):
+    return list(configs), params
+  if name != "none" and name not in names:
+    raise UserError(f"no adapter named {name!r} in this checkpoint; it holds {names} "
+                    "(or pass --adapter=none for the base model).")
+  keep = [c for c in configs if c.name == name]
+  return keep, drop_adapters(params, [c for c in configs if c.name != name])
+
+
+def drop_adapters(params, configs: Sequence):
+  """`params` without the parameters of `configs`' adapters."""
+  import re
+
+  from flax import traverse_util
+  if not configs:
+    return params
+  regex = re.compile(trainable_pattern(configs))
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict(
+      {k: v for k, v in flat.items() if not regex.search("/" + "/".join(map(str, k)))})
 
 
 def require_mergeable(meta: dict) -> None:

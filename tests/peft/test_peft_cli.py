@@ -107,4 +107,30 @@ def test_peft_folder_round_trip_through_an_hf_export(tmp_path, data_dir, capsys)
   assert cli.main(["convert", f"--from_hf={hf_dir}", f"--workdir={imported}"]) == 0
   assert cli.main(["peft", "import", f"--from_peft={adapter}", f"--workdir={imported}",
                    f"--output={back}"]) == 0
-  assert _generate(back, capsys) == _generate(work, capsys)
+  tuned = _generate(work, capsys)
+  assert _generate(back, capsys) == tuned
+
+  # A second, named adapter made by peft itself, beside the first in one checkpoint.
+  torch.manual_seed(0)
+  made = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(hf_dir),
+                             peft.LoraConfig(r=2, init_lora_weights=False))
+  made.save_pretrained(tmp_path / "made")
+  both = str(tmp_path / "both")
+  assert cli.main(["peft", "import", f"--from_peft={tmp_path / 'made'}", f"--workdir={back}",
+                   f"--output={both}", "--name=second"]) == 0
+  second = _generate(both, capsys)  # the newest adapter is the active one
+  assert second not in (tuned, _generate(source, capsys))
+  capsys.readouterr()
+  assert cli.main(["generate", f"--workdir={both}", "--adapter=default", *GENERATE]) == 0
+  assert capsys.readouterr().out == tuned
+  assert cli.main(["generate", f"--workdir={both}", "--adapter=none", *GENERATE]) == 0
+  assert capsys.readouterr().out == _generate(source, capsys)
+  assert cli.main(["generate", f"--workdir={both}", "--adapter=third", *GENERATE]) == 2
+  assert "holds ['default', 'second']" in capsys.readouterr().err
+  merged = str(tmp_path / "merged_default")
+  assert cli.main(["peft", "merge", f"--workdir={both}", f"--output={merged}",
+                   "--name=default"]) == 0
+  assert _generate(merged, capsys) == tuned
+  assert cli.main(["peft", "import", f"--from_peft={tmp_path / 'made'}", f"--workdir={both}",
+                   f"--output={tmp_path / 'clash'}", "--name=second"]) == 2
+  assert "already has an adapter named ['second']" in capsys.readouterr().err

@@ -201,7 +201,7 @@ def _config_json(cfg, config, ranks, slots, base_name):
           "alpha_pattern": {re.escape(m): alpha(k) for m, k in special.items()},
           "base_model_name_or_path": base_name, "inference_mode": True,
           "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None,
-          "revision": None, "exported_by": "llmjax"}
+          "revision": None}
 
 
 def write_peft_dir(out_dir, config_json, tensors):
