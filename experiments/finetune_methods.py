@@ -1,0 +1,151 @@
+"""Fine-tuning methods side by side: full SFT, LoRA, DoRA, bottleneck adapters and prompt
+tuning, each from the same pre-trained model for the same steps on `shakespeare_instruct`,
+scored by exact-match accuracy per task before and after.
+
+Command (from the repository root, after `bash scripts/setup_env.sh`):
+  .venv/bin/python experiments/finetune_methods.py --pretrained workdirs/shakespeare \
+      --out /tmp/finetune_methods --steps 300
+
+`--pretrained` is the main job's workdir (`bash scripts/main.sh`: runs/shakespeare_small.gin,
+a 4-layer, 256-wide GPT with a BPE tokenizer, 500 steps); it is trained first if it
+has no checkpoint. Each method is an ordinary `llmjax train --gin_file=runs/sft.gin
+[--gin_file=peft/<method>.gin]` run with `TrainConfig.init_from` the pre-trained workdir
+(batch 16 x 128 tokens, packed; the peak learning rate per method below, as each method's
+papers use larger rates for fewer parameters). Accuracy: `SFT.answer_accuracy` on the
+first `--per_task` test examples of each task (scenes never seen in pre-training or SFT):
+a record counts when the argmax at every response position, EOS included, is the
+reference token, which is exactly when greedy decoding writes the answer and stops.
+
+Result: see the table at the end of this docstring (filled in by the run recorded there).
+"""
+
+import argparse
+import json
+import os
+import re
+import time
+
+import numpy as np
+
+METHODS = {  # name: (gin files added to runs/sft.gin, peak learning rate)
+    "full": ((), 3e-4),
+    "lora": (("peft/lora.gin",), 2e-3),
+    "dora": (("peft/dora.gin",), 2e-3),
+    "adapters": (("peft/adapters.gin",), 2e-3),
+    "prompt_tuning": (("peft/prompt_tuning.gin",), 3e-2),
+}
+ROW_LEN = 128
+
+
+def parse_args():
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+  p.add_argument("--pretrained", default="workdirs/shakespeare")
+  p.add_argument("--out", required=True, help="one workdir per method goes here")
+  p.add_argument("--steps", type=int, default=300)
+  p.add_argument("--per_task", type=int, default=200)
+  p.add_argument("--methods", default=",".join(METHODS))
+  p.add_argument("--data_dir", default=None)
+  return p.parse_args()
+
+
+def test_records(data_dir, per_task):
+  from llmjax.data import datasets
+  source = datasets.get_source("shakespeare_instruct", "test", data_dir)
+  picked, counts = [], {}
+  for i in range(len(source)):
+    record = source[i]
+    if counts.get(record["task"], 0) < per_task:
+      counts[record["task"]] = counts.get(record["task"], 0) + 1
+      picked.append(record)
+  return picked
+
+
+def accuracy(model, params, tokenizer, records, chunk=64):
+  """Exact-match accuracy per task, scored in chunks of `chunk` records."""
+  from llmjax.objectives.sft import SFT
+  objective = SFT(max_len=ROW_LEN)
+  right = {}
+  for start in range(0, len(records), chunk):
+    part = records[start:start + chunk]
+    scores = objective.answer_accuracy(model, params, part, tokenizer)
+    for task in {r["task"] for r in part} | {"all"}:
+      n = len(part) if task == "all" else sum(r["task"] == task for r in part)
+      hits, total = right.get(task, (0, 0))
+      right[task] = (hits + scores[task] * n, total + n)
+  return {task: hits / total for task, (hits, total) in sorted(right.items())}
+
+
+def pretrained(workdir, data_dir):
+  """(model, params, tokenizer) of the pre-trained run (trained first if missing)."""
+  from llmjax.checkpoint import manager as ckpt_lib
+  from llmjax.data import tokenizer as tokenizer_lib
+  from llmjax.models.config import TransformerConfig
+  from llmjax.models.transformer import Transformer
+  from llmjax.train import main
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    extra = [f"DataConfig.data_dir = {data_dir!r}"] if data_dir else []
+    main.run(["runs/shakespeare_small.gin"], extra + ["TrainConfig.progress_bar = False"],
+             workdir)
+  ckpt = ckpt_lib.CheckpointManager(os.path.join(workdir, "checkpoints"))
+  params, meta = ckpt.restore_params()
+  ckpt.close()
+  tokenizer = tokenizer_lib.load_any(os.path.join(workdir, "tokenizer.model"))
+  return Transformer(TransformerConfig(**meta["model_config"])), params, tokenizer
+
+
+def trainable_fraction(params, peft_configs):
+  import jax
+
+  from llmjax.peft import model as peft_model
+  pattern = peft_model.trainable_pattern(peft_configs)
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  total = sum(np.size(v) for _, v in leaves)
+  if pattern is None:
+    return total, total
+  regex = re.compile(pattern)
+  trained = sum(np.size(v) for p, v in leaves
+                if regex.search("/" + "/".join(str(getattr(k, "key", k)) for k in p)))
+  return trained, total
+
+
+def main_(args):
+  from llmjax.train import main
+  model, params, tokenizer = pretrained(args.pretrained, args.data_dir)
+  records = test_records(args.data_dir, args.per_task)
+  rows = {"pre-trained": {"trainable": 0, "total": 0, **accuracy(model, params, tokenizer,
+                                                                 records)}}
+  print("pre-trained:", rows["pre-trained"], flush=True)
+  for name in args.methods.split(","):
+    files, lr = METHODS[name]
+    bindings = [f"TrainConfig.init_from = {os.path.abspath(args.pretrained)!r}",
+                f"TrainConfig.num_steps = {args.steps}", f"OptimizerConfig.peak_lr = {lr}",
+                f"TrainConfig.checkpoint_every = {args.steps}",
+                "TrainConfig.progress_bar = False"]
+    if args.data_dir:
+      bindings.append(f"DataConfig.data_dir = {args.data_dir!r}")
+    start = time.time()
+    result = main.run(["runs/sft.gin", *files], bindings, os.path.join(args.out, name))
+    seconds = time.time() - start
+    peft_configs = getattr(result.model, "configs", ())
+    trained, total = trainable_fraction(result.state.params, peft_configs)
+    scores = accuracy(result.model, result.state.params, result.tokenizer, records)
+    rows[name] = {"trainable": trained, "total": total, "train_s": seconds, **scores}
+    print(f"{name}: {rows[name]}", flush=True)
+  print_table(rows)
+  with open(os.path.join(args.out, "results.json"), "w") as f:
+    json.dump(rows, f, indent=1)
+  return rows
+
+
+def print_table(rows):
+  tasks = [t for t in next(iter(rows.values())) if t not in ("trainable", "total", "train_s")]
+  print("| method | trainable | " + " | ".join(tasks) + " | train s |")
+  print("|---" * (len(tasks) + 3) + "|")
+  for name, row in rows.items():
+    share = f"{100 * row['trainable'] / row['total']:.2f}%" if row["total"] else "-"
+    cells = " | ".join(f"{100 * row[t]:.1f}%" for t in tasks)
+    print(f"| {name} | {share} | {cells} | {row.get('train_s', 0):.0f} |")
+
+
+if __name__ == "__main__":
+  main_(parse_args())
