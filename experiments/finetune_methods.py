@@ -61,10 +61,11 @@ def test_records(data_dir, per_task):
 
 
 def accuracy(model, params, tokenizer, records, chunk=64):
-  """Exact-match accuracy per task, scored in chunks of `chunk` records."""
-  from llmjax.objectives.sft import SFT
-  objective = SFT(max_len=ROW_LEN)
-  right = {}
+  """Exact-match accuracy per task, and `tokens`: the teacher-forced accuracy over all
+  response tokens (EOS included), scored in chunks of `chunk` records."""
+  from llmjax.objectives import sft
+  objective = sft.SFT(max_len=ROW_LEN)
+  right, hit_tokens, n_tokens = {}, 0, 0
   for start in range(0, len(records), chunk):
     part = records[start:start + chunk]
     scores = objective.answer_accuracy(model, params, part, tokenizer)
@@ -72,7 +73,26 @@ def accuracy(model, params, tokenizer, records, chunk=64):
       n = len(part) if task == "all" else sum(r["task"] == task for r in part)
       hits, total = right.get(task, (0, 0))
       right[task] = (hits + scores[task] * n, total + n)
-  return {task: hits / total for task, (hits, total) in sorted(right.items())}
+    hit, count = _token_hits(objective, model, params, part, tokenizer)
+    hit_tokens, n_tokens = hit_tokens + hit, n_tokens + count
+  out = {task: hits / total for task, (hits, total) in sorted(right.items())}
+  return {**out, "tokens": hit_tokens / n_tokens}
+
+
+def _token_hits(objective, model, params, records, tokenizer):
+  from llmjax.objectives import sft
+  rows = [objective.feature_fn(r, tokenizer) for r in records]
+  length = max(len(r["tokens"]) for r in rows)
+  batch = {k: np.zeros((len(rows), length), np.int32)
+           for k in ("tokens", "response_mask", "tokens_segment_ids")}
+  for i, row in enumerate(rows):
+    n = len(row["tokens"])
+    batch["tokens"][i, :n], batch["response_mask"][i, :n] = row["tokens"], row["response_mask"]
+    batch["tokens_segment_ids"][i, :n] = 1
+  logits, targets, weights = sft.response_logits(model, params, batch)
+  weights = np.asarray(weights) > 0
+  hits = (np.asarray(logits).argmax(-1) == np.asarray(targets)) & weights
+  return int(hits.sum()), int(weights.sum())
 
 
 def pretrained(workdir, data_dir):
@@ -139,7 +159,8 @@ def main_(args):
 
 def print_table(rows):
   tasks = [t for t in next(iter(rows.values())) if t not in ("trainable", "total", "train_s")]
-  print("| method | trainable | " + " | ".join(tasks) + " | train s |")
+  print("| method | trainable | " + " | ".join(f"exact {t}" if t != "tokens" else
+                                            "response tokens" for t in tasks) + " | train s |")
   print("|---" * (len(tasks) + 3) + "|")
   for name, row in rows.items():
     share = f"{100 * row['trainable'] / row['total']:.2f}%" if row["total"] else "-"

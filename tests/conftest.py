@@ -14,3 +14,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 def data_dir(tmp_path_factory):
   """A TFDS data directory per test module (datasets are built into it on first use)."""
   return str(tmp_path_factory.mktemp("tfds"))
+
+
+FIXTURE_RUN = os.path.join(os.path.dirname(__file__), "data", "fixtures", "a5996b6_tiny_run")
+
+
+@pytest.fixture
+def fixture_run(tmp_path):
+  """A copy of the tiny debug run checkpointed at commit a5996b6 (step 3; its model:
+  `llmjax.testing.runs.FIXTURE_SHAPE`), to warm-start or resume from."""
+  import shutil
+  source = str(tmp_path / "source")
+  shutil.copytree(FIXTURE_RUN, source)
+  return source

@@ -198,9 +198,10 @@ def merged_model(model: Transformer, params, meta: dict, adapter: str | None = N
   """`(network, params)` to run a checkpoint with (generation): LoRA folded into
   `model`'s kernels, and a `PeftModel` when adapters or a soft prompt remain.
 
-  A checkpoint may hold several named adapters (`llmjax peft import` adds them); one is
-  active at a time: `adapter` (a `LoraConfig.name` etc.; 'none' for the base alone),
-  else the one `meta['peft_active']` names, else the only one."""
+  A checkpoint may hold several named adapters (`llmjax peft import` adds them and
+  records the newest in `meta['peft_active']`); one is active at a time: `adapter` (a
+  `LoraConfig.name` etc.; 'none' for the base alone), else `meta['peft_active']`, else
+  all of them (the adapters one run trained together)."""
   configs, params = select_adapter(from_meta(meta.get("peft")), params,
                                    adapter or meta.get("peft_active"))
   return PeftModel(model, configs).merged(params) if configs else (model, params)
@@ -211,12 +212,10 @@ def adapter_names(configs: Sequence) -> list[str]:
 
 
 def select_adapter(configs: Sequence, params, name: str | None):
-  """`(configs named `name`, params without the other adapters' parameters)`."""
+  """`(configs named `name`, params without the other adapters' parameters)`; every
+  config when `name` is None (the adapters a run trained together)."""
   names = adapter_names(configs)
-  if name is None and len(names) > 1:
-    raise UserError(f"this checkpoint holds the adapters {names}; pick one with "
-                    "--adapter=NAME (or --adapter=none for the base model).")
-  if name is None or (name in names and len(names) == 1):
+  if name is None:
     return list(configs), params
   if name != "none" and name not in names:
     raise UserError(f"no adapter named {name!r} in this checkpoint; it holds {names} "

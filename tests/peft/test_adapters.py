@@ -4,7 +4,6 @@ to LoRA, cached greedy decoding through the interceptors, metadata and bad confi
 
 import functools
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +22,7 @@ from llmjax.peft import model as peft_lib
 from llmjax.peft.adapters import AdapterConfig
 from llmjax.peft.lora import LoraConfig
 from llmjax.peft.model import PeftModel
-from llmjax.testing import reference
+from llmjax.testing import reference, runs
 
 PRESETS = ("tiny", "tiny-llama", "bert-tiny", "t5-tiny")
 
@@ -174,32 +173,17 @@ def test_bad_configs_are_user_errors():
     peft_lib.from_meta([{"method": "ia3"}])
 
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "..", "data", "fixtures", "a5996b6_tiny_run")
-SHAPE = ("get_preset.embed_dim=16", "get_preset.num_heads=2", "get_preset.mlp_dim=32",
-         "get_preset.dropout_rate=0.1")
-
-
-def _leaves(tree):
-  return {jax.tree_util.keystr(p): np.asarray(v)
-          for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def test_adapter_run_from_a_checkpoint(tmp_path, data_dir, capsys):
+def test_adapter_run_from_a_checkpoint(tmp_path, data_dir, capsys, fixture_run):
   """`--gin_file=peft/adapters.gin` on a warm start: the base stays bitwise the source's,
   only the adapters have optimizer state, generate runs them, convert --to_hf refuses."""
-  source = str(tmp_path / "source")
-  shutil.copytree(FIXTURE, source)
-  work = str(tmp_path / "adapters")
-  params = [f"DataConfig.data_dir={data_dir!r}", f"TrainConfig.init_from={source!r}",
+  source, work = fixture_run, str(tmp_path / "adapters")
+  assert runs.warm_start_train(work, data_dir, source, "peft/adapters.gin", params=[
             "TrainConfig.num_steps=6", "TrainConfig.checkpoint_every=6",
-            "OptimizerConfig.peak_lr=0.05", "AdapterConfig.size=4", *SHAPE]
-  argv = ["train", "--gin_file=runs/debug.gin", "--gin_file=peft/adapters.gin",
-          f"--workdir={work}", "--no_sample"] + [f"--gin_param={p}" for p in params]
-  assert cli.main(argv) == 0
-  base = _leaves(ckpt_lib.CheckpointManager(os.path.join(source, "checkpoints")).read()[0]
-                 ["params"])
+            "OptimizerConfig.peak_lr=0.05", "AdapterConfig.size=4"]) == 0
+  base = runs.param_leaves(
+      ckpt_lib.CheckpointManager(os.path.join(source, "checkpoints")).read()[0]["params"])
   state, _, meta = ckpt_lib.CheckpointManager(os.path.join(work, "checkpoints")).read(6)
-  tuned = _leaves(state["params"])
+  tuned = runs.param_leaves(state["params"])
   adapter = {k: v for k, v in tuned.items() if "adapter_" in k}
   assert set(tuned) - set(adapter) == set(base)
   for key, value in base.items():  # the base: bitwise the source's after 6 steps

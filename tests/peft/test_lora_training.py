@@ -3,38 +3,24 @@ base stays bitwise the source's, only the adapter has optimizer state, and `gene
 and `convert --to_hf` fold the adapter in."""
 
 import os
-import shutil
 
 import jax
 import numpy as np
 
 from llmjax import cli
 from llmjax.checkpoint import manager as ckpt_lib
-
-FIXTURE = os.path.join(os.path.dirname(__file__), "..", "data", "fixtures", "a5996b6_tiny_run")
-SHAPE = ("get_preset.embed_dim=16", "get_preset.num_heads=2", "get_preset.mlp_dim=32",
-         "get_preset.dropout_rate=0.1")
+from llmjax.testing import runs
 
 
-def _leaves(tree):
-  return {jax.tree_util.keystr(p): np.asarray(v)
-          for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def test_lora_run_from_a_checkpoint(tmp_path, data_dir, capsys):
-  source = str(tmp_path / "source")
-  shutil.copytree(FIXTURE, source)
-  work = str(tmp_path / "lora")
-  params = [f"DataConfig.data_dir={data_dir!r}", f"TrainConfig.init_from={source!r}",
+def test_lora_run_from_a_checkpoint(tmp_path, data_dir, capsys, fixture_run):
+  source, work = fixture_run, str(tmp_path / "lora")
+  assert runs.warm_start_train(work, data_dir, source, "peft/lora.gin", params=[
             "TrainConfig.num_steps=10", "TrainConfig.checkpoint_every=10",
-            "OptimizerConfig.peak_lr=0.01", "LoraConfig.rank=2", *SHAPE]
-  argv = ["train", "--gin_file=runs/debug.gin", "--gin_file=peft/lora.gin",
-          f"--workdir={work}", "--no_sample"] + [f"--gin_param={p}" for p in params]
-  assert cli.main(argv) == 0
-  base = _leaves(ckpt_lib.CheckpointManager(os.path.join(source, "checkpoints")).read()[0]
-                 ["params"])
+            "OptimizerConfig.peak_lr=0.01", "LoraConfig.rank=2"]) == 0
+  base = runs.param_leaves(
+      ckpt_lib.CheckpointManager(os.path.join(source, "checkpoints")).read()[0]["params"])
   state, _, meta = ckpt_lib.CheckpointManager(os.path.join(work, "checkpoints")).read(10)
-  tuned = _leaves(state["params"])
+  tuned = runs.param_leaves(state["params"])
   adapter = {k: v for k, v in tuned.items() if "lora_" in k}
   assert set(tuned) - set(adapter) == set(base)
   for key, value in base.items():  # the base: bitwise the source's after 10 steps

@@ -3,18 +3,14 @@ adapter-only checkpoint is small and refuses another base, merged decoding equal
 adapter run's, and the PEFT folder goes through `peft` and back into llmjax."""
 
 import os
-import shutil
 
-import jax
 import numpy as np
 import pytest
 
 from llmjax import cli
 from llmjax.checkpoint import manager as ckpt_lib
+from llmjax.testing import runs
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "..", "data", "fixtures", "a5996b6_tiny_run")
-SHAPE = ("get_preset.embed_dim=16", "get_preset.num_heads=2", "get_preset.mlp_dim=32",
-         "get_preset.dropout_rate=0.1")
 GENERATE = ["--prompt=ROMEO:", "--max_new_tokens=8", "--temperature=0"]
 
 
@@ -22,8 +18,7 @@ def _leaves(workdir, step=None):
   ckpt = ckpt_lib.CheckpointManager(os.path.join(workdir, "checkpoints"))
   params, _ = ckpt.restore_params(step)
   ckpt.close()
-  return {jax.tree_util.keystr(p): np.asarray(v)
-          for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  return runs.param_leaves(params)
 
 
 def _generate(workdir, capsys):
@@ -34,18 +29,14 @@ def _generate(workdir, capsys):
 
 def _train(tmp_path, data_dir, source, extra=()):
   work = str(tmp_path / "lora")
-  params = [f"DataConfig.data_dir={data_dir!r}", f"TrainConfig.init_from={source!r}",
-            "TrainConfig.num_steps=6", "TrainConfig.checkpoint_every=6",
-            "OptimizerConfig.peak_lr=0.02", "LoraConfig.rank=2", *SHAPE, *extra]
-  argv = ["train", "--gin_file=runs/debug.gin", "--gin_file=peft/lora.gin",
-          f"--workdir={work}", "--no_sample"] + [f"--gin_param={p}" for p in params]
-  assert cli.main(argv) == 0
+  assert runs.warm_start_train(work, data_dir, source, "peft/lora.gin", params=[
+      "TrainConfig.num_steps=6", "TrainConfig.checkpoint_every=6",
+      "OptimizerConfig.peak_lr=0.02", "LoraConfig.rank=2", *extra]) == 0
   return work
 
 
-def test_merge_and_adapter_only_checkpoints(tmp_path, data_dir, capsys):
-  source = str(tmp_path / "source")
-  shutil.copytree(FIXTURE, source)
+def test_merge_and_adapter_only_checkpoints(tmp_path, data_dir, capsys, fixture_run):
+  source = fixture_run
   work = _train(tmp_path, data_dir, source)
   tuned = _leaves(work)
 
@@ -82,12 +73,11 @@ def test_merge_and_adapter_only_checkpoints(tmp_path, data_dir, capsys):
   assert not (tmp_path / "wrong").exists()
 
 
-def test_peft_folder_round_trip_through_an_hf_export(tmp_path, data_dir, capsys):
+def test_peft_folder_round_trip_through_an_hf_export(tmp_path, data_dir, capsys, fixture_run):
   peft = pytest.importorskip("peft")
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  source = str(tmp_path / "source")
-  shutil.copytree(FIXTURE, source)
+  source = fixture_run
   work = _train(tmp_path, data_dir, source, extra=("LoraConfig.dora=True",))
   hf_dir, adapter = tmp_path / "hf", tmp_path / "peft_adapter"
   assert cli.main(["convert", f"--workdir={source}", f"--to_hf={hf_dir}"]) == 0

@@ -5,7 +5,6 @@ initialisation from text; metadata; the refused inputs."""
 
 import functools
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +22,7 @@ from llmjax.peft import model as peft_lib
 from llmjax.peft.lora import LoraConfig
 from llmjax.peft.model import PeftModel
 from llmjax.peft.prompt_tuning import PromptTuningConfig
-from llmjax.testing import reference
+from llmjax.testing import reference, runs
 
 K = 3
 PROMPT = PromptTuningConfig(length=K)
@@ -188,37 +187,23 @@ def test_refused_inputs_are_user_errors():
     PromptTuningConfig(length=0)
 
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "..", "data", "fixtures", "a5996b6_tiny_run")
-SHAPE = ("get_preset.embed_dim=16", "get_preset.num_heads=2", "get_preset.mlp_dim=32",
-         "get_preset.dropout_rate=0.1")
-
-
-def _leaves(tree):
-  return {jax.tree_util.keystr(p): np.asarray(v)
-          for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def test_prompt_tuning_run_from_a_checkpoint(tmp_path, data_dir, capsys):
+def test_prompt_tuning_run_from_a_checkpoint(tmp_path, data_dir, capsys, fixture_run):
   """`--gin_file=peft/prompt_tuning.gin` on a warm start, the prompt from a text: only
   the prompt trains and has optimizer state; the end-of-run sample and generate see it."""
-  source = str(tmp_path / "source")
-  shutil.copytree(FIXTURE, source)
-  work = str(tmp_path / "prompt")
-  params = [f"DataConfig.data_dir={data_dir!r}", f"TrainConfig.init_from={source!r}",
-            "TrainConfig.num_steps=6", "TrainConfig.checkpoint_every=6",
-            "DataConfig.seq_len=32",  # + 4 prompt slots within max_len=64
-            "OptimizerConfig.peak_lr=0.05", "PromptTuningConfig.length=4",
-            "PromptTuningConfig.init_text='ROMEO'", "RuntimeConfig.sample_tokens=8", *SHAPE]
-  argv = ["train", "--gin_file=runs/debug.gin", "--gin_file=peft/prompt_tuning.gin",
-          f"--workdir={work}"] + [f"--gin_param={p}" for p in params]
-  assert cli.main(argv) == 0
+  source, work = fixture_run, str(tmp_path / "prompt")
+  assert runs.warm_start_train(work, data_dir, source, "peft/prompt_tuning.gin", sample=True,
+                               params=[
+      "TrainConfig.num_steps=6", "TrainConfig.checkpoint_every=6",
+      "DataConfig.seq_len=32",  # + 4 prompt slots within max_len=64
+      "OptimizerConfig.peak_lr=0.05", "PromptTuningConfig.length=4",
+      "PromptTuningConfig.init_text='ROMEO'", "RuntimeConfig.sample_tokens=8"]) == 0
   out = capsys.readouterr().out
   assert "soft prompt 'default': 4 vectors from the embeddings of 'ROMEO'" in out
   assert "--- sample" in out
-  base = _leaves(ckpt_lib.CheckpointManager(os.path.join(source, "checkpoints")).read()[0]
-                 ["params"])
+  base = runs.param_leaves(
+      ckpt_lib.CheckpointManager(os.path.join(source, "checkpoints")).read()[0]["params"])
   state, _, meta = ckpt_lib.CheckpointManager(os.path.join(work, "checkpoints")).read(6)
-  tuned = _leaves(state["params"])
+  tuned = runs.param_leaves(state["params"])
   assert set(tuned) - set(base) == {"['embed']['prompt_default']"}
   for key, value in base.items():  # the base: bitwise the source's after 6 steps
     np.testing.assert_array_equal(tuned[key], value, err_msg=key)

