@@ -35,6 +35,8 @@ METHODS = {  # name: (gin files added to runs/sft.gin, peak learning rate)
     "prompt_tuning": (("peft/prompt_tuning.gin",), 3e-2),
 }
 ROW_LEN = 128
+# The soft prompt's 20 slots come on top of the rows, within the model's 128 positions.
+ROW_LENS = {"prompt_tuning": 108}
 
 
 def parse_args():
@@ -60,11 +62,11 @@ def test_records(data_dir, per_task):
   return picked
 
 
-def accuracy(model, params, tokenizer, records, chunk=64):
+def accuracy(model, params, tokenizer, records, chunk=64, row_len=ROW_LEN):
   """Exact-match accuracy per task, and `tokens`: the teacher-forced accuracy over all
   response tokens (EOS included), scored in chunks of `chunk` records."""
   from llmjax.objectives import sft
-  objective = sft.SFT(max_len=ROW_LEN)
+  objective = sft.SFT(max_len=row_len)
   right, hit_tokens, n_tokens = {}, 0, 0
   for start in range(0, len(records), chunk):
     part = records[start:start + chunk]
@@ -140,7 +142,8 @@ def main_(args):
     bindings = [f"TrainConfig.init_from = {os.path.abspath(args.pretrained)!r}",
                 f"TrainConfig.num_steps = {args.steps}", f"OptimizerConfig.peak_lr = {lr}",
                 f"TrainConfig.checkpoint_every = {args.steps}",
-                "TrainConfig.progress_bar = False"]
+                "TrainConfig.progress_bar = False",
+                f"ROW_LEN = {ROW_LENS.get(name, ROW_LEN)}"]
     if args.data_dir:
       bindings.append(f"DataConfig.data_dir = {args.data_dir!r}")
     start = time.time()
@@ -148,7 +151,8 @@ def main_(args):
     seconds = time.time() - start
     peft_configs = getattr(result.model, "configs", ())
     trained, total = trainable_fraction(result.state.params, peft_configs)
-    scores = accuracy(result.model, result.state.params, result.tokenizer, records)
+    scores = accuracy(result.model, result.state.params, result.tokenizer, records,
+                      row_len=ROW_LENS.get(name, ROW_LEN))
     rows[name] = {"trainable": trained, "total": total, "train_s": seconds, **scores}
     print(f"{name}: {rows[name]}", flush=True)
   print_table(rows)
