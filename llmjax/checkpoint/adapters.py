@@ -215,34 +215,43 @@ def _model_type(meta, cfg, model_type):
 
 def export_peft(workdir: str, out: str, *, step: int | None = None, name: str | None = None,
                 model_type: str | None = None, log=print):
-  """The LoRA/DoRA adapter `name` (default: the only one) as a PEFT folder `out`, for the
-  `convert --to_hf` export of the run's base."""
-  from llmjax.checkpoint.convert import adapters
+  """The LoRA/DoRA adapter or soft prompt `name` (default: the only one) as a PEFT folder
+  `out`, for the `convert --to_hf` export of the run's base."""
+  from llmjax.checkpoint.convert import adapters, prompts
   from llmjax.peft.lora import LoraConfig
+  from llmjax.peft.prompt_tuning import PromptTuningConfig
   params, meta = _restore(workdir, step)
   name = name or meta.get("peft_active")
-  loras = [c for c in _configs(meta) if isinstance(c, LoraConfig)
-           and (name is None or c.name == name)]
-  if len(loras) != 1:
-    raise UserError(f"{workdir} has LoRA adapters {[c.name for c in _configs(meta)]}; pass "
-                    "--name=<one of them> (PEFT folders hold LoRA/DoRA adapters only).")
+  kinds = (LoraConfig, PromptTuningConfig)
+  found = [c for c in _configs(meta) if isinstance(c, kinds) and name in (None, c.name)]
+  if len(found) != 1:
+    raise UserError(f"{workdir} has the adapters {[c.name for c in _configs(meta)]}; pass "
+                    "--name=<one of them> (PEFT folders hold one LoRA/DoRA adapter or one "
+                    "soft prompt; bottleneck adapters have no PEFT format).")
   cfg = TransformerConfig(**meta["model_config"])
-  kind = _model_type(meta, cfg, model_type)
-  adapters.export_adapter(out, cfg, params, loras[0], model_type=kind,
-                          base_model_name_or_path=meta.get("converted_from"))
-  log(f"exported LoRA adapter {loras[0].name!r} of {workdir} as a PEFT folder for "
-      f"{kind} in {out}")
+  source = meta.get("converted_from")
+  if isinstance(found[0], PromptTuningConfig):
+    prompts.export_prompt(out, cfg, params, found[0], base_model_name_or_path=source)
+  else:
+    adapters.export_adapter(out, cfg, params, found[0],
+                            model_type=_model_type(meta, cfg, model_type),
+                            base_model_name_or_path=source)
+  log(f"exported {type(found[0]).__name__} {found[0].name!r} of {workdir} as a PEFT folder "
+      f"in {out}")
 
 
 def import_peft(adapter_dir: str, base_workdir: str, out: str, *, name: str = "default",
                 model_type: str | None = None, log=print):
   """A new workdir `out`: `base_workdir` (an imported HF model, with any adapters it
-  has) + a PEFT LoRA folder as adapter `name`, active."""
+  has) + a PEFT LoRA or PROMPT_TUNING folder as adapter `name`, active."""
   from llmjax.checkpoint.convert import adapters
   base, existing, configs, meta = _base_and_adapters(base_workdir)
   cfg = TransformerConfig(**meta["model_config"])
-  kind = _model_type(meta, cfg, model_type)
-  config, params = adapters.import_adapter(adapter_dir, cfg, base, model_type=kind,
-                                           name=name)
+  if adapters.peft_type(adapter_dir) == "PROMPT_TUNING":
+    from llmjax.checkpoint.convert import prompts
+    config, params = prompts.import_prompt(adapter_dir, cfg, base, name=name)
+  else:
+    config, params = adapters.import_adapter(adapter_dir, cfg, base, name=name,
+                                             model_type=_model_type(meta, cfg, model_type))
   _, new = split_adapters(params, [config])
   _add(out, base, existing, configs, new, [config], meta, base_workdir, adapter_dir, log)

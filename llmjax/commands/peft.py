@@ -8,9 +8,10 @@
       DIR: an adapter-only Orbax checkpoint (kilobytes) recording the base's config and a
       fingerprint of its parameters.
   llmjax peft export --workdir=W --to_peft=DIR [--name=A] [--model_type=T]
-      DIR: the LoRA/DoRA adapter as a Hugging Face PEFT folder (adapter_config.json +
-      adapter_model.safetensors) that `peft.PeftModel.from_pretrained` loads onto the
-      `llmjax convert --to_hf` export of the base.
+      DIR: the LoRA/DoRA adapter (or a decoder-only model's soft prompt) as a Hugging
+      Face PEFT folder (adapter_config.json + adapter_model.safetensors) that
+      `peft.PeftModel.from_pretrained` loads onto the `llmjax convert --to_hf` export of
+      the base.
   llmjax peft import --from_adapter=DIR --workdir=BASE --output=W2
   llmjax peft import --from_peft=DIR --workdir=BASE --output=W2 [--name=A]
       W2: BASE's parameters with the adapter (checked to belong to BASE) beside any

@@ -243,9 +243,10 @@ def require_mergeable(meta: dict) -> None:
   rest = [type(c).__name__ for c in from_meta(meta.get("peft")) if not mergeable(c)]
   if rest:
     raise UserError(f"this checkpoint was tuned with {', '.join(rest)}, which cannot be "
-                    "folded into the model's weights, and Hugging Face PEFT has no format "
-                    "for them on these models; only plain and LoRA/DoRA checkpoints export. "
-                    "Sample with `llmjax generate --workdir=...` instead, or fine-tune with "
+                    "folded into the model's weights; only plain and LoRA/DoRA checkpoints "
+                    "export as one model. Sample with `llmjax generate --workdir=...`; export "
+                    "a soft prompt on its own with `llmjax peft export --to_peft` (PEFT has no "
+                    "format for bottleneck adapters on these models), or fine-tune with "
                     "gin_configs/peft/lora.gin for an exportable model.")
 
 

@@ -121,3 +121,41 @@ def test_an_adapter_for_another_base_is_refused(tmp_path):
   (tmp_path / "made" / adapters.WEIGHTS).unlink()
   with pytest.raises(UserError, match="adapter_model.safetensors is missing"):
     adapters.import_adapter(str(tmp_path / "made"), cfg, base, model_type="gpt2")
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_soft_prompts_round_trip_through_peft(name, tmp_path):
+  from llmjax.checkpoint.convert import prompts
+  from llmjax.peft.prompt_tuning import PromptTuningConfig
+  hf = hf_models.randomize(hf_models.hf_model(name))
+  hf.save_pretrained(tmp_path / "hf")
+  cfg, base, _ = convert.import_hf(str(tmp_path / "hf"))
+  tokens, mask = hf_models.batch()
+  k = 3
+
+  def peft_logits(adapter_dir):  # PEFT returns the k virtual tokens' logits too
+    return _peft_logits(tmp_path / "hf", adapter_dir, type(hf), name, tokens, mask)[:, k:]
+
+  config = PromptTuningConfig(length=k)
+  net = PeftModel(Transformer(cfg), [config])
+  params = {**base, "embed": {**base["embed"], "prompt_default": (
+      0.5 * np.random.default_rng(0).standard_normal((k, cfg.embed_dim))).astype(np.float32)}}
+  ours, valid = hf_models.our_logits(cfg, params, name, tokens, mask, model=net)
+  prompts.export_prompt(str(tmp_path / "prompt"), cfg, params, config)
+  diff = hf_models.max_diff(ours, peft_logits(tmp_path / "prompt"), valid)
+  print(f"{name}: llmjax soft prompt in PEFT, max |diff| = {diff:.2e}")
+  assert diff <= TOL
+  plain, _ = hf_models.our_logits(cfg, base, name, tokens, mask)
+  assert hf_models.max_diff(plain, ours, valid) > 100 * TOL  # the prompt matters
+
+  torch.manual_seed(3)
+  made = peft.get_peft_model(type(hf).from_pretrained(tmp_path / "hf"), peft.PromptTuningConfig(
+      task_type="CAUSAL_LM", num_virtual_tokens=5))
+  made.save_pretrained(tmp_path / "made")
+  got_cfg, got = prompts.import_prompt(str(tmp_path / "made"), cfg, base)
+  k = got_cfg.length
+  logits, _ = hf_models.our_logits(cfg, got, name, tokens, mask,
+                                   model=PeftModel(Transformer(cfg), [got_cfg]))
+  diff = hf_models.max_diff(logits, peft_logits(tmp_path / "made"), valid)
+  print(f"{name}: PEFT soft prompt in llmjax, max |diff| = {diff:.2e}")
+  assert k == 5 and diff <= TOL

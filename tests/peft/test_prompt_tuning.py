@@ -221,3 +221,11 @@ def test_prompt_tuning_run_from_a_checkpoint(tmp_path, data_dir, capsys, fixture
   assert tuned_text.startswith("ROMEO:") and tuned_text != capsys.readouterr().out
   assert cli.main(["convert", f"--workdir={work}", f"--to_hf={tmp_path / 'hf'}"]) == 2
   assert "PromptTuningConfig, which cannot be folded" in capsys.readouterr().err
+  # The soft prompt alone, through a PEFT PROMPT_TUNING folder and back onto the base.
+  peft_dir, back = tmp_path / "peft_prompt", str(tmp_path / "back")
+  assert cli.main(["peft", "export", f"--workdir={work}", f"--to_peft={peft_dir}"]) == 0
+  assert cli.main(["peft", "import", f"--from_peft={peft_dir}", f"--workdir={source}",
+                   f"--output={back}"]) == 0
+  capsys.readouterr()
+  assert cli.main(["generate", f"--workdir={back}", *args]) == 0
+  assert capsys.readouterr().out == tuned_text

@@ -211,9 +211,18 @@ def write_peft_dir(out_dir, config_json, tensors):
     json.dump(config_json, f, indent=2, sort_keys=True)
 
 
-def read_peft_dir(adapter_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
-  """(adapter_config.json, tensors) of a PEFT LoRA folder, refusing what llmjax cannot
-  represent."""
+def peft_type(adapter_dir: str) -> str | None:
+  """`peft_type` of the folder's adapter_config.json (None when there is none)."""
+  path = os.path.join(adapter_dir, CONFIG)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f).get("peft_type")
+
+
+def read_peft_dir(adapter_dir: str, peft_type: str = "LORA") -> tuple[dict, dict]:
+  """(adapter_config.json, tensors) of a PEFT folder of `peft_type`, refusing what llmjax
+  cannot represent."""
   paths = [os.path.join(adapter_dir, n) for n in (CONFIG, WEIGHTS)]
   for path in paths:
     if not os.path.isfile(path):
@@ -221,9 +230,9 @@ def read_peft_dir(adapter_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
                       "save_pretrained (adapter_config.json + adapter_model.safetensors).")
   with open(paths[0]) as f:
     conf = json.load(f)
-  if conf.get("peft_type") != "LORA":
+  if conf.get("peft_type") != peft_type:
     raise UserError(f"{paths[0]}: peft_type={conf.get('peft_type')!r}; llmjax imports "
-                    "LORA adapters (LoRA, rsLoRA, DoRA) only.")
+                    "LORA (LoRA, rsLoRA, DoRA) and PROMPT_TUNING folders only.")
   for key, want in _REFUSED.items():
     if conf.get(key, want) not in (want, [], {}):
       raise UserError(f"{paths[0]}: {key}={conf[key]!r} is not supported (needs "
