@@ -41,7 +41,26 @@ def _register_shapes():
     tvt.VOCAB.setdefault(name, 50257)
 
 
-class LlmjaxLora:
+class _Timed:
+  """`info` and `run` (timed steps) of a worker; subclasses give `_prepare(index)` (untimed)
+  and `_step(prepared) -> loss` (timed, synchronous)."""
+
+  def info(self):
+    return {"params": self.num_params, "trainable": self.trainable,
+            "opt_bytes": self.opt_bytes, "compile_s": self.compile_s}
+
+  def run(self, start, n):
+    """`n` timed steps on batches start..start+n-1: (seconds per step, losses)."""
+    times, losses = [], []
+    for i in range(start, start + n):
+      prepared = self._prepare(i)
+      t0 = time.perf_counter()
+      losses.append(self._step(prepared))
+      times.append(time.perf_counter() - t0)
+    return times, losses
+
+
+class LlmjaxLora(_Timed):
   """llmjax's own train step on a `PeftModel`, jitted with donation."""
 
   def __init__(self, shape="gpt2-lora", dtype="float32", seed=0, data_seed=1234, lr=1e-3):
@@ -88,24 +107,17 @@ class LlmjaxLora:
                             index)
     return {"inputs": x, "targets": y}
 
-  def info(self):
-    return {"params": self.num_params, "trainable": self.trainable,
-            "opt_bytes": self.opt_bytes, "compile_s": self.compile_s}
+  def _prepare(self, index):
+    return self._batch(index)
 
-  def run(self, start, n):
+  def _step(self, batch):
     import jax
-    times, losses = [], []
-    for i in range(start, start + n):
-      batch = self._batch(i)
-      t0 = time.perf_counter()
-      self.state, metrics = self.step(self.state, batch)
-      jax.block_until_ready((self.state, metrics))
-      times.append(time.perf_counter() - t0)
-      losses.append(float(metrics["loss"]))
-    return times, losses
+    self.state, metrics = self.step(self.state, batch)
+    jax.block_until_ready((self.state, metrics))
+    return float(metrics["loss"])
 
 
-class PeftLora:
+class PeftLora(_Timed):
   """transformers' GPT2LMHeadModel under peft's LoRA, eager PyTorch."""
 
   def __init__(self, shape="gpt2-lora", dtype="float32", seed=0, data_seed=1234, lr=1e-3,
@@ -131,7 +143,7 @@ class PeftLora:
     self.trainable = sum(p.numel() for p in trainable)
     self.num_params = sum(p.numel() for p in self.model.parameters())
     start = time.perf_counter()
-    self._step(0)
+    self._step(self._prepare(0))
     self.compile_s = time.perf_counter() - start
     self.opt_bytes = sum(t.numel() * t.element_size() for s in self.opt.state.values()
                          for t in s.values() if t.dim())
@@ -152,17 +164,8 @@ class PeftLora:
     self.opt.zero_grad(set_to_none=True)
     return loss.item()
 
-  def info(self):
-    return {"params": self.num_params, "trainable": self.trainable,
-            "opt_bytes": self.opt_bytes, "compile_s": self.compile_s}
-
-  def run(self, start, n):
-    times, losses = [], []
-    for i in range(start, start + n):
-      t0 = time.perf_counter()
-      losses.append(self._step(i))
-      times.append(time.perf_counter() - t0)
-    return times, losses
+  def _prepare(self, index):
+    return index  # the batch is built inside the timed step, as train_vs_torch does
 
 
 def make_workers(impls, shape, threads):
