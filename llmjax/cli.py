@@ -19,6 +19,8 @@ COMMANDS = {
     "convert": ("llmjax.commands.convert", "import/export Hugging Face checkpoints"),
     "peft": ("llmjax.commands.peft", "merge, export and import fine-tuning adapters"),
     "memory": ("llmjax.commands.memory", "training memory per device for each sharding"),
+    "sweep": ("llmjax.commands.sweep", "plan, run and fit a scaling-law sweep"),
+    "scaling": ("llmjax.commands.scaling", "compute-optimal model and data size for a budget"),
 }
 
 

@@ -3,5 +3,5 @@
 # Extra arguments go to pytest, e.g.  bash scripts/test.sh -k tokenizer -x
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_env.sh dev,hf
+bash scripts/setup_env.sh dev,hf,ray
 exec .venv/bin/python -m pytest -q -ra --durations=15 "$@"

@@ -57,11 +57,13 @@ def register_configurables():
   from llmjax.peft.adapters import AdapterConfig
   from llmjax.peft.lora import LoraConfig
   from llmjax.peft.prompt_tuning import PromptTuningConfig
+  from llmjax.scaling.sweep import SweepConfig
   from llmjax.train.inputs import TokenizerSpec
   from llmjax.train.loop import TrainConfig
 
   for cls in (TransformerConfig, DataConfig, TokenizerSpec, OptimizerConfig, TrainConfig,
-              RuntimeConfig, CausalLM, LoraConfig, AdapterConfig, PromptTuningConfig):
+              RuntimeConfig, CausalLM, LoraConfig, AdapterConfig, PromptTuningConfig,
+              SweepConfig):
     gin.external_configurable(cls, module="llmjax")
   gin.external_configurable(presets.get_preset, module="llmjax")
   from llmjax.objectives import classification, mlm, seq2seq, sft, span_corruption
