@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command: sets up .venv (with the dev and hf extras) and runs the whole suite.
+# The test command: sets up .venv (with the dev, hf and ray extras) and runs the whole suite.
 # Extra arguments go to pytest, e.g.  bash scripts/test.sh -k tokenizer -x
 set -euo pipefail
 cd "$(dirname "$0")/.."

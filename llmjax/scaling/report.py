@@ -63,6 +63,11 @@ def fit_all(records, params_key="non_embedding", loss_key="eval_loss", bootstrap
   out = {"params": params_key, "loss": loss_key, "k": k, "n_points": len(p["n"])}
   law_fit = fit.fit_law(p["n"], p["d"], p["loss"], bootstrap=bootstrap, seed=seed)
   out["approach3"] = law_fit.to_dict()
+  top = float(p["flops"].max())
+  try:  # the allocation at the sweep's largest compute and two extrapolations
+    out["allocation"] = fit.summary(law_fit.law, [top, 10 * top, 100 * top], k)
+  except UserError as e:  # a fitted exponent <= 0 has no optimum
+    out["allocation"] = {"error": str(e)}
   iso = None
   if not np.isnan(p["budget"]).any() and len(set(p["budget"])) >= 2:
     try:
@@ -136,6 +141,14 @@ def print_summary(result: dict) -> None:
     value = getattr(law, name)
     band = f"  [{iv[name][0]:.4g}, {iv[name][1]:.4g}]" if name in iv else ""
     print(f"  {name:5} {value:10.4g}{band}")
+  alloc = result.get("allocation")
+  if isinstance(alloc, list):
+    print(f"compute-optimal under Approach 3 (C = {result['k']:.2f} N D):")
+    for row in alloc:
+      print(f"  C {row['flops']:9.3g}  N_opt {row['n_opt']:9.3g}  D_opt {row['d_opt']:9.3g}  "
+            f"{row['tokens_per_param']:7.1f} tokens/param  loss {row['loss']:.4f}")
+  elif alloc:
+    print(f"compute-optimal allocation: {alloc['error']}")
   for key, label in (("approach2", "Approach 2 (IsoFLOP parabolas)"),
                      ("approach1", "Approach 1 (envelope)")):
     if key in result and "error" not in result[key]:

@@ -70,3 +70,21 @@ def test_arch_files_build_over_the_tiny_model(path):
                   os.path.join(main.GIN_ROOT, "models", "tiny.gin"), path], [])
   model = _check_builds()
   assert model.arch == os.path.basename(path)[:-len(".gin")]
+
+
+SWEEPS = sorted(glob.glob(os.path.join(main.GIN_ROOT, "sweeps", "*.gin")))
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=os.path.basename)
+def test_sweep_files_parse_build_and_plan(path):
+  from llmjax.scaling import sweep as sweep_lib
+
+  main.parse_gin([path], [])
+  model = _check_builds()
+  sweep = gin.get_configurable("llmjax.SweepConfig")()
+  data = _build("data")
+  rows = sweep_lib.plan_rows(sweep, model.replace(vocab_size=89), data.seq_len,
+                             data.batch_size)
+  budgets = {r["budget"] for r in rows}
+  assert len(budgets) == len(sweep.budgets) >= 2  # every budget keeps >= 3 shapes
+  assert all(sum(r["budget"] == b for r in rows) >= 3 for b in budgets)

@@ -1,0 +1,98 @@
+"""A real IsoFLOP sweep on this machine: 19 GPTs over 4 FLOP budgets on Shakespeare, fitted
+by the three approaches of Hoffmann et al. (2022), with a hold-out check.
+
+Command (from the repository root, after `bash scripts/setup_env.sh`):
+  .venv/bin/python experiments/scaling_sweep.py --sweep_dir workdirs/sweep
+
+It runs `llmjax sweep plan --gin_file=sweeps/shakespeare_isoflop.gin`, `llmjax sweep run`
+(resumable: re-running finishes a killed sweep) and `llmjax sweep fit --holdout`, then
+prints the table below. The sweep (gin_configs/sweeps/shakespeare_isoflop.gin): budgets
+1e12, 3e12, 1e13, 3e13 FLOPs (exact matmul counts, `scaling/counts.py`); 9 GPT shapes from
+2 x 32 to 6 x 192 (head 16, MLP 4x), each budget keeping the shapes whose D / N lies in
+[2.2, 400]; a char tokenizer (89 pieces); batch 16 x 128; AdamW, peak lr 3e-3, 5% warmup,
+cosine; final eval loss on 20 validation batches (scenes never trained on). N is the
+non-embedding count (Kaplan et al. 2020); C = k N D with this sweep's k = median C / (N D)
+(attention over 128 positions and the head add to 6 N at these widths).
+
+Result: filled in below by the session that ran it.
+"""
+
+import argparse
+import io
+import json
+import os
+import sys
+import time
+from contextlib import redirect_stdout
+
+from llmjax import cli
+from llmjax.scaling import fit
+from llmjax.scaling import sweep as sweep_lib
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--sweep_dir", default="workdirs/sweep")
+  parser.add_argument("--gin_file", default="sweeps/shakespeare_isoflop.gin")
+  parser.add_argument("--bootstrap", type=int, default=1000)
+  parser.add_argument("--parallel", type=int, default=1)
+  args = parser.parse_args()
+  if not os.path.exists(os.path.join(args.sweep_dir, sweep_lib.MANIFEST)):
+    _cli("sweep", "plan", f"--gin_file={args.gin_file}", f"--sweep_dir={args.sweep_dir}")
+  start = time.time()
+  _cli("sweep", "run", f"--sweep_dir={args.sweep_dir}", f"--parallel={args.parallel}")
+  print(f"sweep wall time (this invocation): {(time.time() - start) / 60:.1f} min")
+  out = io.StringIO()
+  with redirect_stdout(out):
+    _cli("sweep", "fit", f"--sweep_dir={args.sweep_dir}", f"--bootstrap={args.bootstrap}",
+         "--holdout")
+  print(out.getvalue())
+  with open(os.path.join(args.sweep_dir, "fit", "fit.json"), encoding="utf-8") as f:
+    result = json.load(f)
+  print_tables(args.sweep_dir, result)
+
+
+def _cli(*argv):
+  code = cli.main(list(argv))
+  if code:
+    sys.exit(code)
+
+
+def print_tables(sweep_dir, result):
+  manifest = sweep_lib.read_manifest(sweep_dir)
+  records = sweep_lib.collect(sweep_dir, manifest)
+  print("| run | N non-emb | D tokens | C FLOPs | eval loss | minutes |")
+  print("|---|---|---|---|---|---|")
+  for r in records:
+    path = os.path.join(sweep_lib.workdir(sweep_dir, r), sweep_lib.RESULT)
+    with open(path, encoding="utf-8") as f:
+      seconds = json.load(f)["seconds"]
+    print(f"| {r['id']} | {r['non_embedding_params']:,} | {r['tokens']:.3g} | "
+          f"{r['flops']:.3g} | {r['eval_loss']:.4f} | {seconds / 60:.1f} |")
+  law = fit.Law.from_dict(result["approach3"]["law"])
+  iv = result["approach3"]["intervals"]
+  print("\n| Approach 3 | fit | 90% bootstrap interval |\n|---|---|---|")
+  for name in ("E", "A", "B", "alpha", "beta", "a", "b"):
+    lo, hi = iv.get(name, (float("nan"), float("nan")))
+    print(f"| {name} | {getattr(law, name):.4g} | [{lo:.4g}, {hi:.4g}] |")
+  print("\n| approach | a (N_opt ~ C^a) | b (D_opt ~ C^b) |\n|---|---|---|")
+  for key, label in (("approach1", "1: envelope"), ("approach2", "2: IsoFLOP")):
+    r = result.get(key, {})
+    if "error" in r or not r:
+      print(f"| {label} | - | - |  ({r.get('error', 'not fitted')})")
+      continue
+    n_law, d_law = r.get("n_opt_law", r.get("n_opt")), r.get("d_opt_law", r.get("d_opt"))
+    print(f"| {label} | {n_law['exponent']:.3f} | {d_law['exponent']:.3f} |")
+  print(f"| 3: parametric | {law.a:.3f} | {law.b:.3f} |")
+  print(f"| Chinchilla (Hoffmann 2022, approach 3) | {fit.CHINCHILLA.a:.3f} | "
+        f"{fit.CHINCHILLA.b:.3f} |")
+  print(f"| Epoch (Besiroglu 2024) | {fit.EPOCH.a:.3f} | {fit.EPOCH.b:.3f} |")
+  h = result.get("holdout")
+  if h:
+    print(f"\nhold-out: fitted without C={h['budget']:.3g}, predicted best loss "
+          f"{h['predicted']:.4f}, observed {h['observed']:.4f} "
+          f"({h['relative_error']:+.2%})")
+
+
+if __name__ == "__main__":
+  main()
