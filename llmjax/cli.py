@@ -16,6 +16,7 @@ COMMANDS = {
     "data": ("llmjax.commands.data", "build TFDS datasets and inspect the packed pipeline"),
     "train": ("llmjax.commands.train", "train a model from gin configs"),
     "generate": ("llmjax.commands.generate", "sample from a trained checkpoint"),
+    "eval": ("llmjax.commands.eval", "perplexity and bits per byte of a checkpoint"),
     "convert": ("llmjax.commands.convert", "import/export Hugging Face checkpoints"),
     "peft": ("llmjax.commands.peft", "merge, export and import fine-tuning adapters"),
     "memory": ("llmjax.commands.memory", "training memory per device for each sharding"),

@@ -50,6 +50,7 @@ def register_configurables():
   if _REGISTERED:
     return
   from llmjax.data.pipeline import DataConfig
+  from llmjax.eval.config import EvalConfig
   from llmjax.models import presets
   from llmjax.models.config import TransformerConfig
   from llmjax.objectives.lm import CausalLM
@@ -63,7 +64,7 @@ def register_configurables():
 
   for cls in (TransformerConfig, DataConfig, TokenizerSpec, OptimizerConfig, TrainConfig,
               RuntimeConfig, CausalLM, LoraConfig, AdapterConfig, PromptTuningConfig,
-              SweepConfig):
+              SweepConfig, EvalConfig):
     gin.external_configurable(cls, module="llmjax")
   gin.external_configurable(presets.get_preset, module="llmjax")
   from llmjax.objectives import classification, mlm, seq2seq, sft, span_corruption
