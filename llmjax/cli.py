@@ -17,6 +17,7 @@ COMMANDS = {
     "train": ("llmjax.commands.train", "train a model from gin configs"),
     "generate": ("llmjax.commands.generate", "sample from a trained checkpoint"),
     "eval": ("llmjax.commands.eval", "perplexity and bits per byte of a checkpoint"),
+    "lm-eval": ("llmjax.commands.lm_eval", "lm-evaluation-harness with the llmjax model"),
     "convert": ("llmjax.commands.convert", "import/export Hugging Face checkpoints"),
     "peft": ("llmjax.commands.peft", "merge, export and import fine-tuning adapters"),
     "memory": ("llmjax.commands.memory", "training memory per device for each sharding"),
@@ -48,6 +49,13 @@ def _without_gin_context(message: str) -> str:
 
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else list(argv)
+  if argv and argv[0] == "lm-eval":  # lm-eval parses its own command line
+    from llmjax.commands import lm_eval
+    try:
+      return lm_eval.passthrough(argv[1:])
+    except UserError as e:
+      print(f"llmjax lm-eval: error: {e}", file=sys.stderr)
+      return 2
   parser = build_parser(argv)
   args = parser.parse_args(argv)
   if not getattr(args, "func", None):

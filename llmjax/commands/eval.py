@@ -84,7 +84,7 @@ def _pairs(cfg, dataset, data_dir, objective, limit):
 
 
 def measure(args) -> dict:
-  from llmjax.commands.generate import load_workdir
+  from llmjax.checkpoint.workdir import load_workdir
   from llmjax.errors import UserError
   from llmjax.eval import perplexity
 

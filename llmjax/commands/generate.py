@@ -10,8 +10,9 @@ a JSON-lines file of {"input": ..., "output": ...} (the prompt becomes the query
 generating."""
 
 import json
-import os
 import sys
+
+from llmjax.checkpoint.workdir import load_workdir
 
 
 def register(subparsers, name, help_text):
@@ -119,33 +120,6 @@ def _beams(model, params, tokenizer, prompt, args):
   for j in range(args.num_return):
     text = tokenizer.decode(list(out.tokens[0, j, :out.lengths[0, j]]))
     print(f"[{j}] score {out.scores[0, j]:.4f}: {prompt}{text}")
-
-
-def load_workdir(workdir, step=None, adapter=None, tokenizer_path=None):
-  """`(network, params, tokenizer)` of a workdir's checkpoint (default: latest), ready to
-  decode: LoRA folded into the kernels, other adapters and soft prompts run through a
-  `PeftModel`, `adapter` picking one of several named adapters ('none': the base)."""
-  from llmjax.checkpoint import manager as ckpt_lib
-  from llmjax.data import tokenizer as tokenizer_lib
-  from llmjax.errors import UserError
-  from llmjax.models.config import TransformerConfig
-  from llmjax.models.transformer import Transformer
-  from llmjax.peft import model as peft_model
-
-  ckpt = ckpt_lib.CheckpointManager(os.path.join(workdir, "checkpoints"))
-  params, meta = ckpt.restore_params(step)
-  ckpt.close()
-  model = Transformer(TransformerConfig(**meta["model_config"]))
-  model, params = peft_model.merged_model(model, params, meta, adapter)
-  if tokenizer_path:
-    tokenizer = tokenizer_lib.load_any(tokenizer_path)
-  elif meta.get("tokenizer"):
-    tokenizer = tokenizer_lib.from_serialized(ckpt_lib.decode_bytes(meta["tokenizer"]))
-  else:
-    raise UserError(f"the checkpoint in {workdir} has no tokenizer (it was converted "
-                    "from a folder without one): pass --tokenizer=PATH (a SentencePiece "
-                    ".model or a tokenizer.json).")
-  return model, params, tokenizer
 
 
 def run(args):

@@ -10,7 +10,7 @@ from contextlib import redirect_stdout
 import pytest
 
 from llmjax import cli
-from llmjax.commands.generate import load_workdir
+from llmjax.checkpoint.workdir import load_workdir
 from llmjax.data import datasets
 from llmjax.eval import perplexity
 
@@ -62,7 +62,7 @@ def test_an_encoder_decoder_run_is_scored_on_its_own_pairs(tmp_path, data_dir):
   workdir = str(tmp_path / "t5")
   assert debug_train(workdir, data_dir, "TrainConfig.num_steps=2",
                      gin_file="runs/translate_num2words_debug.gin") == 0
-  code, text = _eval(f"--workdir={workdir}", "--max_docs=6")  # dataset from the run
+  code, _ = _eval(f"--workdir={workdir}", "--max_docs=6")  # dataset from the run
   assert code == 0
   files = glob.glob(os.path.join(workdir, "eval", "*.json"))
   with open(files[0]) as f:

@@ -1,0 +1,175 @@
+"""An lm-evaluation-harness model backend: `lm_eval ... --model llmjax --model_args workdir=W`.
+
+lm-eval 0.4.13 loads no third-party model by entry point, so importing this module is what
+registers `llmjax` (`llmjax lm-eval ...` does it, then hands its command line to lm-eval's
+own CLI); in Python, `lm_eval.simple_evaluate(model=LlmjaxLM(workdir=W), tasks=[...])`.
+
+`LlmjaxLM` is a `TemplateLM`: lm-eval tokenizes and splits context/continuation, and this
+class implements the three request types on jitted forward passes:
+- `loglikelihood`: context + continuation truncated from the left to max_length + 1 tokens
+  (as lm-eval's `hf` backend does), the continuation's summed log-probability and whether
+  greedy decoding would produce it;
+- `loglikelihood_rolling`: lm-eval's disjoint rolling windows (a prefix token, then windows
+  of max_length predictions, one token of context carried over), summed;
+- `generate_until`: the KV-cache generator (`decode/generate.py`), greedy unless the task
+  asks for sampling, stopped at the task's stop strings or `max_gen_toks`.
+Requests are sorted longest first and batched in rows padded to a few fixed lengths (one
+compile per length bucket); with several devices each batch is split over a 'data' mesh
+axis, so a sharded evaluation computes what one device does.
+"""
+
+import jax
+import jax.numpy as jnp
+
+# lm-eval's own models: its registry loads them only while it is empty, so registering
+# `llmjax` first would hide `hf` and the rest.
+import lm_eval.models  # noqa: F401
+import numpy as np
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+
+from llmjax.errors import UserError
+
+
+def _bucket(n: int) -> int:
+  """Row lengths padded to 16, 32, 64, ...: few shapes, few compiles."""
+  return max(16, 1 << (max(n, 1) - 1).bit_length())
+
+
+def _scorer(model, mesh):
+  """jit: (tokens [B, L], targets [B, L]) -> (log p(targets) [B, L], argmax == target)."""
+  def score(params, tokens, targets):
+    logits = model.apply({"params": params}, tokens).astype(jnp.float32)       # [B, L, V]
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    return picked, jnp.argmax(logits, axis=-1) == targets
+  if mesh is None:
+    return jax.jit(score)
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  return jax.jit(score, in_shardings=(None, rows, rows))
+
+
+@register_model("llmjax")
+class LlmjaxLM(TemplateLM):
+  """A causal (decoder-only) llmjax checkpoint as an lm-eval model."""
+
+  def __init__(self, workdir: str | None = None, step: int | None = None,
+               batch_size: int | str = 8, max_length: int | None = None,
+               max_gen_toks: int = 256, devices: int | None = None,
+               add_bos_token: bool | str = True, model=None, params=None, tokenizer=None,
+               **_ignored):
+    super().__init__()
+    if model is None:
+      if workdir is None:
+        raise UserError("the llmjax lm-eval backend needs --model_args workdir=PATH.")
+      from llmjax.checkpoint.workdir import load_workdir
+      model, params, tokenizer = load_workdir(workdir, step=None if step is None else int(step))
+    cfg = model.config if hasattr(model, "config") else model.base.config
+    if cfg.arch != "decoder_only":
+      raise UserError(f"the llmjax lm-eval backend scores decoder-only models; this one is "
+                      f"{cfg.arch} (use `llmjax eval` for its perplexity).")
+    self.model, self.params, self.tok = model, params, tokenizer
+    self._max_length = int(max_length or cfg.max_len)
+    if cfg.position == "learned" and self._max_length > cfg.max_len:
+      raise UserError(f"max_length={self._max_length} exceeds the model's learned position "
+                      f"table ({cfg.max_len}); pass max_length<={cfg.max_len}.")
+    self.add_bos_token = str(add_bos_token).lower() in ("true", "1")
+    self.max_gen_toks = int(max_gen_toks)
+    self.batch_size = 8 if str(batch_size) == "auto" else int(str(batch_size).split(":")[0])
+    n = int(devices or jax.device_count())
+    self._mesh = (jax.make_mesh((n,), ("data",), devices=jax.devices()[:n],
+                                axis_types=(jax.sharding.AxisType.Auto,)) if n > 1 else None)
+    self._rows = self.batch_size if n == 1 else -(-self.batch_size // n) * n
+    self._score = _scorer(model, self._mesh)
+
+  @property
+  def eot_token_id(self) -> int:
+    return self.tok.eos_id
+
+  @property
+  def prefix_token_id(self) -> int:
+    return self.tok.bos_id if self.tok.bos_id is not None else self.tok.eos_id
+
+  @property
+  def max_length(self) -> int:
+    return self._max_length
+
+  def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> list[int]:
+    """The text's ids, BOS first (llmjax models train on [BOS] + text + [EOS], and the
+    tokenizer.json `convert --to_hf` writes adds it too) unless lm-eval asks for no
+    special tokens or the model args say add_bos_token=False."""
+    bos = self.add_bos_token if add_special_tokens is None else add_special_tokens
+    return ([self.prefix_token_id] if bos else []) + list(self.tok.encode(string))
+
+  def tok_decode(self, tokens) -> str:
+    return self.tok.decode(list(tokens))
+
+  def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+    """[(key, context ids, continuation ids)] -> [(sum log p(continuation), is_greedy)]."""
+    rows = []
+    for _, context, continuation in requests:
+      if not continuation:
+        raise UserError("an lm-eval request has an empty continuation.")
+      whole = (list(context) + list(continuation))[-(self.max_length + 1):]
+      rows.append((whole[:-1], whole[1:], min(len(continuation), len(whole) - 1)))
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # longest first
+    out = [None] * len(rows)
+    for start in range(0, len(order), self._rows):
+      chunk = order[start:start + self._rows]
+      width = min(_bucket(len(rows[chunk[0]][0])), self.max_length)
+      tokens = np.zeros((self._rows, width), np.int32)
+      targets = np.zeros((self._rows, width), np.int32)
+      for j, i in enumerate(chunk):
+        inp, tgt, _ = rows[i]
+        tokens[j, :len(inp)], targets[j, :len(tgt)] = inp, tgt
+      picked, hits = (np.asarray(x) for x in self._score(self.params, tokens, targets))
+      for j, i in enumerate(chunk):
+        length, n_cont = len(rows[i][0]), rows[i][2]
+        span = slice(length - n_cont, length)
+        out[i] = (float(picked[j, span].astype(np.float64).sum()), bool(hits[j, span].all()))
+    return out
+
+  def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+    windows, owners = [], []
+    for index, (string,) in enumerate(req.args for req in requests):
+      for context, predicted in map(lm_utils.make_disjoint_window,
+                                    lm_utils.get_rolling_token_windows(
+                                        token_list=self.tok_encode(string),
+                                        prefix_token=self.prefix_token_id,
+                                        max_seq_len=self.max_length, context_len=1)):
+        windows.append((None, context, predicted))
+        owners.append(index)
+    totals = [0.0] * len(requests)
+    for owner, (logprob, _) in zip(owners, self._loglikelihood_tokens(windows)):
+      totals[owner] += logprob
+    return totals
+
+  def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+    from llmjax.decode import generate as gen
+    from llmjax.decode.sampling import SamplingConfig
+
+    results = [None] * len(requests)
+    groups = {}
+    for i, req in enumerate(requests):  # one generate call per (settings) group
+      context, kwargs = req.args
+      kwargs = dict(kwargs or {})
+      until = kwargs.pop("until", None) or [self.tok_decode([self.eot_token_id])]
+      until = [until] if isinstance(until, str) else list(until)
+      new = min(int(kwargs.pop("max_gen_toks", self.max_gen_toks)), self.max_length - 1)
+      temperature = float(kwargs.pop("temperature", 0.0)) if kwargs.pop("do_sample", False) \
+          else 0.0
+      groups.setdefault((tuple(until), new, temperature), []).append((i, context))
+    for (until, new, temperature), items in groups.items():
+      items.sort(key=lambda item: -len(self.tok_encode(item[1])))
+      for start in range(0, len(items), self.batch_size):
+        chunk = items[start:start + self.batch_size]
+        keep = max(1, self.max_length - new)  # left-truncate so prompt + new fits
+        prompts = [(self.tok_encode(c) or [self.prefix_token_id])[-keep:] for _, c in chunk]
+        out = gen.generate(self.model, self.params, prompts, max_new_tokens=new,
+                           sampling=SamplingConfig(temperature=temperature),
+                           eos_id=self.eot_token_id, stop_strings=until,
+                           detokenize=self.tok_decode)
+        for (i, _), text in zip(chunk, out.texts):
+          results[i] = text
+    return results

@@ -1,0 +1,140 @@
+"""The lm-eval backend against lm-eval's own `hf` backend on the same models (exported with
+`llmjax convert --to_hf`), its batching and sharding, the analytic uniform byte model, and
+the `llmjax lm-eval` passthrough on a local task."""
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+
+lm_eval = pytest.importorskip("lm_eval")
+pytest.importorskip("accelerate")  # lm-eval's hf backend needs it
+
+from lm_eval.api.instance import Instance  # noqa: E402
+
+from llmjax import cli  # noqa: E402
+from llmjax.eval.lm_eval_backend import LlmjaxLM  # noqa: E402
+from llmjax.testing.runs import debug_train  # noqa: E402
+
+PRESETS = ("tiny", "tiny-llama")
+LOGLIKELIHOOD = [("ROMEO: But soft", " what light"), ("To be", ", or not to be"),
+                 ("", "Hello there"), ("O " * 40, "and the rest"), ("What", "?")]
+ROLLING = ["Now is the winter of our discontent, made glorious summer " * 3, "short", "x"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+  """{preset: (workdir, hf_dir)}: a 2-step debug run of each, and its --to_hf export."""
+  root = tmp_path_factory.mktemp("lm_eval")
+  out = {}
+  for preset in PRESETS:
+    wd, hf = str(root / preset), str(root / f"{preset}_hf")
+    assert debug_train(wd, str(root / "tfds"), "TrainConfig.num_steps=2",
+                       f"get_preset.name={preset!r}") == 0
+    assert cli.main(["convert", f"--workdir={wd}", f"--to_hf={hf}"]) == 0
+    out[preset] = (wd, hf)
+  return out
+
+
+def _requests(kind, args):
+  return [Instance(kind, {}, a, i) for i, a in enumerate(args)]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_request_equals_the_hf_backend(exported, preset):
+  from lm_eval.models.huggingface import HFLM
+
+  wd, hf_dir = exported[preset]
+  ours = LlmjaxLM(workdir=wd, batch_size=3)
+  hf = HFLM(pretrained=hf_dir, device="cpu", batch_size=3, max_length=ours.max_length)
+  mine = ours.loglikelihood(_requests("loglikelihood", LOGLIKELIHOOD))
+  theirs = hf.loglikelihood(_requests("loglikelihood", LOGLIKELIHOOD))
+  for (a, greedy_a), (b, greedy_b) in zip(mine, theirs):
+    assert a == pytest.approx(b, abs=1e-4) and greedy_a == greedy_b
+  rolling = [(t,) for t in ROLLING]
+  np.testing.assert_allclose(ours.loglikelihood_rolling(_requests("loglikelihood_rolling",
+                                                                  rolling)),
+                             hf.loglikelihood_rolling(_requests("loglikelihood_rolling",
+                                                                rolling)), atol=1e-4)
+  gen = [(c, {"until": ["\n", "e"], "max_gen_toks": 8}) for c in ("ROMEO:", "To be", "O")]
+  assert ours.generate_until(_requests("generate_until", gen)) == hf.generate_until(
+      _requests("generate_until", gen))
+
+
+def test_results_do_not_depend_on_batch_order_or_devices(exported):
+  wd, _ = exported["tiny"]
+  reqs = _requests("loglikelihood", LOGLIKELIHOOD)
+  base = LlmjaxLM(workdir=wd, batch_size=1, devices=1).loglikelihood(reqs)
+  sharded = LlmjaxLM(workdir=wd, batch_size=5, devices=8)
+  assert jax.device_count() == 8 and sharded._mesh is not None
+  for a, b in zip(base, sharded.loglikelihood(reqs[::-1])[::-1]):
+    assert a[0] == pytest.approx(b[0], abs=1e-5) and a[1] == b[1]
+
+
+class _Bytes:
+  """A byte-level tokenizer (token = byte value), for the analytic check."""
+  eos_id = bos_id = 0
+  vocab_size = 256
+
+  def encode(self, text):
+    return list(text.encode("utf-8"))
+
+  def decode(self, ids):
+    return bytes(ids).decode("utf-8", errors="replace")
+
+
+def _write_task(folder, name, records, yaml_body):
+  data = os.path.join(folder, f"{name}.jsonl")
+  with open(data, "w") as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")
+  with open(os.path.join(folder, f"{name}.yaml"), "w") as f:
+    f.write(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+            f"    test: {data}\ntest_split: test\n{yaml_body}")
+
+
+def test_a_uniform_byte_model_gives_8_bits_per_byte_exactly(tmp_path):
+  from lm_eval.tasks import TaskManager
+
+  from llmjax.testing.reference import preset_model
+
+  model, params = preset_model("tiny", vocab_size=256, max_len=32)
+  zeros = jax.tree.map(np.zeros_like, params)
+  lm = LlmjaxLM(model=model, params=zeros, tokenizer=_Bytes(), add_bos_token=False,
+                batch_size=4)
+  texts = ["The quick brown fox jumps over the lazy dog. " * 3, "short one", "é ü ñ — ok"]
+  _write_task(str(tmp_path), "bytes_ppl", [{"text": t} for t in texts],
+              "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+              "metric_list:\n  - metric: bits_per_byte\n  - metric: byte_perplexity\n")
+  out = lm_eval.simple_evaluate(model=lm, tasks=["bytes_ppl"],
+                                task_manager=TaskManager(include_path=str(tmp_path)))
+  metrics = out["results"]["bytes_ppl"]
+  assert metrics["bits_per_byte,none"] == pytest.approx(8.0, abs=1e-6)
+  assert metrics["byte_perplexity,none"] == pytest.approx(256.0, rel=1e-6)
+  assert math.isfinite(metrics["bits_per_byte,none"])
+
+
+@pytest.mark.slow
+def test_passthrough_runs_a_local_task_with_the_same_metric_as_hf(exported, tmp_path, capsys):
+  wd, hf_dir = exported["tiny"]
+  records = [{"q": f"Who says line {i}?", "choices": ["ROMEO", "JULIET", "NURSE"],
+              "gold": i % 3} for i in range(6)]
+  _write_task(str(tmp_path), "toy_mc", records,
+              "output_type: multiple_choice\ndoc_to_text: '{{q}}'\n"
+              "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{gold}}'\n"
+              "metric_list:\n  - metric: acc\n")
+  results = {}
+  for name, args in (("llmjax", f"workdir={wd}"), ("hf", f"pretrained={hf_dir}")):
+    out = str(tmp_path / name)
+    assert cli.main(["lm-eval", "--model", name, "--model_args", args, "--tasks", "toy_mc",
+                     "--include_path", str(tmp_path), "--output_path", out,
+                     "--device", "cpu"]) == 0
+    (path,) = [os.path.join(r, f) for r, _, fs in os.walk(out) for f in fs
+               if f.startswith("results")]
+    with open(path) as f:
+      results[name] = json.load(f)["results"]["toy_mc"]
+  assert results["llmjax"]["acc,none"] == results["hf"]["acc,none"]
+  assert "toy_mc" in capsys.readouterr().out
