@@ -13,11 +13,11 @@ import pytest
 lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("accelerate")  # lm-eval's hf backend needs it
 
-from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.api.instance import Instance
 
-from llmjax import cli  # noqa: E402
-from llmjax.eval.lm_eval_backend import LlmjaxLM  # noqa: E402
-from llmjax.testing.runs import debug_train  # noqa: E402
+from llmjax import cli
+from llmjax.eval.lm_eval_backend import LlmjaxLM
+from llmjax.testing.runs import debug_train
 
 PRESETS = ("tiny", "tiny-llama")
 LOGLIKELIHOOD = [("ROMEO: But soft", " what light"), ("To be", ", or not to be"),
@@ -89,8 +89,7 @@ class _Bytes:
 def _write_task(folder, name, records, yaml_body):
   data = os.path.join(folder, f"{name}.jsonl")
   with open(data, "w") as f:
-    for r in records:
-      f.write(json.dumps(r) + "\n")
+    f.writelines(json.dumps(r) + "\n" for r in records)
   with open(os.path.join(folder, f"{name}.yaml"), "w") as f:
     f.write(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
             f"    test: {data}\ntest_split: test\n{yaml_body}")
