@@ -21,6 +21,40 @@ def register(subparsers, name, help_text):
   p.set_defaults(func=lambda args: passthrough([]))
 
 
+def _flag(argv, name):
+  for i, arg in enumerate(argv):
+    if arg == name and i + 1 < len(argv):
+      return argv[i + 1]
+    if arg.startswith(name + "="):
+      return arg.split("=", 1)[1]
+  return None
+
+
+def _with_offline_tasks(argv):
+  """Adds --include_path for llmjax's offline tasks (built once into a cache folder), and
+  refuses a task lm-eval does not know with the list of the offline ones."""
+  from llmjax.errors import UserError
+  from llmjax.eval import tasks as task_lib
+
+  wanted = [t for t in (_flag(argv, "--tasks") or "").split(",") if t]
+  include = _flag(argv, "--include_path")
+  if any(t in task_lib.TASKS for t in wanted) and include is None:
+    include = os.environ.get("LLMJAX_LM_EVAL_TASKS") or os.path.join(
+        os.path.expanduser("~"), ".cache", "llmjax", "lm_eval_tasks")
+    if not all(os.path.exists(os.path.join(include, f"{t}.yaml")) for t in task_lib.TASKS):
+      task_lib.prepare(include)
+    argv += ["--include_path", include]
+  if wanted:
+    from lm_eval.tasks import TaskManager
+    known = TaskManager(include_path=include).all_tasks
+    unknown = [t for t in wanted if t not in known and not os.path.exists(t)]
+    if unknown:
+      raise UserError(f"unknown lm-eval task(s) {unknown}; llmjax's offline tasks are "
+                      f"{', '.join(task_lib.TASKS)} (`llmjax lm-eval ls tasks` lists every "
+                      "task lm-eval knows; --include_path DIR adds your own YAMLs).")
+  return argv
+
+
 def passthrough(argv) -> int:
   os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,6 +66,7 @@ def passthrough(argv) -> int:
                     "pip install lm-eval==0.4.13).") from None
   import llmjax.eval.lm_eval_backend  # noqa: F401 - registers the `llmjax` model
 
+  argv = _with_offline_tasks(list(argv))
   saved = sys.argv
   sys.argv = ["lm-eval", *argv]
   try:

@@ -117,23 +117,35 @@ def test_a_uniform_byte_model_gives_8_bits_per_byte_exactly(tmp_path):
 
 
 @pytest.mark.slow
-def test_passthrough_runs_a_local_task_with_the_same_metric_as_hf(exported, tmp_path, capsys):
+def test_offline_tasks_through_the_passthrough_match_the_hf_backend(exported, tmp_path,
+                                                                    monkeypatch, capsys):
+  from llmjax.eval import tasks
+
   wd, hf_dir = exported["tiny"]
-  records = [{"q": f"Who says line {i}?", "choices": ["ROMEO", "JULIET", "NURSE"],
-              "gold": i % 3} for i in range(6)]
-  _write_task(str(tmp_path), "toy_mc", records,
-              "output_type: multiple_choice\ndoc_to_text: '{{q}}'\n"
-              "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{gold}}'\n"
-              "metric_list:\n  - metric: acc\n")
+  folder = tasks.prepare(str(tmp_path / "tasks"), data_dir=_tfds(wd), limit=6)
+  monkeypatch.setenv("LLMJAX_LM_EVAL_TASKS", folder)
   results = {}
   for name, args in (("llmjax", f"workdir={wd}"), ("hf", f"pretrained={hf_dir}")):
     out = str(tmp_path / name)
-    assert cli.main(["lm-eval", "--model", name, "--model_args", args, "--tasks", "toy_mc",
-                     "--include_path", str(tmp_path), "--output_path", out,
-                     "--device", "cpu"]) == 0
+    assert cli.main(["lm-eval", "--model", name, "--model_args", args, "--tasks",
+                     ",".join(tasks.TASKS), "--output_path", out, "--device", "cpu",
+                     "--batch_size", "4"]) == 0
     (path,) = [os.path.join(r, f) for r, _, fs in os.walk(out) for f in fs
                if f.startswith("results")]
     with open(path) as f:
-      results[name] = json.load(f)["results"]["toy_mc"]
-  assert results["llmjax"]["acc,none"] == results["hf"]["acc,none"]
-  assert "toy_mc" in capsys.readouterr().out
+      results[name] = json.load(f)["results"]
+  for task in tasks.TASKS:
+    mine = {k: v for k, v in results["llmjax"][task].items() if "," in k}
+    theirs = {k: v for k, v in results["hf"][task].items() if "," in k}
+    assert mine.keys() == theirs.keys() and mine
+    for key, value in mine.items():
+      assert value == pytest.approx(theirs[key], rel=1e-4, abs=1e-9), (task, key)
+  assert "shakespeare_speaker" in capsys.readouterr().out
+  assert cli.main(["lm-eval", "--model", "llmjax", "--model_args", f"workdir={wd}",
+                   "--tasks", "no_such_task"]) == 2
+  assert "shakespeare_speaker, shakespeare_cloze" in capsys.readouterr().err
+
+
+def _tfds(workdir):
+  """The TFDS folder the `exported` fixture's runs used (beside their workdirs)."""
+  return os.path.join(os.path.dirname(workdir), "tfds")
