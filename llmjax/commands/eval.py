@@ -30,6 +30,8 @@ def register(subparsers, name, help_text):
     p.add_argument(f"--{flag}", default=None,
                    type=int if flag in ("context", "stride", "batch_size", "max_docs") else str)
   p.add_argument("--add_eos", action="store_true")
+  p.add_argument("--decontaminate", action="store_true",
+                 help="count examples sharing a 13-gram with the training split; score the rest")
   p.add_argument("--output", default=None, help="the results file (default: W/eval/<time>.json)")
   p.set_defaults(func=run)
 
@@ -44,8 +46,9 @@ def _configs(args):
   files = ([operative] if os.path.exists(operative) else []) + list(args.gin_file)
   overrides = [f"EvalConfig.{f}={getattr(args, f)!r}" for f in _FLAGS
                if getattr(args, f) is not None]
-  if args.add_eos:
-    overrides.append("EvalConfig.add_eos=True")
+  for flag in ("add_eos", "decontaminate"):
+    if getattr(args, flag):
+      overrides.append(f"EvalConfig.{flag}=True")
   main.parse_gin(files, list(args.gin_param) + overrides)
   cfg = gin.get_configurable("llmjax.EvalConfig")()
   run_data = run_objective = None
@@ -101,18 +104,44 @@ def measure(args) -> dict:
     if objective is None or not hasattr(objective, "inputs_key"):
       raise UserError("an encoder-decoder run is scored on its Seq2Seq pairs, but this "
                       "workdir's operative config names no Seq2Seq objective.")
-    pairs = _pairs(cfg, dataset, data_dir, objective, cfg.max_docs)
-    metrics = perplexity.pair_perplexity(model, params, tokenizer, pairs,
-                                         start_id=objective.decoder_start_id,
-                                         batch_size=cfg.batch_size)
+    items = _pairs(cfg, dataset, data_dir, objective, cfg.max_docs)
+    score = lambda xs: perplexity.pair_perplexity(
+        model, params, tokenizer, xs, start_id=objective.decoder_start_id,
+        batch_size=cfg.batch_size)
+    as_text = lambda pair: " ".join(pair)
   else:
-    texts = _texts(cfg, dataset, data_dir, text_key, cfg.max_docs)
-    metrics = perplexity.text_perplexity(model, params, tokenizer, texts, context=cfg.context,
-                                         stride=cfg.stride, batch_size=cfg.batch_size,
-                                         add_eos=cfg.add_eos)
+    items = _texts(cfg, dataset, data_dir, text_key, cfg.max_docs)
+    score = lambda xs: perplexity.text_perplexity(
+        model, params, tokenizer, xs, context=cfg.context, stride=cfg.stride,
+        batch_size=cfg.batch_size, add_eos=cfg.add_eos)
+    as_text = lambda text: text
+  metrics = score(items)
+  if cfg.decontaminate:
+    metrics.update(_decontaminated(items, as_text, score, run_data, dataset))
   return {"workdir": os.path.abspath(args.workdir), "step": _step(args),
           "config": dataclasses.asdict(cfg) | {"dataset": dataset, "data_dir": data_dir},
           "arch": arch, "tasks": {f"perplexity/{dataset}/{cfg.split}": metrics}}
+
+
+def _decontaminated(items, as_text, score, run_data, dataset) -> dict:
+  """How many examples share a 13-gram with the run's training split; metrics without them."""
+  from llmjax.data import datasets
+  from llmjax.errors import UserError
+  from llmjax.eval import decontaminate
+
+  if run_data is None:
+    raise UserError("--decontaminate compares with the run's training split, but the "
+                    "workdir has no operative_config.gin naming it.")
+  kwargs = {"input_dir": run_data.input_dir} if run_data.input_dir else {}
+  train = datasets.iter_texts(run_data.dataset, "train", data_dir=run_data.data_dir,
+                              text_key=run_data.text_key, **kwargs)
+  flags = decontaminate.overlaps([as_text(x) for x in items], train)
+  clean = [x for x, dirty in zip(items, flags) if not dirty]
+  out = {"contaminated": int(flags.sum()), "examples": len(items),
+         "train_dataset": run_data.dataset}
+  if clean:
+    out.update({f"clean_{k}": v for k, v in score(clean).items()})
+  return out
 
 
 def _step(args):
@@ -155,7 +184,8 @@ def _tensorboard(workdir, result):
   writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
   for task, metrics in result["tasks"].items():
     for name, value in metrics.items():
-      writer.add_scalar(f"eval/{task}/{name}", value, result["step"] or 0)
+      if isinstance(value, (int, float)):
+        writer.add_scalar(f"eval/{task}/{name}", value, result["step"] or 0)
   writer.close()
 
 
@@ -166,3 +196,8 @@ def _print_table(result):
     print(f"{task:40} {m['tokens']:9d} {m['loss']:8.4f} {m['loss_stderr']:7.4f} "
           f"{m['perplexity']:9.3f} {m.get('bits_per_byte', float('nan')):9.4f} "
           f"{m.get('bits_per_char', float('nan')):9.4f}")
+    if "contaminated" in m:
+      clean = (f"; without them: loss {m['clean_loss']:.4f}, perplexity "
+               f"{m['clean_perplexity']:.3f}" if "clean_loss" in m else "")
+      print(f"  {m['contaminated']} of {m['examples']} examples share a 13-gram with "
+            f"{m['train_dataset']}'s training split{clean}")

@@ -14,3 +14,5 @@ class EvalConfig:
   batch_size: int = 8
   max_docs: int | None = None     # the first N documents (or pairs) of the split
   add_eos: bool = False           # also score each document's end (as training does)
+  decontaminate: bool = False     # also report the examples sharing a 13-gram with the
+                                  # run's training split, and the metrics without them

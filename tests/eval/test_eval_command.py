@@ -76,3 +76,22 @@ def test_an_encoder_decoder_run_is_scored_on_its_own_pairs(tmp_path, data_dir):
   direct = perplexity.pair_perplexity(model, params, tok, pairs, start_id=tok.bos_id)
   assert metrics["loss"] == pytest.approx(direct["loss"], rel=1e-6)
   assert metrics["tokens"] == sum(len(tok.encode(t)) + 1 for _, t in pairs)
+
+
+def test_decontaminate_flags_training_documents_and_scores_the_rest(tmp_path, data_dir):
+  from llmjax.testing.runs import debug_train
+
+  workdir = str(tmp_path / "run")
+  assert debug_train(workdir, data_dir, "TrainConfig.num_steps=1") == 0
+  results = {}
+  for split in ("train", "validation"):
+    out = str(tmp_path / f"{split}.json")
+    code, text = _eval(f"--workdir={workdir}", f"--split={split}", "--max_docs=4",
+                       "--decontaminate", f"--output={out}")
+    assert code == 0 and "share a 13-gram with shakespeare's training split" in text
+    with open(out) as f:
+      (results[split],) = json.load(f)["tasks"].values()
+  assert results["train"]["contaminated"] == 4 and "clean_loss" not in results["train"]
+  val = results["validation"]
+  assert val["contaminated"] < 4 and val["examples"] == 4
+  assert (val["clean_loss"] == val["loss"]) == (val["contaminated"] == 0)
