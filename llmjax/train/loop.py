@@ -26,6 +26,7 @@ from llmjax.scaling import counts
 from llmjax.sharding import mesh as mesh_lib
 from llmjax.sharding import partition
 from llmjax.sharding import rules as rules_lib
+from llmjax.train import eval_tasks as eval_tasks_lib
 from llmjax.train import inputs, resume, warm_start
 from llmjax.train import metrics as metrics_lib
 from llmjax.train import state as state_lib
@@ -58,6 +59,9 @@ class TrainConfig:
   progress_bar: bool = True
   init_from: str | None = None    # a workdir whose latest params start this run at step 0
                                   # (fine-tuning; see llmjax/train/warm_start.py)
+  eval_tasks: tuple[str, ...] = ()  # also at each eval: 'perplexity', 'lm_eval:TASK[:N]'
+                                  # (llmjax/train/eval_tasks.py)
+  eval_task_docs: int = 20        # validation documents for 'perplexity'
 
 
 class TrainResult(NamedTuple):
@@ -88,6 +92,7 @@ class Setup(NamedTuple):
   flops_per_step: float
   tokens_per_step: int
   log_state: dict        # the restored checkpoint's unlogged steps (`StepLoop.log_state`)
+  eval_tasks: object = None  # `eval_tasks.EvalTasks`: TrainConfig.eval_tasks at each eval
 
 
 @resume.no_partial_workdir
@@ -128,6 +133,7 @@ def setup(workdir, model, data, tokenizer, optimizer, objective, config, operati
           log, peft=()) -> Setup:
   """Mesh, tokenizer, data, sharded state (restored or warm-started), compiled steps."""
   resume.check_workdir(workdir)
+  eval_tasks_lib.parse(config.eval_tasks)  # a bad entry stops the run before any work
   if config.on_nonfinite not in ("halt", "skip"):
     raise UserError(f"TrainConfig.on_nonfinite={config.on_nonfinite!r}; use 'halt' or 'skip'.")
   source = warm_start.load(config.init_from) if config.init_from else None
@@ -174,7 +180,8 @@ def setup(workdir, model, data, tokenizer, optimizer, objective, config, operati
                                        data.seq_len) * tokens_per_step
   return Setup(workdir, net, objective, tok, state, mesh, rules, train_step, eval_step, train_iter,
                make_eval_iter, lambda batch: partition.global_batch(batch, batch_sharding),
-               ckpt, meta, flops, tokens_per_step, log_state)
+               ckpt, meta, flops, tokens_per_step, log_state,
+               eval_tasks_lib.EvalTasks(config.eval_tasks, data, workdir, config.eval_task_docs))
 
 
 def _model_config(model, source, tok, multiple, data) -> TransformerConfig:

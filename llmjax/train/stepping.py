@@ -147,6 +147,10 @@ class StepLoop:
       self.writer.write(done, ev)
       self.bar.write(f"step {done}: eval_loss {ev['eval_loss']:.4f} "
                      f"(ppl {ev['eval_perplexity']:.2f})")
+    if s.eval_tasks:  # TrainConfig.eval_tasks: perplexity, lm-eval tasks
+      extra = s.eval_tasks(s.net, state.params, s.tokenizer)
+      self.writer.write(done, extra)
+      self.bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in extra.items()))
     self._restart_clock()
 
   def _preempted(self, done):
