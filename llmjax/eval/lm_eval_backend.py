@@ -57,15 +57,25 @@ class LlmjaxLM(TemplateLM):
   def __init__(self, workdir: str | None = None, step: int | None = None,
                batch_size: int | str = 8, max_length: int | None = None,
                max_gen_toks: int = 256, devices: int | None = None,
-               add_bos_token: bool | str = True, model=None, params=None, tokenizer=None,
+               add_bos_token: bool | str = True, truncation: str = "left",
+               tokenizer_path: str | None = None, model=None, params=None, tokenizer=None,
                **_ignored):
     super().__init__()
     if model is None:
       if workdir is None:
         raise UserError("the llmjax lm-eval backend needs --model_args workdir=PATH.")
       from llmjax.checkpoint.workdir import load_workdir
-      model, params, tokenizer = load_workdir(workdir, step=None if step is None else int(step))
+      model, params, tokenizer = load_workdir(workdir, step=None if step is None else int(step),
+                                              tokenizer_path=tokenizer_path)
     cfg = model.config if hasattr(model, "config") else model.base.config
+    if tokenizer.vocab_size > cfg.vocab_size:
+      raise UserError(f"tokenizer mismatch: the tokenizer has {tokenizer.vocab_size} pieces "
+                      f"but the model only {cfg.vocab_size} embeddings; use the run's own "
+                      "tokenizer (leave tokenizer_path unset).")
+    if truncation not in ("left", "error"):
+      raise UserError(f"truncation={truncation!r}; use 'left' (drop the oldest context "
+                      "tokens, as lm-eval's hf backend) or 'error'.")
+    self.truncation, self.truncated = truncation, 0
     if cfg.arch != "decoder_only":
       raise UserError(f"the llmjax lm-eval backend scores decoder-only models; this one is "
                       f"{cfg.arch} (use `llmjax eval` for its perplexity).")
@@ -107,12 +117,26 @@ class LlmjaxLM(TemplateLM):
 
   def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
     """[(key, context ids, continuation ids)] -> [(sum log p(continuation), is_greedy)]."""
-    rows = []
+    rows, truncated = [], 0
     for _, context, continuation in requests:
       if not continuation:
         raise UserError("an lm-eval request has an empty continuation.")
-      whole = (list(context) + list(continuation))[-(self.max_length + 1):]
+      whole = list(context) + list(continuation)
+      if len(whole) > self.max_length + 1:
+        if self.truncation == "error":
+          raise UserError(f"a request of {len(whole)} tokens exceeds the model's context "
+                          f"({self.max_length} + 1); shorten the task's prompts (fewer "
+                          "few-shot examples) or pass truncation=left.")
+        truncated += 1
+        whole = whole[-(self.max_length + 1):]
       rows.append((whole[:-1], whole[1:], min(len(continuation), len(whole) - 1)))
+    self.truncated += truncated
+    if truncated:
+      import logging
+      logging.getLogger("llmjax").warning(
+          "%d request(s) exceeded the context of %d tokens; their oldest context tokens were "
+          "dropped (truncation=left; truncation=error refuses instead).", truncated,
+          self.max_length)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # longest first
     out = [None] * len(rows)
     for start in range(0, len(order), self._rows):

@@ -149,3 +149,23 @@ def test_offline_tasks_through_the_passthrough_match_the_hf_backend(exported, tm
 def _tfds(workdir):
   """The TFDS folder the `exported` fixture's runs used (beside their workdirs)."""
   return os.path.join(os.path.dirname(workdir), "tfds")
+
+
+def test_overlong_requests_are_truncated_with_a_warning_or_refused(exported, caplog, tmp_path):
+  from llmjax.data import tokenizer as tokenizer_lib
+  from llmjax.errors import UserError
+
+  wd, _ = exported["tiny"]
+  long = _requests("loglikelihood", [("O " * 60, "and the rest"), ("short", " one")])
+  lm = LlmjaxLM(workdir=wd, devices=1)
+  with caplog.at_level("WARNING", logger="llmjax"):
+    lm.loglikelihood(long)
+  assert "1 request(s) exceeded the context of 64 tokens" in caplog.text
+  assert lm.truncated == 1
+  with pytest.raises(UserError, match="exceeds the model's context"):
+    LlmjaxLM(workdir=wd, devices=1, truncation="error").loglikelihood(long)
+  tokenizer_lib.train_tokenizer(["".join(chr(0x4E00 + i) for i in range(400))],
+                                      str(tmp_path / "big"), model_type="char",
+                                      vocab_size=None)
+  with pytest.raises(UserError, match="tokenizer mismatch"):
+    LlmjaxLM(workdir=wd, tokenizer_path=str(tmp_path / "big.model"))
