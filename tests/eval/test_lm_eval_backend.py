@@ -165,7 +165,6 @@ def test_overlong_requests_are_truncated_with_a_warning_or_refused(exported, cap
   with pytest.raises(UserError, match="exceeds the model's context"):
     LlmjaxLM(workdir=wd, devices=1, truncation="error").loglikelihood(long)
   tokenizer_lib.train_tokenizer(["".join(chr(0x4E00 + i) for i in range(400))],
-                                      str(tmp_path / "big"), model_type="char",
-                                      vocab_size=None)
+                                str(tmp_path / "big"), model_type="char", vocab_size=None)
   with pytest.raises(UserError, match="tokenizer mismatch"):
     LlmjaxLM(workdir=wd, tokenizer_path=str(tmp_path / "big.model"))
