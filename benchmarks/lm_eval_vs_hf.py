@@ -1,0 +1,99 @@
+"""lm-eval throughput: the `llmjax` backend vs lm-eval's `hf` backend on the same model.
+
+The workdir's checkpoint is exported with `llmjax convert --to_hf` (same weights, same
+tokenizer), and both backends run llmjax's offline tasks through `lm_eval.simple_evaluate`
+at the same batch size: `shakespeare_speaker` (4-way multiple choice: log-likelihood
+requests; requests/s) and `num2words_en_fr` (greedy generation until a newline, up to 32
+tokens; generated tokens/s). Rounds alternate which backend goes first, after one untimed
+warm-up round each (jit compilation, torch's first calls); this machine's speed drifts, so
+only per-round ratios mean anything. Prints the rounds and the median ratio llmjax / hf.
+
+  .venv/bin/python -m benchmarks.lm_eval_vs_hf --workdir workdirs/shakespeare --rounds 3
+
+Target (issue 28): >= 2x on both. Not a test; figures in benchmarks/README.md.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch's idle threads must not spin
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common
+
+
+def _run(lm, task, limit, task_manager):
+  import lm_eval
+
+  start = time.perf_counter()
+  out = lm_eval.simple_evaluate(model=lm, tasks=[task], limit=limit, log_samples=True,
+                                task_manager=task_manager, bootstrap_iters=0,
+                                verbosity="ERROR")
+  seconds = time.perf_counter() - start
+  samples = out["samples"][task]
+  requests = sum(len(s["arguments"]) for s in samples)
+  return seconds, requests, samples
+
+
+def _throughput(lm, task, limit, tm, tokenizer):
+  seconds, requests, samples = _run(lm, task, limit, tm)
+  if task == "num2words_en_fr":  # generated tokens per second
+    tokens = sum(len(tokenizer.encode(s["resps"][0][0])) for s in samples)
+    return tokens / seconds
+  return requests / seconds
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", default="workdirs/shakespeare")
+  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--batch_size", type=int, default=16)
+  parser.add_argument("--mc_docs", type=int, default=200)
+  parser.add_argument("--gen_docs", type=int, default=48)
+  args = parser.parse_args()
+
+  from lm_eval.models.huggingface import HFLM
+  from lm_eval.tasks import TaskManager
+
+  from llmjax import cli
+  from llmjax.eval import tasks
+  from llmjax.eval.lm_eval_backend import LlmjaxLM
+
+  root = tempfile.mkdtemp()
+  hf_dir = os.path.join(root, "hf")
+  assert cli.main(["convert", f"--workdir={args.workdir}", f"--to_hf={hf_dir}"]) == 0
+  folder = tasks.prepare(os.path.join(root, "tasks"), limit=max(args.mc_docs, args.gen_docs),
+                         tasks=["shakespeare_speaker", "num2words_en_fr"])
+  tm = TaskManager(include_path=folder, verbosity="ERROR")
+  ours = LlmjaxLM(workdir=args.workdir, batch_size=args.batch_size)
+  hf = HFLM(pretrained=hf_dir, device="cpu", batch_size=args.batch_size,
+            max_length=ours.max_length)
+  backends = {"llmjax": ours, "hf": hf}
+  cases = {"shakespeare_speaker": args.mc_docs, "num2words_en_fr": args.gen_docs}
+  print(common.cpu_info())
+  for name, lm in backends.items():  # warm-up: compile, first calls
+    for task in cases:
+      _run(lm, task, 8, tm)
+  results = {task: {n: [] for n in backends} for task in cases}
+  for r in range(args.rounds):
+    for task, limit in cases.items():
+      for name in common.rotate(list(backends), r):
+        results[task][name].append(_throughput(backends[name], task, limit, tm, ours.tok))
+      a, b = results[task]["llmjax"][-1], results[task]["hf"][-1]
+      unit = "tokens/s" if task == "num2words_en_fr" else "requests/s"
+      print(f"round {r} {task:20} llmjax {a:8.1f}  hf {b:8.1f} {unit}  ratio {a / b:.2f}",
+            flush=True)
+  for task in cases:
+    ratios = [a / b for a, b in zip(results[task]["llmjax"], results[task]["hf"])]
+    print(f"{task}: median ratio llmjax / hf = {statistics.median(ratios):.2f} "
+          f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
+
+
+if __name__ == "__main__":
+  main()
