@@ -169,7 +169,7 @@ def generate(model: Transformer, params, prompts: list[list[int]], *, max_new_to
              sampling: SamplingConfig | None = None, seed: int = 0, eos_id=None,
              pad_id: int = 0, stop_strings=(), detokenize=None, on_tokens=None,
              encoder_inputs: list[list[int]] | None = None,
-             decoder_start_id: int = 0) -> GenerateOutput:
+             decoder_start_id: int = 0, pad_to: int | None = None) -> GenerateOutput:
   """Continues each prompt (a list of token ids) by up to `max_new_tokens` tokens.
 
   Args:
@@ -182,6 +182,8 @@ def generate(model: Transformer, params, prompts: list[list[int]], *, max_new_to
     on_tokens: streaming, `on_tokens(tokens [B], active [B])` after every step.
     encoder_inputs: encoder_decoder models: one token list per row; `prompts` may then
       be None (each row starts from `decoder_start_id`).
+    pad_to: left-pad the prompts to this length (>= the longest): callers with prompts of
+      many lengths pad to a few buckets, and the loop compiles once per bucket.
   """
   cfg, sampling = model.config, sampling or SamplingConfig()
   encoded = encoder_valid = None
@@ -199,7 +201,8 @@ def generate(model: Transformer, params, prompts: list[list[int]], *, max_new_to
     raise UserError(f"prompt length + max_new_tokens = {total} must be <= max_len="
                     f"{cfg.max_len} (learned positions) and max_new_tokens >= 1; shorten "
                     "the prompt or lower max_new_tokens.")
-  tokens, valid, positions = cache_lib.left_pad(prompts, pad_id)
+  longest = max(len(p) for p in prompts)
+  tokens, valid, positions = cache_lib.left_pad(prompts, pad_id, max(pad_to or 0, longest))
   listen = bool(on_tokens is not None or stop_strings)
   listener_id = next(_NEXT_ID)
   if listen:

@@ -190,10 +190,12 @@ class LlmjaxLM(TemplateLM):
         chunk = items[start:start + self.batch_size]
         keep = max(1, self.max_length - new)  # left-truncate so prompt + new fits
         prompts = [(self.tok_encode(c) or [self.prefix_token_id])[-keep:] for _, c in chunk]
+        prompts += prompts[:1] * (self.batch_size - len(prompts))  # one batch shape
         out = gen.generate(self.model, self.params, prompts, max_new_tokens=new,
                            sampling=SamplingConfig(temperature=temperature),
                            eos_id=self.eot_token_id, stop_strings=until,
-                           detokenize=self.tok_decode)
+                           detokenize=self.tok_decode,
+                           pad_to=min(_bucket(max(map(len, prompts))), keep))
         for (i, _), text in zip(chunk, out.texts):
           results[i] = text
     return results
