@@ -94,14 +94,20 @@ def plan_rows(sweep: SweepConfig, base, seq_len: int, batch_size: int) -> list[d
                                           and lo <= tokens / n["non_embedding"] <= hi):
         continue  # this budget is too small or too large for this shape
       rows.append({
-          "id": f"{len(rows):03d}_L{num_layers}_D{embed_dim}_" + (
-              f"C{float(target):.1e}" if sweep.mode == "isoflop" else f"T{float(target):.1e}"),
+          # The id names the run, not its place: a sweep re-planned with more shapes or
+          # budgets keeps its finished runs.
+          "id": f"L{num_layers}_D{embed_dim}_" + (
+              f"C{float(target):.2e}" if sweep.mode == "isoflop" else f"T{float(target):.2e}"),
           "num_layers": cfg.num_layers, "embed_dim": cfg.embed_dim,
           "num_heads": cfg.num_heads, "mlp_dim": cfg.mlp_dim,
           "params": n["total"], "non_embedding_params": n["non_embedding"],
           "tokens": tokens, "flops": per_token * tokens, "flops_per_token": per_token,
           "budget": float(target) if sweep.mode == "isoflop" else None,
           "num_steps": steps, "bindings": run_bindings(cfg, steps, sweep)})
+  ids = [r["id"] for r in rows]
+  if len(set(ids)) < len(ids):
+    raise UserError(f"SweepConfig lists a shape or budget twice ({sorted(ids)}); remove the "
+                    "repeat.")
   if not rows:
     raise UserError("no sweep run fits between SweepConfig.min_steps and max_steps; "
                     "raise the budgets or use smaller shapes.")

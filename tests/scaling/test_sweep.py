@@ -62,6 +62,18 @@ def test_grid_rows_are_shapes_times_tokens_and_steps_bound_isoflop_rows():
     sweep_lib.plan_rows(sweep_lib.SweepConfig(budgets=(1e9,), shapes=((1, 40),)), base, 32, 8)
 
 
+def test_replanning_with_more_shapes_keeps_the_runs_it_had():
+  base = get_preset("tiny", vocab_size=89)
+  plan = lambda shapes: sweep_lib.plan_rows(
+      sweep_lib.SweepConfig(budgets=(1e10, 2e10), shapes=shapes, head_dim=16, min_steps=1),
+      base, seq_len=32, batch_size=8)
+  before, after = plan(((1, 32), (2, 64))), plan(((1, 16), (1, 32), (2, 64)))
+  assert len(after) == len(before) + 2
+  assert {r["id"]: r for r in before}.items() <= {r["id"]: r for r in after}.items()
+  with pytest.raises(UserError, match="twice"):
+    plan(((1, 32), (1, 32)))
+
+
 def test_an_edited_manifest_is_refused_before_anything_runs():
   base = get_preset("tiny")  # learned positions, max_len 64
   rows = sweep_lib.plan_rows(sweep_lib.SweepConfig(budgets=(1e10,), shapes=((1, 32),),
