@@ -1,4 +1,4 @@
-"""A real IsoFLOP sweep on this machine: 19 GPTs over 4 FLOP budgets on Shakespeare, fitted
+"""A real IsoFLOP sweep on this machine: 25 GPTs over 4 FLOP budgets on Shakespeare, fitted
 by the three approaches of Hoffmann et al. (2022), with a hold-out check.
 
 Command (from the repository root, after `bash scripts/setup_env.sh`):
@@ -7,9 +7,9 @@ Command (from the repository root, after `bash scripts/setup_env.sh`):
 It runs `llmjax sweep plan --gin_file=sweeps/shakespeare_isoflop.gin`, `llmjax sweep run`
 (resumable: re-running finishes a killed sweep) and `llmjax sweep fit --holdout`, then
 prints the table below. The sweep (gin_configs/sweeps/shakespeare_isoflop.gin): budgets
-1e12, 3e12, 1e13, 3e13 FLOPs (exact matmul counts, `scaling/counts.py`); 9 GPT shapes from
-2 x 32 to 6 x 192 (head 16, MLP 4x), each budget keeping the shapes whose D / N lies in
-[2.2, 400]; a char tokenizer (89 pieces); batch 16 x 128; AdamW, peak lr 3e-3, 5% warmup,
+1e12, 3e12, 1e13, 3e13 FLOPs (exact matmul counts, `scaling/counts.py`); 11 GPT shapes from
+2 x 16 to 6 x 192 (head 16, MLP 4x), each budget keeping the shapes whose D / N lies in
+[2.2, 2000]; a char tokenizer (89 pieces); batch 16 x 128; AdamW, peak lr 3e-3, 5% warmup,
 cosine; final eval loss on 20 validation batches (scenes never trained on). N is the
 non-embedding count (Kaplan et al. 2020); C = k N D with this sweep's k = median C / (N D)
 (attention over 128 positions and the head add to 6 N at these widths).
