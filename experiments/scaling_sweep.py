@@ -14,7 +14,34 @@ cosine; final eval loss on 20 validation batches (scenes never trained on). N is
 non-embedding count (Kaplan et al. 2020); C = k N D with this sweep's k = median C / (N D)
 (attention over 128 positions and the head add to 6 N at these widths).
 
-Result: filled in below by the session that ran it.
+Result (session 2026-12-06; 2-core Intel Xeon CPU, no accelerator; all 25 runs finished).
+Wall time: the sweep ran 23:09-01:20 (131 min), but not alone: for 70 min a second
+`sweep run` (the 6 runs added when the window was widened) shared the two cores, and for the
+last 70 min the full test suite did too; the runs' own wall times sum to 193.5 min under
+that contention. Alone, at the tokens/s measured for these shapes (60k tok/s at 2 x 64 down to
+13k at 4 x 128), the 25 runs come to about 75 minutes. The run files (compact metrics,
+manifest, tokenizer, plots) are in experiments/results/scaling_sweep: `llmjax sweep fit
+--sweep_dir=experiments/results/scaling_sweep --holdout` refits them.
+
+IsoFLOP minima (Approach 2 parabolas in ln N; every minimum inside its budget's range):
+  C 1e12: N_opt 9.5k, D_opt 12.9M, loss 1.925      C 1e13: N_opt 69k,  D_opt 17.6M, loss 1.521
+  C 3e12: N_opt 23k,  D_opt 16.0M, loss 1.697      C 3e13: N_opt 160k, D_opt 22.9M, loss 1.393
+Approach 3 (1000 bootstraps, 90% intervals), k = C / (N D) = 8.20:
+  E 0.586 [3e-10, 0.887]  A 5.84 [2.91, 15.6]  B 157 [50.7, 1658]
+  alpha 0.218 [0.086, 0.351]  beta 0.355 [0.259, 0.535]  a 0.620 [0.500, 0.827]  b 0.380 [0.173, 0.500]
+Exponent a (N_opt ~ C^a): Approach 1 (envelope of training curves) 0.217, Approach 2 0.841,
+Approach 3 0.620; Chinchilla's Approach-3 constants give 0.452, Epoch's replication 0.513.
+Hold-out: fitted without the 3e13 budget, Approach 3 predicts its best loss 1.333; the best
+run there reached 1.3825 (error -3.6%).
+Compute-optimal tokens per parameter under the fitted law: 524 at 3e13, 302 at 3e14.
+
+What it says: at 6k-800k parameters on 5M characters, compute-optimal models are small and
+data-hungry (hundreds of tokens per parameter, not Chinchilla's ~20; the data repeat up to
+12 times at the largest budget, which the law does not model), the optimal size grows faster
+with compute than Chinchilla's (a > 0.5 by Approaches 2 and 3), and the approaches disagree
+widely over 1.5 decades of C: four budgets and 6-7 shapes each are too few for tight
+exponents (Approach 1's envelope is dominated by the long runs of small models; Approach 2
+rests on four minima). E's interval reaches 0: the irreducible loss is not identified here.
 """
 
 import argparse
