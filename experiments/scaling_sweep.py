@@ -18,8 +18,8 @@ Result (session 2026-12-06; 2-core Intel Xeon CPU, no accelerator; all 25 runs f
 Wall time: the sweep ran 23:09-01:20 (131 min), but not alone: for 70 min a second
 `sweep run` (the 6 runs added when the window was widened) shared the two cores, and for the
 last 70 min the full test suite did too; the runs' own wall times sum to 193.5 min under
-that contention. Alone, at the tokens/s measured for these shapes (60k tok/s at 2 x 64 down to
-13k at 4 x 128), the 25 runs come to about 75 minutes. The run files (compact metrics,
+that contention. An uncontended timing of the whole sweep was not run (alone, 40-step probes
+of these shapes trained 60k tok/s at 2 x 64 down to 8.8k at 4 x 192). The run files (compact metrics,
 manifest, tokenizer, plots) are in experiments/results/scaling_sweep: `llmjax sweep fit
 --sweep_dir=experiments/results/scaling_sweep --holdout` refits them.
 
