@@ -43,6 +43,8 @@ def register(subparsers, name, help_text):
   fit.add_argument("--holdout", action="store_true",
                    help="also fit without the largest budget and predict its best loss")
   fit.add_argument("--output", default=None, help="where fit.json and plots go")
+  fit.add_argument("--partial", action="store_true",
+                   help="fit the finished runs only (default: refuse while runs are unfinished)")
   for sub in (plan, run, status):
     sub.add_argument("--sweep_dir", required=True)
   fit.add_argument("--sweep_dir", action="append", required=True,

@@ -107,7 +107,7 @@ def holdout(records, params_key, loss_key, bootstrap, seed) -> dict:
 def fit_command(args) -> int:
   from llmjax.scaling import plots
 
-  records = load_records(args.sweep_dir, args.loss, getattr(args, "partial", False))
+  records = load_records(args.sweep_dir, args.loss, args.partial)
   result = fit_all(records, args.params, args.loss, args.bootstrap)
   p, law_fit, iso, envelope = result.pop("_objects")
   if args.holdout:

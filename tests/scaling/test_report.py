@@ -83,6 +83,10 @@ def test_unfinished_runs_are_named_and_partial_fits_the_rest(tmp_path):
     report.load_records([sweep_dir], "eval_loss")
   assert len(report.load_records([sweep_dir], "eval_loss", partial=True)) == 8
   assert len(manifest["rows"]) > 8
+  with redirect_stdout(io.StringIO()) as out:
+    assert cli.main(["sweep", "fit", f"--sweep_dir={sweep_dir}", "--bootstrap=0",
+                     "--partial"]) == 0
+  assert "8 runs" in out.getvalue()
 
 
 def test_fewer_points_than_parameters_is_refused(tmp_path):
