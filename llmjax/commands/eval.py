@@ -53,17 +53,9 @@ def _configs(args):
   cfg = gin.get_configurable("llmjax.EvalConfig")()
   run_data = run_objective = None
   if os.path.exists(operative):
-    run_data = _bound(gin, "data")
-    run_objective = _bound(gin, "objective")
+    run_data = main.bound("data")
+    run_objective = main.bound("objective")
   return cfg, run_data, run_objective
-
-
-def _bound(gin, name):
-  try:
-    ref = gin.query_parameter(f"train.{name}")
-  except ValueError:
-    return None
-  return ref.scoped_configurable_fn() if isinstance(ref, gin.config.ConfigurableReference) else ref
 
 
 def _texts(cfg, dataset, data_dir, text_key, limit):

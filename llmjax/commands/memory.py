@@ -42,17 +42,11 @@ def strategy_meshes(num_devices: int, configured: dict, configured_rules: str) -
   return [(r, dict(zip(mesh_lib.MESH_AXES, m))) for r, m in rows]
 
 
-def _bound(gin, name):
-  ref = gin.query_parameter(f"train.{name}")
-  return ref.scoped_configurable_fn() if isinstance(ref, gin.config.ConfigurableReference) else ref
-
-
 def _fmt(n):
   return f"{n / MIB:10.1f}"
 
 
 def run(args):
-  import gin
   import jax
 
   from llmjax.scaling import memory
@@ -60,7 +54,7 @@ def run(args):
   from llmjax.train import main, xla_memory
 
   main.parse_gin(args.gin_file, args.gin_param)
-  model, data, cfg = _bound(gin, "model"), _bound(gin, "data"), _bound(gin, "config")
+  model, data, cfg = main.bound("model"), main.bound("data"), main.bound("config")
   devices = args.devices or jax.device_count()
   budget = memory.parse_bytes(args.device_memory)
   configured = {"data": cfg.mesh_data, "fsdp": cfg.mesh_fsdp, "tensor": cfg.mesh_tensor}

@@ -64,8 +64,8 @@ def plan(args):
 
   main.parse_gin(args.gin_file, args.gin_param)
   sweep = gin.get_configurable("llmjax.SweepConfig")()
-  model, data = _bound(gin, "model"), _bound(gin, "data")
-  config, tokenizer = _bound(gin, "config"), _bound(gin, "tokenizer")
+  model, data = main.bound("model"), main.bound("data")
+  config, tokenizer = main.bound("config"), main.bound("tokenizer")
   os.makedirs(args.sweep_dir, exist_ok=True)
   tok = inputs.resolve_tokenizer(tokenizer, args.sweep_dir, data.dataset, data.data_dir,
                                  data.text_key, input_dir=data.input_dir)
@@ -85,11 +85,6 @@ def plan(args):
   _print_rows(rows, {r["id"]: "planned" for r in rows})
   print(f"{len(rows)} runs, {sum(r['flops'] for r in rows):.3g} FLOPs in all -> {path}")
   return 0
-
-
-def _bound(gin, name):
-  ref = gin.query_parameter(f"train.{name}")
-  return ref.scoped_configurable_fn() if isinstance(ref, gin.config.ConfigurableReference) else ref
 
 
 def _bytes_per_token(data, tok):
@@ -150,7 +145,6 @@ def run(args, env=None):
 
 def _validate(manifest):
   """Checks every row against the base model and the configured mesh before any run."""
-  import gin
   import jax
 
   from llmjax.scaling import sweep as sweep_lib
@@ -158,7 +152,7 @@ def _validate(manifest):
   from llmjax.train import main
 
   main.parse_gin(manifest["gin_files"], manifest["gin_params"])
-  model, config = _bound(gin, "model"), _bound(gin, "config")
+  model, config = main.bound("model"), main.bound("config")
   mesh = mesh_lib.resolve_mesh_shape(jax.device_count(), config.mesh_data, config.mesh_fsdp,
                                      config.mesh_tensor)
   sweep_lib.validate_rows(manifest, model, dict(zip(mesh_lib.MESH_AXES, mesh)))

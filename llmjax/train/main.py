@@ -131,6 +131,16 @@ def _check_required(cfg):
                     "=...\".")
 
 
+def bound(name: str, default=None):
+  """What the parsed gin config binds `train.<name>` to, built (`default` if unbound):
+  the commands that read a run's config without training it (memory, sweep, eval)."""
+  try:
+    ref = gin.query_parameter(f"train.{name}")
+  except ValueError:
+    return default
+  return ref.scoped_configurable_fn() if isinstance(ref, gin.config.ConfigurableReference) else ref
+
+
 @gin.configurable(module="llmjax")
 def train(workdir=gin.REQUIRED, model=gin.REQUIRED, data=gin.REQUIRED, tokenizer=gin.REQUIRED,
           optimizer=None, objective=None, config=None, runtime=None, peft=()):
