@@ -15,7 +15,11 @@ class implements the three request types on jitted forward passes:
   asks for sampling, stopped at the task's stop strings or `max_gen_toks`.
 Requests are sorted longest first and batched in rows padded to a few fixed lengths (one
 compile per length bucket); with several devices each batch is split over a 'data' mesh
-axis, so a sharded evaluation computes what one device does.
+axis, so a sharded evaluation computes what one device does. When requests share their
+contexts (a multiple-choice question asks one per choice), each context is run once into
+a KV cache and only the continuations are run per request (`share_contexts=auto`, the
+default, does so when contexts repeat; lm-eval's `hf` backend shares only single-token
+continuations).
 """
 
 import jax
@@ -50,6 +54,45 @@ def _scorer(model, mesh):
   return jax.jit(score, in_shardings=(None, rows, rows))
 
 
+def _cont_scorer(model, mesh):
+  """jit: contexts `[U, C]` (left-padded, with valid and positions), `owner [R]` (each
+  request's context row) and continuations `[R, K + 1]` -> (log p [R, K + 1], greedy hit).
+
+  The contexts fill a KV cache once; each request takes its context's cache row, and its
+  first K continuation tokens extend it in one call (`Transformer.decode_cached`): the
+  context's last logits predict continuation token 0, the extension's predict the rest.
+  Padding after a continuation is never attended by its real tokens (causal), so it needs
+  no mask.
+  """
+  from llmjax.decode import cache as cache_lib
+  from llmjax.decode import generate as gen
+  from llmjax.models.transformer import Transformer
+
+  cfg = model.config if hasattr(model, "config") else model.base.config
+
+  def score(params, tokens, valid, positions, owner, cont):
+    net, p = gen.decoding_model(model, params)
+    extra = cont.shape[1] - 1
+    last, cache = gen.prefill(net, p, tokens, valid, positions, tokens.shape[1] + extra)
+    logits = last[owner][:, None]                                         # [R, 1, V]
+    if extra:
+      cache = cache_lib.reorder(cache, owner)
+      pos = positions[owner, -1:] + 1 + jnp.arange(extra)                 # [R, K]
+      if cfg.position == "learned":  # padding columns may run past the table
+        pos = jnp.minimum(pos, cfg.max_len - 1)
+      more, _ = net.apply({"params": p}, cont[:, :-1], pos, cache,
+                          method=Transformer.decode_cached)
+      logits = jnp.concatenate([logits, more], axis=1)                    # [R, K + 1, V]
+    logits = logits.astype(jnp.float32)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(log_probs, cont[..., None], axis=-1)[..., 0]
+    return picked, jnp.argmax(logits, axis=-1) == cont
+  if mesh is None:
+    return jax.jit(score)
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  return jax.jit(score, in_shardings=(None, rows, rows, rows, rows, rows))
+
+
 @register_model("llmjax")
 class LlmjaxLM(TemplateLM):
   """A causal (decoder-only) llmjax checkpoint as an lm-eval model."""
@@ -58,8 +101,8 @@ class LlmjaxLM(TemplateLM):
                batch_size: int | str = 8, max_length: int | None = None,
                max_gen_toks: int = 256, devices: int | None = None,
                add_bos_token: bool | str = True, truncation: str = "left",
-               tokenizer_path: str | None = None, model=None, params=None, tokenizer=None,
-               **_ignored):
+               tokenizer_path: str | None = None, share_contexts: bool | str = "auto",
+               model=None, params=None, tokenizer=None, **_ignored):
     super().__init__()
     if model is None:
       if workdir is None:
@@ -92,6 +135,11 @@ class LlmjaxLM(TemplateLM):
                                 axis_types=(jax.sharding.AxisType.Auto,)) if n > 1 else None)
     self._rows = self.batch_size if n == 1 else -(-self.batch_size // n) * n
     self._score = _scorer(model, self._mesh)
+    self._score_cont = _cont_scorer(model, self._mesh)
+    self.share_contexts = str(share_contexts).lower()
+    if self.share_contexts not in ("auto", "true", "false"):
+      raise UserError(f"share_contexts={share_contexts!r}; use auto (share when requests "
+                      "repeat their contexts, as multiple-choice tasks do), true or false.")
 
   @property
   def eot_token_id(self) -> int:
@@ -117,6 +165,14 @@ class LlmjaxLM(TemplateLM):
 
   def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
     """[(key, context ids, continuation ids)] -> [(sum log p(continuation), is_greedy)]."""
+    rows = self._truncated(requests)
+    contexts = {tuple(inp[:len(inp) - n + 1]) for inp, _, n in rows}
+    shared = self.share_contexts == "true" or (
+        self.share_contexts == "auto" and len(contexts) <= 0.75 * len(rows))
+    return self._score_shared(rows) if shared else self._score_whole(rows)
+
+  def _truncated(self, requests) -> list[tuple[list[int], list[int], int]]:
+    """(input ids, target ids, continuation length) per request, cut to the context."""
     rows, truncated = [], 0
     for _, context, continuation in requests:
       if not continuation:
@@ -137,6 +193,10 @@ class LlmjaxLM(TemplateLM):
           "%d request(s) exceeded the context of %d tokens; their oldest context tokens were "
           "dropped (truncation=left; truncation=error refuses instead).", truncated,
           self.max_length)
+    return rows
+
+  def _score_whole(self, rows):
+    """One forward pass per request over its whole input."""
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # longest first
     out = [None] * len(rows)
     for start in range(0, len(order), self._rows):
@@ -153,6 +213,46 @@ class LlmjaxLM(TemplateLM):
         span = slice(length - n_cont, length)
         out[i] = (float(picked[j, span].astype(np.float64).sum()), bool(hits[j, span].all()))
     return out
+
+  def _score_shared(self, rows):
+    """Requests that share a context (a multiple-choice question's choices): the context
+    is run once into a KV cache, and each continuation is scored from its copy."""
+    groups = {}
+    for i, (inp, _, n) in enumerate(rows):
+      groups.setdefault(tuple(inp[:len(inp) - n + 1]), []).append(i)
+    per_context = -(-len(rows) // len(groups))
+    reqs = self._rows * per_context
+    out = [None] * len(rows)
+    chunk = []                                    # [(context, request index)]
+    for context in sorted(groups, key=len, reverse=True):
+      for i in groups[context]:
+        if len(chunk) == reqs or (len({c for c, _ in chunk} | {context}) > self._rows):
+          self._shared_chunk(rows, chunk, reqs, out)
+          chunk = []
+        chunk.append((context, i))
+    if chunk:
+      self._shared_chunk(rows, chunk, reqs, out)
+    return out
+
+  def _shared_chunk(self, rows, chunk, reqs, out):
+    from llmjax.decode import cache as cache_lib
+
+    contexts = list(dict.fromkeys(c for c, _ in chunk))
+    contexts += contexts[:1] * (self._rows - len(contexts))
+    width = min(_bucket(len(contexts[0])), self.max_length)
+    tokens, valid, positions = cache_lib.left_pad([list(c) for c in contexts], 0, width)
+    extra = max(rows[i][2] for _, i in chunk) - 1           # continuation tokens as input
+    cont_width = 0 if extra == 0 else max(4, 1 << (extra - 1).bit_length())
+    owner = np.zeros(reqs, np.int32)
+    cont = np.zeros((reqs, cont_width + 1), np.int32)       # the last column: a target only
+    for j, (context, i) in enumerate(chunk):
+      owner[j] = contexts.index(context)
+      cont[j, :rows[i][2]] = rows[i][1][-rows[i][2]:]
+    picked, hits = (np.asarray(x) for x in self._score_cont(
+        self.params, tokens, valid, positions, owner, cont))
+    for j, (_, i) in enumerate(chunk):
+      n = rows[i][2]
+      out[i] = (float(picked[j, :n].astype(np.float64).sum()), bool(hits[j, :n].all()))
 
   def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
     windows, owners = [], []

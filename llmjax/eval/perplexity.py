@@ -18,6 +18,10 @@ documents longer than the context are cut into disjoint chunks.
 Encoder-decoder: target perplexity, teacher-forced log-likelihood of each target + EOS
 given its input (the seq2seq training loss, without z-loss or label smoothing).
 
+Sharding: with `devices=n` (n > 1) every batch (rounded up to a multiple of n rows) is split
+row-wise over a 1-D 'data' mesh of the first n devices, params replicated, so each device
+scores its share of the windows and the sums equal one device's (each row is computed alone).
+
 Per-byte figures: bits per byte = loss per token x tokens / UTF-8 bytes / ln 2 (and per
 character likewise): exact when every token is scored (stride < context), the mean loss
 extrapolated to the unscored window starts otherwise.
@@ -83,6 +87,38 @@ def windows(num_tokens: int, context: int, stride: int) -> list[tuple[int, int, 
   return out
 
 
+class _Placement:
+  """Where the batches run: one device (`devices` None or 1: the plain jitted path), or
+  rows split over a 1-D 'data' mesh of the first `devices` devices (as lm_eval_backend's
+  `_scorer`), the batch rounded up so every device gets the same number of rows."""
+
+  def __init__(self, devices: int | None, batch_size: int):
+    n = 1 if devices is None else int(devices)
+    if n < 1:
+      raise UserError(f"devices={devices}; pass a positive device count (or None for one).")
+    if n > jax.device_count():
+      raise UserError(f"devices={n} but only {jax.device_count()} device(s) are available; "
+                      f"pass devices<={jax.device_count()} (on CPU, simulate more with "
+                      f"XLA_FLAGS=--xla_force_host_platform_device_count={n}, set before "
+                      "jax starts).")
+    self.batch_size = -(-batch_size // n) * n
+    self.mesh = None if n == 1 else jax.make_mesh(
+        (n,), ("data",), devices=jax.devices()[:n], axis_types=(jax.sharding.AxisType.Auto,))
+
+  def _put(self, tree, spec):
+    if self.mesh is None:
+      return tree
+    return jax.device_put(tree, jax.sharding.NamedSharding(self.mesh, spec))
+
+  def params(self, params):
+    """Params replicated on every device of the mesh (committed, so jit runs there)."""
+    return self._put(params, jax.sharding.PartitionSpec())
+
+  def rows(self, *arrays):
+    """`[B, ...]` arrays split row-wise over the 'data' axis."""
+    return tuple(self._put(a, jax.sharding.PartitionSpec("data")) for a in arrays)
+
+
 def _batches(rows, batch_size: int, width: int):
   """Fixed [batch_size, width] arrays: tokens, targets, weights and the valid positions
   (zero rows pad the last batch, so every batch has one shape: one compile)."""
@@ -99,9 +135,11 @@ def _batches(rows, batch_size: int, width: int):
 
 
 def causal_sums(model, params, docs, *, context: int, stride: int, batch_size: int = 8,
-                sums: Sums | None = None) -> Sums:
-  """Strided sliding-window NLL of each token list in `docs` (each starts with its prefix)."""
-  sums = sums or Sums()
+                sums: Sums | None = None, devices: int | None = None) -> Sums:
+  """Strided sliding-window NLL of each token list in `docs` (each starts with its prefix);
+  `devices` > 1 splits each batch over that many devices (see `_Placement`)."""
+  sums, place = sums or Sums(), _Placement(devices, batch_size)
+  params = place.params(params)
   rows = []
   for doc in docs:
     doc = np.asarray(doc, np.int32)
@@ -111,16 +149,19 @@ def causal_sums(model, params, docs, *, context: int, stride: int, batch_size: i
       scored = np.arange(begin + 1, end + 1) >= first
       scored[-1] = False                                      # predicts past the window
       rows.append((inputs, targets, scored.astype(np.float32)))
-  for tokens, targets, weights, _ in _batches(rows, batch_size, context):
-    log_probs = np.asarray(_token_log_probs(model, params, tokens, targets), np.float64)
+  for tokens, targets, weights, _ in _batches(rows, place.batch_size, context):
+    log_probs = np.asarray(_token_log_probs(model, params, *place.rows(tokens, targets)),
+                           np.float64)
     sums.add(-log_probs[weights > 0])
   return sums
 
 
 def masked_sums(model, params, docs, *, mask_id: int, context: int, batch_size: int = 8,
-                skip_ids=(), sums: Sums | None = None) -> Sums:
-  """Pseudo-log-likelihood: each scored token masked once, in its `context` chunk."""
-  sums = sums or Sums()
+                skip_ids=(), sums: Sums | None = None, devices: int | None = None) -> Sums:
+  """Pseudo-log-likelihood: each scored token masked once, in its `context` chunk;
+  `devices` > 1 splits each batch over that many devices."""
+  sums, place = sums or Sums(), _Placement(devices, batch_size)
+  params = place.params(params)
   rows = []
   for doc in docs:
     doc = np.asarray(doc, np.int32)
@@ -132,8 +173,9 @@ def masked_sums(model, params, docs, *, mask_id: int, context: int, batch_size: 
         weight = np.zeros(len(chunk), np.float32)
         weight[i] = 1
         rows.append((masked, chunk, weight))
-  for tokens, targets, weights, valid in _batches(rows, batch_size, context):
-    log_probs = np.asarray(_masked_log_probs(model, params, tokens, valid, targets), np.float64)
+  for tokens, targets, weights, valid in _batches(rows, place.batch_size, context):
+    log_probs = np.asarray(_masked_log_probs(model, params, *place.rows(tokens, valid, targets)),
+                           np.float64)
     sums.add(-log_probs[weights > 0])
   return sums
 
@@ -147,9 +189,11 @@ def _masked_log_probs(model, params, tokens, valid, targets):
 
 
 def target_sums(model, params, pairs, *, start_id: int, batch_size: int = 8,
-                sums: Sums | None = None) -> Sums:
-  """Teacher-forced NLL of each (input ids, target ids) pair's targets (EOS included)."""
-  sums = sums or Sums()
+                sums: Sums | None = None, devices: int | None = None) -> Sums:
+  """Teacher-forced NLL of each (input ids, target ids) pair's targets (EOS included);
+  `devices` > 1 splits each batch over that many devices."""
+  sums, place = sums or Sums(), _Placement(devices, batch_size)
+  params, batch_size = place.params(params), place.batch_size
   enc_len = max(len(i) for i, _ in pairs)
   dec_len = max(len(t) for _, t in pairs)
   for b in range(0, len(pairs), batch_size):
@@ -162,8 +206,9 @@ def target_sums(model, params, pairs, *, start_id: int, batch_size: int = 8,
       enc[j, :len(inp)] = inp
       dec[j, :len(tgt)] = [start_id, *tgt[:-1]]
       targets[j, :len(tgt)], weights[j, :len(tgt)] = tgt, True
+    dec, targets, enc, enc_valid = place.rows(dec, targets, enc, enc != 0)
     log_probs = _token_log_probs(model, params, dec, targets, encoder_tokens=enc,
-                                 encoder_valid=enc != 0)
+                                 encoder_valid=enc_valid)
     sums.add(-np.asarray(log_probs, np.float64)[weights])
   return sums
 
@@ -182,10 +227,11 @@ def _text_sizes(sums: Sums, texts, ids, extra: int):
 
 def text_perplexity(model, params, tokenizer, texts, *, context: int | None = None,
                     stride: int | None = None, batch_size: int = 8,
-                    add_eos: bool = False) -> dict:
+                    add_eos: bool = False, devices: int | None = None) -> dict:
   """Perplexity, bits per byte and per character of `texts`: strided sliding windows for a
   causal LM (context: the model's max_len; stride: half of it), pseudo-perplexity for a
-  masked LM. `add_eos` also scores the end of each document (as training does)."""
+  masked LM. `add_eos` also scores the end of each document (as training does); `devices`
+  > 1 splits each batch over that many devices (same figures, data-parallel)."""
   cfg = _config(model)
   texts = [t for t in texts if t]
   ids = [tokenizer.encode(t) for t in texts]
@@ -196,11 +242,12 @@ def text_perplexity(model, params, tokenizer, texts, *, context: int | None = No
         else tokenizer.eos_id
     docs = [[prefix, *doc, *([tokenizer.eos_id] if add_eos else [])] for doc in ids]
     causal_sums(model, params, docs, context=context,
-                stride=stride or max(1, context // 2), batch_size=batch_size, sums=sums)
+                stride=stride or max(1, context // 2), batch_size=batch_size, sums=sums,
+                devices=devices)
   elif cfg.arch == "encoder_only":
     docs = [[tokenizer.bos_id, *doc, tokenizer.eos_id] for doc in ids]
     masked_sums(model, params, docs, mask_id=tokenizer.mask_id, context=context,
-                batch_size=batch_size, sums=sums,
+                batch_size=batch_size, sums=sums, devices=devices,
                 skip_ids=(tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id))
   else:
     raise UserError("an encoder-decoder model has no text perplexity; score (input, "
@@ -211,12 +258,13 @@ def text_perplexity(model, params, tokenizer, texts, *, context: int | None = No
 
 
 def pair_perplexity(model, params, tokenizer, pairs, *, start_id: int,
-                    batch_size: int = 8) -> dict:
+                    batch_size: int = 8, devices: int | None = None) -> dict:
   """Target perplexity of an encoder-decoder over (input text, target text) pairs; the
-  per-byte figures count the targets' bytes."""
+  per-byte figures count the targets' bytes; `devices` > 1 splits each batch."""
   encoded = [([*tokenizer.encode(src), tokenizer.eos_id], [*tokenizer.encode(tgt),
                                                           tokenizer.eos_id])
              for src, tgt in pairs]
-  sums = target_sums(model, params, encoded, start_id=start_id, batch_size=batch_size)
+  sums = target_sums(model, params, encoded, start_id=start_id, batch_size=batch_size,
+                     devices=devices)
   _text_sizes(sums, [t for _, t in pairs], [t for _, t in encoded], 0)
   return sums.metrics()

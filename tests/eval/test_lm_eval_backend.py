@@ -22,6 +22,10 @@ from llmjax.testing.runs import debug_train
 PRESETS = ("tiny", "tiny-llama")
 LOGLIKELIHOOD = [("ROMEO: But soft", " what light"), ("To be", ", or not to be"),
                  ("", "Hello there"), ("O " * 40, "and the rest"), ("What", "?")]
+# Multiple-choice style: contexts repeated with several continuations (one token, several,
+# and one whose request is long enough to be truncated).
+CHOICES = [(c, k) for c in ("Who speaks this line?\nAnswer:", "O " * 70, "x")
+           for k in (" Romeo", " the Nurse of Verona", "!", " JULIET and ROMEO")]
 ROLLING = ["Now is the winter of our discontent, made glorious summer " * 3, "short", "x"]
 
 
@@ -72,6 +76,27 @@ def test_results_do_not_depend_on_batch_order_or_devices(exported):
   assert jax.device_count() == 8 and sharded._mesh is not None
   for a, b in zip(base, sharded.loglikelihood(reqs[::-1])[::-1]):
     assert a[0] == pytest.approx(b[0], abs=1e-5) and a[1] == b[1]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_shared_contexts_score_as_the_hf_backend_and_the_unshared_path(exported, preset):
+  """The KV-cache path for repeated contexts gives what a whole forward pass gives (the
+  `hf` backend's, and this backend's own with share_contexts=false), on 1 and 8 devices."""
+  from lm_eval.models.huggingface import HFLM
+
+  wd, hf_dir = exported[preset]
+  reqs = _requests("loglikelihood", CHOICES)
+  shared = LlmjaxLM(workdir=wd, batch_size=2, devices=1)
+  whole = LlmjaxLM(workdir=wd, batch_size=2, devices=1, share_contexts="false")
+  sharded = LlmjaxLM(workdir=wd, batch_size=3, devices=8, share_contexts="true")
+  hf = HFLM(pretrained=hf_dir, device="cpu", batch_size=4, max_length=shared.max_length)
+  ours, theirs = shared.loglikelihood(reqs), hf.loglikelihood(reqs)
+  assert shared.truncated == 4 and len({r.args[0] for r in reqs}) == 3
+  for a, b, c, d in zip(ours, theirs, whole.loglikelihood(reqs),
+                        sharded.loglikelihood(reqs[::-1])[::-1]):
+    assert a[0] == pytest.approx(b[0], abs=1e-4) and a[1] == b[1]
+    assert a[0] == pytest.approx(c[0], abs=2e-5) and a[1] == c[1]
+    assert a[0] == pytest.approx(d[0], abs=2e-5) and a[1] == d[1]
 
 
 class _Bytes:
