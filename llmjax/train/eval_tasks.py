@@ -69,11 +69,11 @@ class EvalTasks:
 
   def _lm_eval(self, net, params, tokenizer, task, limit):
     try:
-      import lm_eval
       from lm_eval.tasks import TaskManager
     except ImportError:
       raise UserError("TrainConfig.eval_tasks names an lm-eval task but lm-eval is not "
                       "installed: pip install 'llmjax[eval]'.") from None
+    from llmjax.eval import lm_eval_run
     from llmjax.eval import tasks as task_lib
     from llmjax.eval.lm_eval_backend import LlmjaxLM
 
@@ -87,9 +87,7 @@ class EvalTasks:
       self._task_manager = TaskManager(include_path=folder if wanted else None,
                                        verbosity="ERROR")
     lm = LlmjaxLM(model=net, params=params, tokenizer=tokenizer, batch_size=16)
-    result = lm_eval.simple_evaluate(model=lm, tasks=[task], limit=limit,
-                                     task_manager=self._task_manager, verbosity="ERROR",
-                                     bootstrap_iters=0)
-    metrics = result["results"][task]
-    return {f"lm_eval/{task}/{k.split(',')[0]}": float(v) for k, v in metrics.items()
-            if "," in k and "stderr" not in k and isinstance(v, (int, float))}
+    result = lm_eval_run.evaluate(lm, [task], self._task_manager, limit=limit,
+                                  bootstrap_iters=0)
+    metrics = lm_eval_run.flatten(result["results"][task])
+    return {f"lm_eval/{task}/{k}": v for k, v in metrics.items() if "stderr" not in k}

@@ -39,6 +39,14 @@ def test_eval_writes_json_and_tensorboard_matching_the_library(fixture_run, data
   assert metrics["tokens"] == sum(len(tok.encode(t)) for t in texts)
   assert f"{metrics['perplexity']:9.3f}" in text
   assert glob.glob(os.path.join(fixture_run, "tensorboard", "events.out.tfevents.*"))
+  # The default splits each batch over all 8 (simulated) devices; one device agrees.
+  code, _ = _eval(f"--workdir={fixture_run}", "--dataset=shakespeare", "--devices=1",
+                  f"--data_dir={data_dir}", "--max_docs=3", "--context=16", "--stride=8",
+                  f"--output={output}", "--gin_param=EvalConfig.batch_size=5")
+  with open(output) as f:
+    single = json.load(f)["tasks"]["perplexity/shakespeare/validation"]
+  assert code == 0 and single["tokens"] == metrics["tokens"]
+  assert single["loss"] == pytest.approx(metrics["loss"], rel=1e-6)
 
 
 def test_bad_input_is_one_message(fixture_run, tmp_path, capsys):
@@ -47,6 +55,8 @@ def test_bad_input_is_one_message(fixture_run, tmp_path, capsys):
   code, _ = _eval(f"--workdir={fixture_run}", "--dataset=shakespeare",
                   "--output=/proc/no/such/dir/r.json")
   assert code == 2 and "cannot write the results" in capsys.readouterr().err
+  code, _ = _eval(f"--workdir={fixture_run}", "--dataset=shakespeare", "--devices=9")
+  assert code == 2 and "only 8 device(s)" in capsys.readouterr().err
   code, _ = _eval(f"--workdir={fixture_run}", "--dataset=nope")
   assert code == 2 and "known datasets are" in capsys.readouterr().err
   code, _ = _eval(f"--workdir={fixture_run}")  # no operative config: which dataset?
