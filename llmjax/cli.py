@@ -21,6 +21,7 @@ COMMANDS = {
     "convert": ("llmjax.commands.convert", "import/export Hugging Face checkpoints"),
     "peft": ("llmjax.commands.peft", "merge, export and import fine-tuning adapters"),
     "quantize": ("llmjax.commands.quantize", "int8/int4/nf4/w8a8 copy of a trained workdir"),
+    "quantize": ("llmjax.commands.quantize", "int8/int4/nf4/w8a8 copy of a trained workdir"),
     "memory": ("llmjax.commands.memory", "training memory per device for each sharding"),
     "sweep": ("llmjax.commands.sweep", "plan, run and fit a scaling-law sweep"),
     "scaling": ("llmjax.commands.scaling", "compute-optimal model and data size for a budget"),

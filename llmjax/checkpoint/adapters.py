@@ -44,6 +44,10 @@ def _restore(workdir: str, step: int | None = None):
     params, meta = ckpt.restore_params(step)
   finally:
     ckpt.close()
+  if meta.get("quantization"):
+    raise UserError(f"{workdir} is quantized ({meta['quantization'].get('method')}); "
+                    "adapters merge into and export from float weights: use the float "
+                    f"workdir ({meta.get('quantized_from', 'it was quantized from')}).")
   return jax.tree.map(np.asarray, jax.device_get(params)), meta
 
 

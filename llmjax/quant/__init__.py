@@ -6,6 +6,10 @@
            2023).
   matmul   int8-weight x float products (float32 accumulation) and W8A8 with dynamic
            per-token activation scales (int32 accumulation; LLM.int8, SmoothQuant).
+  ptq      post-training quantization of a model's whole parameter tree into those
+           arrays (`quantize_params`) and its inverse view (`dequantized_params`).
+  model    `QuantizedModel`: the network run from the packed arrays through the
+           intercept seam (`llmjax quantize` writes them, `load_workdir` reads them).
 
 Every container is a pytree of packed integers and float32 scales, never de-quantized
 floats, and everything runs under `jax.jit`.

@@ -10,6 +10,7 @@ import jax
 
 from llmjax.checkpoint import manager as ckpt_lib
 from llmjax.errors import UserError
+from llmjax.quant import ptq
 
 
 def check_workdir(workdir):
@@ -30,6 +31,7 @@ def _meta_checker(ckpt, model_cfg, tok):
   defaults = {f.name: f.default for f in dataclasses.fields(model_cfg)}
 
   def check(meta):
+    ptq.require_float(meta, f"the checkpoint in {ckpt.directory}")  # resuming trains it
     saved = meta.get("model_config", {})
     if tok is not None and meta.get("tokenizer") not in (None, ckpt_lib.encode_bytes(
         tok.serialized())):

@@ -23,6 +23,7 @@ from llmjax.checkpoint import manager as ckpt_lib
 from llmjax.errors import UserError
 from llmjax.models.config import TransformerConfig
 from llmjax.models.stack import stack_layers, unstack_layers
+from llmjax.quant import ptq
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 
@@ -50,6 +51,7 @@ def load(workdir: str) -> Source:
     meta = ckpt.restore_meta(step)
   finally:
     ckpt.close()
+  ptq.require_float(meta, f"TrainConfig.init_from={workdir}")
   fields = {f.name for f in dataclasses.fields(TransformerConfig)}
   model_config = TransformerConfig(**{k: v for k, v in meta["model_config"].items()
                                       if k in fields})

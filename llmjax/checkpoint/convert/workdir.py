@@ -120,6 +120,7 @@ def workdir_to_hf(workdir: str, hf_dir: str, *, step: int | None = None,
   cfg = TransformerConfig(**meta["model_config"])
   from llmjax.models.transformer import Transformer
   from llmjax.peft import model as peft_model
+  _require_float(meta, workdir)
   peft_model.require_mergeable(meta)  # bottleneck adapters, soft prompts: no HF format
   params = peft_model.merged_params(Transformer(cfg), params, meta)  # adapters folded in
   model_type = model_type or meta.get("hf_model_type") or infer_model_type(cfg)
@@ -129,6 +130,14 @@ def workdir_to_hf(workdir: str, hf_dir: str, *, step: int | None = None,
             max_shard_bytes=max_shard_bytes, extra_files=extra)
   log(f"exported {model_type} from {workdir} to {hf_dir}")
   return cfg
+
+
+def _require_float(meta: dict, workdir: str) -> None:
+  """A quantized workdir (`llmjax quantize`) has no float weights to export."""
+  if meta.get("quantization"):
+    source = meta.get("quantized_from", "the float workdir it was made from")
+    raise UserError(f"{workdir} is quantized ({meta['quantization'].get('method')}); "
+                    f"--to_hf writes float weights: export {source} instead.")
 
 
 def _tokenizer_files(workdir: str, meta: dict, cfg: TransformerConfig):

@@ -1,0 +1,134 @@
+"""`llmjax quantize --workdir=W --method=int8|int4|nf4|w8a8 --output=W2 [--step=N]
+[--group_size=128] [--block_size=64] [--double_quant] [--include_embed] [--include_head]`
+
+Post-training quantization of a trained workdir (`llmjax/quant/ptq.py`). W2 is a new
+workdir whose checkpoint (`checkpoints/0`) stores every dense layer's packed integer
+codes and float32 scales, never de-quantized floats, with the method recorded in its
+metadata; `llmjax generate --workdir=W2` and `llmjax eval --workdir=W2` run from it
+directly (`llmjax/quant/model.py`). It cannot be trained from: fine-tune W, then
+quantize again.
+
+  int8   weight-only, symmetric, per output channel (float32 accumulation).
+  int4   weight-only, symmetric, groups of --group_size input elements (default 128; a
+         layer whose input is narrower uses its whole width; the size must divide it).
+  nf4    4-bit NormalFloat, blocks of --block_size (64); --double_quant stores the block
+         scales in int8 (QLoRA).
+  w8a8   int8 weights and dynamic per-token int8 activations, int32 accumulation.
+
+The embedding table and the untied output head stay float unless --include_embed /
+--include_head (a tied model's head is its embedding table: --include_embed). LoRA is
+folded into the kernels first; other adapters and soft prompts cannot be quantized.
+"""
+
+import os
+import shutil
+
+_COPIED = ("tokenizer.model", "tokenizer.json", "operative_config.gin")
+
+
+def register(subparsers, name, help_text):
+  import argparse
+
+  from llmjax.quant.ptq import METHODS
+  p = subparsers.add_parser(name, help=help_text, description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--workdir", required=True, help="the trained (float) workdir")
+  p.add_argument("--output", required=True, help="the new, quantized workdir to write")
+  p.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  p.add_argument("--group_size", type=int, default=128, help="int4: input elements per scale")
+  p.add_argument("--block_size", type=int, default=64, help="nf4: elements per block")
+  p.add_argument("--double_quant", action="store_true", help="nf4: int8 block scales")
+  p.add_argument("--include_embed", action="store_true", help="quantize the embedding table")
+  p.add_argument("--include_head", action="store_true", help="quantize the output head")
+  p.set_defaults(func=run)
+
+
+def _check_paths(workdir: str, out: str) -> None:
+  from llmjax.errors import UserError
+  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    raise UserError(f"--output={out} exists already; pass a new workdir (nothing was "
+                    "written).")
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(ckpt_dir) or not os.listdir(ckpt_dir):
+    raise UserError(f"{workdir} has no checkpoint (no checkpoints/ with a step in it); train "
+                    "first, or point --workdir at a run that has one.")
+
+
+def _load(workdir: str, step):
+  """`(Transformer, float params with LoRA folded in, meta)` of the source checkpoint."""
+  import jax
+  import numpy as np
+
+  from llmjax.checkpoint import manager as ckpt_lib
+  from llmjax.errors import UserError
+  from llmjax.models.config import TransformerConfig
+  from llmjax.models.transformer import Transformer
+  from llmjax.peft import model as peft_model
+  ckpt = ckpt_lib.CheckpointManager(os.path.join(workdir, "checkpoints"))
+  try:
+    params, meta = ckpt.restore_params(step)
+  finally:
+    ckpt.close()
+  info = meta.get("quantization")
+  if info:
+    raise UserError(f"{workdir} is quantized already ({info.get('method')}, made from "
+                    f"{meta.get('quantized_from', 'a float workdir')}); quantize the float "
+                    "workdir instead.")
+  base = Transformer(TransformerConfig(**meta["model_config"]))
+  model, params = peft_model.merged_model(base, params, meta)
+  if model is not base:
+    raise UserError(f"{workdir} holds bottleneck adapters or a soft prompt, which cannot be "
+                    "folded into the weights, so there is no plain model to quantize; "
+                    "quantize the base workdir, or fine-tune with LoRA (peft/lora.gin).")
+  return base, jax.tree.map(np.asarray, jax.device_get(params)), meta
+
+
+def quantize_workdir(workdir: str, out: str, method: str, *, step=None, log=print,
+                     **opts) -> dict:
+  """Writes the quantized copy of `workdir` to `out` (module docstring); returns the
+  `info` recorded in its metadata (`meta['quantization']`)."""
+  from llmjax.checkpoint import manager as ckpt_lib
+  from llmjax.quant import ptq
+  workdir, out = os.path.abspath(workdir), os.path.abspath(out)
+  ptq.QuantConfig(method=method, **opts)  # a bad method or size before any reading
+  _check_paths(workdir, out)
+  model, params, meta = _load(workdir, step)
+  qparams, info = ptq.quantize_params(model, params, method, **opts)
+  dropped = ("peft", "peft_active", "log")
+  meta = {**{k: v for k, v in meta.items() if k not in dropped}, "quantization": info,
+          "quantized_from": workdir}
+  os.makedirs(out, exist_ok=True)
+  ckpt = ckpt_lib.CheckpointManager(os.path.join(out, "checkpoints"), async_save=False)
+  ckpt.save(0, {"params": qparams}, {}, meta, force=True)
+  ckpt.close()
+  for name in _COPIED:
+    if os.path.isfile(os.path.join(workdir, name)):
+      shutil.copyfile(os.path.join(workdir, name), os.path.join(out, name))
+  log(table(info))
+  log(f"wrote {out}")
+  return info
+
+
+def table(info: dict) -> str:
+  """The summary `llmjax quantize` prints."""
+  double = ", double quant" if info["double_quant"] else ""
+  sizes = {"int4": f" (group {info['group_size']})",
+           "nf4": f" (block {info['block_size']}{double})"}
+  before, after = info["bytes_before"], info["bytes_after"]
+  kept = ", ".join(info["float_layers"]) or "none"
+  rows = [("method", info["method"] + sizes.get(info["method"], "")),
+          ("layers quantized", f"{len(info['layers'])} (float: {kept})"),
+          ("params quantized", f"{info['params_quantized']:,}"),
+          ("weight bytes", f"{before:,} -> {after:,} ({before / after:.2f}x smaller)"),
+          ("all param bytes", f"{info['all_bytes_before']:,} -> {info['all_bytes_after']:,}"),
+          ("bits per parameter", f"{info['bits_per_parameter']:.3f}")]
+  return "\n".join(f"{name:<20}{value}" for name, value in rows)
+
+
+def run(args):
+  quantize_workdir(args.workdir, args.output, args.method, step=args.step,
+                   group_size=args.group_size, block_size=args.block_size,
+                   double_quant=args.double_quant, include_embed=args.include_embed,
+                   include_head=args.include_head)
+  return 0
