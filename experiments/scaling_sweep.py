@@ -19,7 +19,14 @@ Wall time: the sweep ran 23:09-01:20 (131 min), but not alone: for 70 min a seco
 `sweep run` (the 6 runs added when the window was widened) shared the two cores, and for the
 last 70 min the full test suite did too; the runs' own wall times sum to 193.5 min under
 that contention. An uncontended timing of the whole sweep was not run (alone, 40-step probes
-of these shapes trained 60k tok/s at 2 x 64 down to 8.8k at 4 x 192). The run files (compact metrics,
+of these shapes trained 60k tok/s at 2 x 64 down to 8.8k at 4 x 192). A re-run for the timing
+(session 2026-12-07, `--sweep_dir workdirs/sweep_alone`, sharing the cores only with niced
+test processes) was stopped after 46 min and 13 runs, because it could not finish near
+90 min: the 1e12 and 3e12 runs took 0.9-3.9 min each (25 min for all 12), but one 1e13 run,
+2 x 32 (N 25k, D 49M characters: the small models are the least efficient per FLOP here),
+took 15.3 min alone, and the six 3e13 runs took 129 min in the contended sweep above. As
+configured the sweep needs roughly two hours on this machine; to fit ~90 min the largest
+budget must shrink (or the D / N window's top end: 2 x 48 at 3e13 is the slowest run). The run files (compact metrics,
 manifest, tokenizer, plots) are in experiments/results/scaling_sweep: `llmjax sweep fit
 --sweep_dir=experiments/results/scaling_sweep --holdout` refits them.
 

@@ -74,9 +74,10 @@ def _write(out: str, params, meta: dict, source_workdir: str, log):
 def _configs(meta):
   from llmjax.peft import model as peft_model
   configs = peft_model.from_meta(meta.get("peft"))
-  if not configs:
-    raise UserError("this checkpoint has no adapters (meta['peft'] is empty): train with "
-                    "gin_configs/peft/*.gin, or pass the fine-tuned run's --workdir.")
+  if not any(peft_model.is_adapter(c) for c in configs):
+    raise UserError("this checkpoint has no adapters (meta['peft'] names none; a QAT run "
+                    "trains the weights themselves: `llmjax quantize` packs them): train "
+                    "with gin_configs/peft/*.gin, or pass the fine-tuned run's --workdir.")
   return configs
 
 
@@ -195,19 +196,29 @@ def apply_adapter(adapter_dir: str, base_workdir: str, out: str, *, log=print):
 def merge_workdir(workdir: str, out: str, *, step: int | None = None,
                   adapter: str | None = None, log=print):
   """A new workdir `out` with `workdir`'s (active, or `adapter`) adapters folded into the
-  kernels; the other named adapters are left out."""
+  kernels; the other named adapters are left out. A QLoRA run's adapters fold into its
+  de-quantized base, which is re-quantized: `out` is a quantized workdir, and the error
+  that adds is printed and kept in `meta['quantization']['merge']` (`llmjax.peft.qlora`)."""
   from llmjax.models.transformer import Transformer
   from llmjax.peft import model as peft_model
   params, meta = _restore(workdir, step)
   configs, params = peft_model.select_adapter(_configs(meta), params,
                                               adapter or meta.get("peft_active"))
   cfg = TransformerConfig(**meta["model_config"])
+  dropped = ("peft", "peft_active", "log")
+  if peft_model.qlora_config(configs) is not None:  # into the 4-bit base: re-quantized
+    from llmjax.peft import qlora
+    qparams, info = qlora.merge(Transformer(cfg), params, configs)
+    log(qlora.report(info))
+    _write(out, qparams, {**{k: v for k, v in meta.items() if k not in dropped},
+                          "quantization": info, "quantized_from": os.path.abspath(workdir)},
+           workdir, log)
+    return
   merged = peft_model.merged_params(Transformer(cfg), params,
                                     {"peft": peft_model.to_meta(configs)})
   # Bottleneck adapters and soft prompts do not fold: they stay, and so do their configs.
   rest = [c for c in configs if not peft_model.mergeable(c)]
   kept = {"peft": peft_model.to_meta(rest)} if rest else {}
-  dropped = ("peft", "peft_active", "log")
   _write(out, merged, {**{k: v for k, v in meta.items() if k not in dropped}, **kept},
          workdir, log)
 

@@ -3,7 +3,9 @@
   llmjax peft merge --workdir=W --output=W2 [--step=N] [--name=A]
       W2: W's parameters with the adapter folded into the kernels (a plain model:
       fastest decoding, `convert --to_hf` of the fine-tuned model). A checkpoint with
-      several named adapters merges the active one (the last imported) or --name.
+      several named adapters merges the active one (the last imported) or --name. A
+      QLoRA run (peft/qlora.gin) merges into its de-quantized base, re-quantized: W2 is
+      a quantized workdir, and the error re-quantizing added is printed.
   llmjax peft export --workdir=W --to_adapter=DIR [--step=N]
       DIR: an adapter-only Orbax checkpoint (kilobytes) recording the base's config and a
       fingerprint of its parameters.

@@ -18,8 +18,14 @@ quantize again.
 The embedding table and the untied output head stay float unless --include_embed /
 --include_head (a tied model's head is its embedding table: --include_embed). LoRA is
 folded into the kernels first; other adapters and soft prompts cannot be quantized.
+
+A QAT workdir (gin_configs/quant/qat_*.gin) records its QatConfig: --method and the
+sizes default to it (int8 with activations: w8a8), and then the packed weights are
+exactly the ones its forward pass used. A QLoRA workdir's base is quantized already:
+`llmjax peft merge` folds its adapter in and re-quantizes.
 """
 
+import dataclasses
 import os
 import shutil
 
@@ -34,13 +40,17 @@ def register(subparsers, name, help_text):
                             formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", required=True, help="the trained (float) workdir")
   p.add_argument("--output", required=True, help="the new, quantized workdir to write")
-  p.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}")
+  p.add_argument("--method", default=None,
+                 help=f"one of {', '.join(METHODS)} (default: a QAT run's own)")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-  p.add_argument("--group_size", type=int, default=128, help="int4: input elements per scale")
-  p.add_argument("--block_size", type=int, default=64, help="nf4: elements per block")
-  p.add_argument("--double_quant", action="store_true", help="nf4: int8 block scales")
-  p.add_argument("--include_embed", action="store_true", help="quantize the embedding table")
-  p.add_argument("--include_head", action="store_true", help="quantize the output head")
+  p.add_argument("--group_size", type=int, default=None,
+                 help="int4: input elements per scale (default 128)")
+  p.add_argument("--block_size", type=int, default=None,
+                 help="nf4: elements per block (default 64)")
+  for flag, text in (("double_quant", "nf4: int8 block scales"),
+                     ("include_embed", "quantize the embedding table"),
+                     ("include_head", "quantize the output head")):
+    p.add_argument(f"--{flag}", action="store_true", default=None, help=text)
   p.set_defaults(func=run)
 
 
@@ -56,7 +66,8 @@ def _check_paths(workdir: str, out: str) -> None:
 
 
 def _load(workdir: str, step):
-  """`(Transformer, float params with LoRA folded in, meta)` of the source checkpoint."""
+  """`(Transformer, float params with LoRA folded in, meta, QatConfig or None)` of the
+  source checkpoint."""
   import jax
   import numpy as np
 
@@ -75,26 +86,59 @@ def _load(workdir: str, step):
     raise UserError(f"{workdir} is quantized already ({info.get('method')}, made from "
                     f"{meta.get('quantized_from', 'a float workdir')}); quantize the float "
                     "workdir instead.")
+  configs = peft_model.from_meta(meta.get("peft"))
+  if peft_model.qlora_config(configs) is not None:
+    raise UserError(f"{workdir} is a QLoRA run: its base is quantized already; `llmjax "
+                    "peft merge --workdir=W --output=W2` folds the adapter in and writes "
+                    "the quantized workdir.")
+  qat = [c for c in configs if not peft_model.is_adapter(c)]
   base = Transformer(TransformerConfig(**meta["model_config"]))
-  model, params = peft_model.merged_model(base, params, meta)
+  model, params = peft_model.merged_model(  # QAT trained these float weights: pack them
+      base, params, {**meta, "peft": peft_model.to_meta([c for c in configs if c not in qat])})
   if model is not base:
     raise UserError(f"{workdir} holds bottleneck adapters or a soft prompt, which cannot be "
                     "folded into the weights, so there is no plain model to quantize; "
                     "quantize the base workdir, or fine-tune with LoRA (peft/lora.gin).")
-  return base, jax.tree.map(np.asarray, jax.device_get(params)), meta
+  return base, jax.tree.map(np.asarray, jax.device_get(params)), meta, (qat or [None])[0]
 
 
-def quantize_workdir(workdir: str, out: str, method: str, *, step=None, log=print,
-                     **opts) -> dict:
+def _settings(method, opts: dict, qat, log):
+  """`(method, opts)`: the given ones, the rest from a QAT run's config (module
+  docstring), else `QuantConfig`'s defaults."""
+  opts = {k: v for k, v in opts.items() if v is not None}
+  if qat is None:
+    if method is None:
+      from llmjax.errors import UserError
+      raise UserError("--method is required (int8, int4, nf4 or w8a8); only a QAT workdir "
+                      "has a default, its own.")
+    return method, opts
+  own = {k: getattr(qat, k) for k in ("group_size", "block_size", "double_quant",
+                                      "include_embed", "include_head")}
+  if (method or qat.ptq_method) != qat.ptq_method or any(opts[k] != own[k] for k in opts):
+    log(f"note: this workdir was trained with QAT ({qat}); these settings differ, so the "
+        "packed weights are not the ones its forward pass used.")
+  elif qat.activations and qat.method != "int8":
+    log(f"note: QAT fake-quantized the activations too, which {qat.method} (weight-only) "
+        "leaves float.")
+  return method or qat.ptq_method, {**own, **opts}
+
+
+def quantize_workdir(workdir: str, out: str, method: str | None = None, *, step=None,
+                     log=print, **opts) -> dict:
   """Writes the quantized copy of `workdir` to `out` (module docstring); returns the
-  `info` recorded in its metadata (`meta['quantization']`)."""
+  `info` recorded in its metadata (`meta['quantization']`). `opts` (`QuantConfig`'s
+  sizes and flags) left None take a QAT run's or the defaults."""
   from llmjax.checkpoint import manager as ckpt_lib
   from llmjax.quant import ptq
   workdir, out = os.path.abspath(workdir), os.path.abspath(out)
-  ptq.QuantConfig(method=method, **opts)  # a bad method or size before any reading
+  if method is not None:  # a bad method or size before any reading
+    ptq.QuantConfig(method=method, **{k: v for k, v in opts.items() if v is not None})
   _check_paths(workdir, out)
-  model, params, meta = _load(workdir, step)
+  model, params, meta, qat = _load(workdir, step)
+  method, opts = _settings(method, opts, qat, log)
   qparams, info = ptq.quantize_params(model, params, method, **opts)
+  if qat is not None:  # what the run simulated, beside what was done
+    info["qat"] = dataclasses.asdict(qat)
   dropped = ("peft", "peft_active", "log")
   meta = {**{k: v for k, v in meta.items() if k not in dropped}, "quantization": info,
           "quantized_from": workdir}

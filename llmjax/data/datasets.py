@@ -5,14 +5,18 @@
 back `bytes`; mock data hands back `str`; we make both `str`). Our builders
 (`shakespeare`, `local_text`, `num2words_translate`) are built on first use into
 `data_dir`; so are the instruction sets for SFT, `shakespeare_instruct` and
-`local_instruct` (a folder of JSON lines; records with `prompt` and `response`). Public
-datasets
-(`lm1b`, `c4`, `tiny_shakespeare`, `wmt14_translate`) go through `tfds.data_source`
-with array_record files, which downloads and prepares them where the network allows;
+`local_instruct` (a folder of JSON lines; records with `prompt` and `response`), and the
+preference pairs for reward models and DPO, `shakespeare_preferences` and
+`local_preferences` (records with `prompt`, `chosen` and `rejected`; see
+`tfds_builders/shakespeare_preferences.py` for the format). Public datasets (`lm1b`,
+`c4`, `tiny_shakespeare`, `wmt14_translate`) go through `tfds.data_source` with
+array_record files, which downloads and prepares them where the network allows;
 `tfds.testing.mock_data` patches exactly that call, which is how the tests run them.
 
 Names may carry a TFDS config: `c4/realnewslike`, `wmt14_translate/fr-en`,
-`num2words_translate/de-en` (or `.../en-fr-1000`: numbers below 1000 only).
+`num2words_translate/de-en` (or `.../en-fr-1000`: numbers below 1000 only),
+`local_preferences/error` (a bad preference row stops the build; the default, `/skip`,
+leaves such rows out and logs them).
 """
 
 import dataclasses
@@ -24,15 +28,20 @@ from llmjax.errors import UserError
 
 TextKey = str | tuple[str, ...]
 OWN = ("shakespeare", "local_text", "num2words_translate", "shakespeare_instruct",
-       "local_instruct")
+       "local_instruct", "shakespeare_preferences", "local_preferences")
 # What the folder datasets read, and how to name it.
 _FOLDER_INPUT = {
     "local_text": ("a folder of .txt, .md or .jsonl files",
                    "pass --input DIR (input_dir=DIR; in gin, DataConfig.input_dir='DIR')"),
     "local_instruct": ("a folder of .jsonl instruction files (or one such file)",
-                       "set --gin_param=\"DataConfig.input_dir='DIR'\" (input_dir=DIR)")}
+                       "set --gin_param=\"DataConfig.input_dir='DIR'\" (input_dir=DIR)"),
+    "local_preferences": ("a folder of .jsonl preference files (or one such file)",
+                          "set --gin_param=\"DataConfig.input_dir='DIR'\" (input_dir=DIR)")}
 # Our builders that take a config after the slash, and the one used without it.
-OWN_DEFAULT_CONFIG = {"num2words_translate": "en-fr"}
+OWN_DEFAULT_CONFIG = {"num2words_translate": "en-fr", "local_preferences": "skip"}
+# Our builders over the plays, by the class name in `tfds_builders`.
+_SHAKESPEARE = {"shakespeare": "Shakespeare", "shakespeare_instruct": "ShakespeareInstruct",
+                "shakespeare_preferences": "ShakespearePreferences"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,19 +140,20 @@ def own_builder(dataset: str, data_dir: str | None = None, *, build: bool = True
     if n2w_config.name in tfds_builders.Num2WordsTranslate.builder_configs:
       n2w_config = n2w_config.name  # TFDS refuses a custom copy of a registered config
     builder = tfds_builders.Num2WordsTranslate(config=n2w_config, data_dir=data_dir)
-  elif base in ("shakespeare", "shakespeare_instruct"):
+  elif base in _SHAKESPEARE:
     if kwargs:
       raise UserError(f"{base} takes no options, got {sorted(kwargs)}: drop them")
-    cls = tfds_builders.Shakespeare if base == "shakespeare" else (
-        tfds_builders.ShakespeareInstruct)
-    builder = cls(data_dir=data_dir)
+    builder = getattr(tfds_builders, _SHAKESPEARE[base])(data_dir=data_dir)
   else:
+    if base == "local_preferences":
+      kwargs.setdefault("bad_rows", config)
     builder = _folder_builder(base, data_dir, kwargs)
   return tfds_builders.build(builder) if build else builder
 
 
 def _folder_builder(base: str, data_dir, kwargs):
-  """`local_text` / `local_instruct`: the builder over the user's folder `input_dir`."""
+  """`local_text` / `local_instruct` / `local_preferences`: the builder over the user's
+  folder `input_dir`."""
   from llmjax.data import tfds_builders  # pylint: disable=import-outside-toplevel
   input_dir = kwargs.pop("input_dir", None)
   if not input_dir:
@@ -152,6 +162,9 @@ def _folder_builder(base: str, data_dir, kwargs):
   if base == "local_text":
     config = tfds_builders.local_text_config(input_dir, **kwargs)
     return tfds_builders.LocalText(config=config, data_dir=data_dir)
+  if base == "local_preferences":
+    config = tfds_builders.local_preferences_config(input_dir, **kwargs)
+    return tfds_builders.LocalPreferences(config=config, data_dir=data_dir)
   config = tfds_builders.local_instruct_config(input_dir, **kwargs)
   return tfds_builders.LocalInstruct(config=config, data_dir=data_dir)
 
@@ -162,7 +175,8 @@ def get_source(dataset: str, split: str, data_dir: str | None = None,
 
   kwargs: for `local_text`, `input_dir` (required) and `text_key`, `split_fractions`,
   `cleaning` (see `local_text_config`); for `local_instruct`, `input_dir` and
-  `chat_template`, `split_fractions` (see `local_instruct_config`); otherwise nothing.
+  `chat_template`, `split_fractions` (see `local_instruct_config`); for
+  `local_preferences`, those and `bad_rows` (its config names it too); otherwise nothing.
   """
   base, config = _parse_name(dataset)
   if base in OWN:

@@ -84,7 +84,7 @@ def prefill(model, params, tokens, valid, positions, length, encoded=None, encod
   if encoded is not None:
     cache["encoder_valid"] = encoder_valid
   logits, cache = model.apply({"params": params}, tokens, positions, cache, valid, encoded,
-                              method=Transformer.decode_cached)
+                              last_only=True, method=Transformer.decode_cached)
   return logits[:, -1], cache
 
 

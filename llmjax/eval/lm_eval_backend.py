@@ -41,6 +41,15 @@ def _bucket(n: int) -> int:
   return max(16, 1 << (max(n, 1) - 1).bit_length())
 
 
+def _cont_width(extra: int) -> int:
+  """Continuation tokens run as input, padded to 0, 4, 8, 12, 16, 24, 32, 48, 64, ...:
+  few shapes, little padding."""
+  if extra <= 0:
+    return 0
+  step = max(4, (1 << (extra - 1).bit_length()) // 4)
+  return -(-extra // step) * step
+
+
 def _scorer(model, mesh):
   """jit: (tokens [B, L], targets [B, L]) -> (log p(targets) [B, L], argmax == target)."""
   def score(params, tokens, targets):
@@ -54,15 +63,19 @@ def _scorer(model, mesh):
   return jax.jit(score, in_shardings=(None, rows, rows))
 
 
-def _cont_scorer(model, mesh):
-  """jit: contexts `[U, C]` (left-padded, with valid and positions), `owner [R]` (each
-  request's context row) and continuations `[R, K + 1]` -> (log p [R, K + 1], greedy hit).
+def _cont_scorers(model, mesh):
+  """Two jitted halves of scoring continuations that share contexts:
 
-  The contexts fill a KV cache once; each request takes its context's cache row, and its
-  first K continuation tokens extend it in one call (`Transformer.decode_cached`): the
-  context's last logits predict continuation token 0, the extension's predict the rest.
-  Padding after a continuation is never attended by its real tokens (causal), so it needs
-  no mask.
+  prefill(params, tokens [U, C], valid, positions, slots) -> (last logits [U, V], cache):
+    the contexts (left-padded) fill a KV cache of C + slots positions once;
+  extend(params, last, cache, last_positions [U], owner [R], cont [R, K + 1])
+    -> (log p [R, K + 1], greedy hit): each request takes its context's cache row
+    (`owner`) and its first K continuation tokens extend it in one call
+    (`Transformer.decode_cached`): the context's last logits predict continuation token 0,
+    the extension's the rest. Padding after a continuation is never attended by its real
+    tokens (causal), so it needs no mask.
+  Requests are extended in length-sorted sub-batches, so one long choice does not pad
+  every other to its length.
   """
   from llmjax.decode import cache as cache_lib
   from llmjax.decode import generate as gen
@@ -70,14 +83,17 @@ def _cont_scorer(model, mesh):
 
   cfg = model.config if hasattr(model, "config") else model.base.config
 
-  def score(params, tokens, valid, positions, owner, cont):
+  def prefill(params, tokens, valid, positions, slots):
+    net, p = gen.decoding_model(model, params)
+    return gen.prefill(net, p, tokens, valid, positions, tokens.shape[1] + slots)
+
+  def extend(params, last, cache, last_positions, owner, cont):
     net, p = gen.decoding_model(model, params)
     extra = cont.shape[1] - 1
-    last, cache = gen.prefill(net, p, tokens, valid, positions, tokens.shape[1] + extra)
     logits = last[owner][:, None]                                         # [R, 1, V]
     if extra:
       cache = cache_lib.reorder(cache, owner)
-      pos = positions[owner, -1:] + 1 + jnp.arange(extra)                 # [R, K]
+      pos = last_positions[owner][:, None] + 1 + jnp.arange(extra)        # [R, K]
       if cfg.position == "learned":  # padding columns may run past the table
         pos = jnp.minimum(pos, cfg.max_len - 1)
       more, _ = net.apply({"params": p}, cont[:, :-1], pos, cache,
@@ -87,10 +103,12 @@ def _cont_scorer(model, mesh):
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     picked = jnp.take_along_axis(log_probs, cont[..., None], axis=-1)[..., 0]
     return picked, jnp.argmax(logits, axis=-1) == cont
+
   if mesh is None:
-    return jax.jit(score)
+    return (jax.jit(prefill, static_argnums=4), jax.jit(extend))
   rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  return jax.jit(score, in_shardings=(None, rows, rows, rows, rows, rows))
+  return (jax.jit(prefill, static_argnums=4, in_shardings=(None, rows, rows, rows)),
+          jax.jit(extend, in_shardings=(None, None, None, None, rows, rows)))
 
 
 @register_model("llmjax")
@@ -135,7 +153,8 @@ class LlmjaxLM(TemplateLM):
                                 axis_types=(jax.sharding.AxisType.Auto,)) if n > 1 else None)
     self._rows = self.batch_size if n == 1 else -(-self.batch_size // n) * n
     self._score = _scorer(model, self._mesh)
-    self._score_cont = _cont_scorer(model, self._mesh)
+    self._prefill, self._extend = _cont_scorers(model, self._mesh)
+    self._encoded = {}
     self.share_contexts = str(share_contexts).lower()
     if self.share_contexts not in ("auto", "true", "false"):
       raise UserError(f"share_contexts={share_contexts!r}; use auto (share when requests "
@@ -158,7 +177,23 @@ class LlmjaxLM(TemplateLM):
     tokenizer.json `convert --to_hf` writes adds it too) unless lm-eval asks for no
     special tokens or the model args say add_bos_token=False."""
     bos = self.add_bos_token if add_special_tokens is None else add_special_tokens
-    return ([self.prefix_token_id] if bos else []) + list(self.tok.encode(string))
+    return ([self.prefix_token_id] if bos else []) + self._encode(string)
+
+  def _encode(self, string: str) -> list[int]:
+    """Tokenizes once per distinct string within one batch of requests: lm-eval encodes a
+    multiple-choice context once per choice, and the choices (names, labels) repeat
+    across questions. (Cleared per call, so nothing is carried between evaluations.)"""
+    ids = self._encoded.get(string)
+    if ids is None:
+      ids = self._encoded[string] = tuple(self.tok.encode(string))
+    return list(ids)
+
+  def loglikelihood(self, requests, disable_tqdm: bool = False):
+    self._encoded = {}
+    try:
+      return super().loglikelihood(requests, disable_tqdm)
+    finally:
+      self._encoded = {}
 
   def tok_decode(self, tokens) -> str:
     return self.tok.decode(list(tokens))
@@ -167,8 +202,10 @@ class LlmjaxLM(TemplateLM):
     """[(key, context ids, continuation ids)] -> [(sum log p(continuation), is_greedy)]."""
     rows = self._truncated(requests)
     contexts = {tuple(inp[:len(inp) - n + 1]) for inp, _, n in rows}
+    # Tokens run: each context once plus the continuations, against every whole request.
+    saved = sum(map(len, contexts)) + sum(n for *_, n in rows)
     shared = self.share_contexts == "true" or (
-        self.share_contexts == "auto" and len(contexts) <= 0.75 * len(rows))
+        self.share_contexts == "auto" and saved <= 0.75 * sum(len(r[0]) for r in rows))
     return self._score_shared(rows) if shared else self._score_whole(rows)
 
   def _truncated(self, requests) -> list[tuple[list[int], list[int], int]]:
@@ -241,18 +278,24 @@ class LlmjaxLM(TemplateLM):
     contexts += contexts[:1] * (self._rows - len(contexts))
     width = min(_bucket(len(contexts[0])), self.max_length)
     tokens, valid, positions = cache_lib.left_pad([list(c) for c in contexts], 0, width)
-    extra = max(rows[i][2] for _, i in chunk) - 1           # continuation tokens as input
-    cont_width = 0 if extra == 0 else max(4, 1 << (extra - 1).bit_length())
-    owner = np.zeros(reqs, np.int32)
-    cont = np.zeros((reqs, cont_width + 1), np.int32)       # the last column: a target only
-    for j, (context, i) in enumerate(chunk):
-      owner[j] = contexts.index(context)
-      cont[j, :rows[i][2]] = rows[i][1][-rows[i][2]:]
-    picked, hits = (np.asarray(x) for x in self._score_cont(
-        self.params, tokens, valid, positions, owner, cont))
-    for j, (_, i) in enumerate(chunk):
-      n = rows[i][2]
-      out[i] = (float(picked[j, :n].astype(np.float64).sum()), bool(hits[j, :n].all()))
+    index = {c: k for k, c in enumerate(contexts[:len(set(contexts))])}
+    chunk = sorted(chunk, key=lambda item: rows[item[1]][2])   # by continuation length
+    slots = _cont_width(rows[chunk[-1][1]][2] - 1)
+    last, cache = self._prefill(self.params, tokens, valid, positions, slots)
+    last_positions = positions[:, -1]
+    size = 2 * self._rows  # requests per extension: fewer, fuller calls
+    for start in range(0, len(chunk), size):
+      part = chunk[start:start + size]
+      owner = np.zeros(size, np.int32)
+      cont = np.zeros((size, _cont_width(rows[part[-1][1]][2] - 1) + 1), np.int32)
+      for j, (context, i) in enumerate(part):    # the last column: a target only
+        owner[j] = index[context]
+        cont[j, :rows[i][2]] = rows[i][1][-rows[i][2]:]
+      picked, hits = (np.asarray(x) for x in self._extend(
+          self.params, last, cache, last_positions, owner, cont))
+      for j, (_, i) in enumerate(part):
+        n = rows[i][2]
+        out[i] = (float(picked[j, :n].astype(np.float64).sum()), bool(hits[j, :n].all()))
 
   def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
     windows, owners = [], []
@@ -270,6 +313,13 @@ class LlmjaxLM(TemplateLM):
     return totals
 
   def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+    self._encoded = {}
+    try:
+      return self._generate_until(requests)
+    finally:
+      self._encoded = {}
+
+  def _generate_until(self, requests) -> list[str]:
     from llmjax.decode import generate as gen
     from llmjax.decode.sampling import SamplingConfig
 
@@ -295,7 +345,7 @@ class LlmjaxLM(TemplateLM):
                            sampling=SamplingConfig(temperature=temperature),
                            eos_id=self.eot_token_id, stop_strings=until,
                            detokenize=self.tok_decode,
-                           pad_to=min(_bucket(max(map(len, prompts))), keep))
+                           pad_to=min(-(-max(map(len, prompts)) // 8) * 8, keep))
         for (i, _), text in zip(chunk, out.texts):
           results[i] = text
     return results

@@ -12,6 +12,8 @@ BERT's parts, each behind a config field: `token_type_embed` (`embedding [T, D]`
 `num_token_types`), `mlm_transform` (`kernel [D, D]`, `bias [D]`) + `mlm_norm`
 (`mlm_head`), top-level `logits_bias [V]` (`logits_bias`), and the pooled classifier
 `pooler` (`[D, D]`, tanh) + `classifier` (`[D, C]`) used by `classify` (`num_classes`).
+A reward model's scalar head `reward_head` (`kernel [D, 1]`, `bias [1]`) is made by
+`reward` (the one `nn.compact` method) alone, so no other method's tree has it.
 
 Packed rows: `segment_ids` int32 `[B, L]` (1, 2, ... per document, 0 = padding) and
 `positions` int32 `[B, L]` (restarting at 0 per document). When None, every token is in
@@ -171,6 +173,14 @@ class Transformer(nn.Module):
     by `encoder_segment_ids [B, S]` (0 = encoder padding; packed rows must use matching
     document ids on both sides).
     """
+    return self.logits(self.decode_hidden(tokens, segment_ids, positions, encoded,
+                                          encoder_segment_ids, deterministic))
+
+  def decode_hidden(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
+                    positions: jax.Array | None = None, encoded: jax.Array | None = None,
+                    encoder_segment_ids: jax.Array | None = None,
+                    deterministic: bool = True) -> jax.Array:
+    """`decode` before the LM head: the final hidden states `[B, L, D]`."""
     cfg = self.config
     if cfg.arch == "encoder_only":
       raise UserError("decode() needs arch='decoder_only' or 'encoder_decoder'; this "
@@ -192,19 +202,59 @@ class Transformer(nn.Module):
                else encoder_segment_ids)
       cross_mask = masks.segment_mask(q_seg, k_seg)
     x = self.embed_tokens(tokens, positions, deterministic)
-    x = self.decoder(x, mask, positions, encoded, cross_mask, deterministic)
-    return self.logits(x)
+    return self.decoder(x, mask, positions, encoded, cross_mask, deterministic)
+
+  @nn.compact  # `reward_head` is made here, so no other method's parameter tree has it
+  def reward(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
+             positions: jax.Array | None = None, *,
+             encoder_tokens: jax.Array | None = None,
+             encoder_segment_ids: jax.Array | None = None,
+             encoder_positions: jax.Array | None = None,
+             deterministic: bool = True) -> jax.Array:
+    """A scalar per position, f32 `[B, L]`: `reward_head` on the final hidden states.
+
+    The reward model (`llmjax.objectives.reward`; Ouyang et al. 2022, §3.5) reads it at
+    each sequence's last real token, the one position of a causal decoder that has seen
+    the whole sequence. Arguments as `__call__`'s: decoder_only reads `tokens`
+    (prompt + response), encoder_decoder encodes `encoder_tokens` (the prompt) and
+    decodes `tokens` (the response), encoder_only encodes `tokens`. At init it also
+    runs the LM head, so a reward model's parameters are its LM's plus `reward_head`:
+    it warm-starts from a language model, and its checkpoint still loads as one.
+    """
+    cfg = self.config
+    if cfg.arch == "encoder_only":
+      x, head = self.encode(tokens, segment_ids, positions, deterministic), self.mlm_logits
+    else:
+      encoded = None
+      if cfg.arch == "encoder_decoder":
+        if encoder_tokens is None:
+          raise UserError("reward() of an encoder_decoder model needs `encoder_tokens` "
+                          "(the prompt) as well as `tokens` (the response); pass both.")
+        encoded = self.encode(encoder_tokens, encoder_segment_ids, encoder_positions,
+                              deterministic)
+      x = self.decode_hidden(tokens, segment_ids, positions, encoded, encoder_segment_ids,
+                             deterministic)
+      head = self.logits
+    if self.is_initializing():
+      head(x[:, :1])  # creates the LM head's parameters (see above)
+    reward_head = Einsum("BLD,DO->BLO", (cfg.embed_dim, 1), (EMBED, None), use_bias=True,
+                         kernel_init=nn.initializers.normal(cfg.init_std),
+                         dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+                         name="reward_head")
+    return reward_head(x)[..., 0].astype(jnp.float32)  # [B, L, 1] -> [B, L]
 
   def decode_cached(self, tokens: jax.Array, positions: jax.Array, cache: dict,
                     valid: jax.Array | None = None,
-                    encoded: jax.Array | None = None) -> tuple[jax.Array, dict]:
+                    encoded: jax.Array | None = None,
+                    last_only: bool = False) -> tuple[jax.Array, dict]:
     """Causal decoding with a KV cache (`llmjax.decode.cache`): `(logits [B, L, V], cache)`.
 
     `tokens [B, L]` fill cache slots `index ... index + L - 1` (L > 1 prefills a prompt,
     L = 1 is one decoding step). `positions [B, L]` are absolute per row (they are not
     slot numbers when rows are left-padded). `valid [B, L]` marks real tokens (False =
     padding, never attended). encoder_decoder: pass `encoded [B, S, D]` at prefill to
-    fill the cross-attention cache; later steps reuse it.
+    fill the cross-attention cache; later steps reuse it. `last_only`: logits of the last
+    position only, `[B, 1, V]` (a prefill needs no others; the head is skipped for them).
     """
     if self.config.arch != "decoder_only" and (
         self.config.arch != "encoder_decoder" or "encoder_valid" not in cache):
@@ -224,7 +274,7 @@ class Transformer(nn.Module):
     x, layers = self.decoder(x, mask, positions, encoded, cross_mask, True,
                              cache["layers"], index)
     new_cache = dict(cache, index=index + length, valid=key_valid, layers=layers)
-    return self.logits(x), new_cache
+    return self.logits(x[:, -1:] if last_only else x), new_cache
 
   def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
                positions: jax.Array | None = None, *,
@@ -241,7 +291,8 @@ class Transformer(nn.Module):
     """
     cfg = self.config
     if cfg.arch == "decoder_only":
-      return self.decode(tokens, segment_ids, positions, deterministic=deterministic)
+      return self.logits(self.decode_hidden(tokens, segment_ids, positions,
+                                            deterministic=deterministic))
     if cfg.arch == "encoder_only":
       return self.mlm_logits(self.encode(tokens, segment_ids, positions, deterministic,
                                          token_type_ids))

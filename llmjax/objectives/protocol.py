@@ -17,6 +17,10 @@ objective. The trainer never branches on architecture or objective; a new object
                                    reference model); `frozen` in `loss_sums` is that dict
   can_sample                       whether the end-of-run sample (a causal-LM prompt)
                                    makes sense
+  new_params (optional)            a regex over parameter paths the objective adds to
+                                   the network (a reward model's 'reward_head'): a
+                                   warm start from a source without them keeps their
+                                   initialization instead of failing
 
 `TokenObjective` gives the defaults of a token-level objective; subclasses override
 what differs.

@@ -15,6 +15,7 @@ import dataclasses
 import re
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
@@ -101,3 +102,24 @@ def only_trainable(tx: optax.GradientTransformation, trainable: str | None):
   labels = lambda params: jax.tree.map(lambda t: "train" if t else "frozen",
                                        path_mask(params, trainable))
   return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def grad_with_int_leaves(loss_fn):
+  """`jax.grad(loss_fn, has_aux=True)` over parameters that may hold integer leaves (a
+  QLoRA base's 4-bit codes, `llmjax.quant.qlora`): those are always frozen, and their
+  gradient is a zero of their own dtype rather than jax's `float0`, so gradient sums,
+  accumulation and `only_trainable`'s zero update treat them like any frozen leaf."""
+  grad = jax.grad(loss_fn, has_aux=True, allow_int=True)
+
+  def grad_fn(params, *args):
+    grads, aux = grad(params, *args)
+    zero_if_int = lambda g, p: jnp.zeros_like(p) if g.dtype == jax.dtypes.float0 else g
+    return jax.tree.map(zero_if_int, grads, params), aux
+
+  return grad_fn
+
+
+def float_norm(params) -> jax.Array:
+  """The global norm of the floating-point leaves (integer codes are not weights)."""
+  return optax.global_norm([p for p in jax.tree.leaves(params)
+                            if jnp.issubdtype(p.dtype, jnp.floating)])

@@ -9,8 +9,12 @@ the model is never edited, its layers are intercepted by module path.
                  (encoder's) input, through the `embed` lookup; not mergeable.
   model          `PeftModel`, the wrapper that applies any mix of them (at most one soft
                  prompt), its checkpoint metadata (`meta['peft']`) and `merged`, which
-                 folds what folds and keeps the rest running through the interceptors.
+                 folds what folds and keeps the rest running through the interceptors;
+                 also QAT (`llmjax.quant.qat`) and a QLoRA base (`llmjax.quant.qlora`).
+  qlora          merging LoRA into a QLoRA run's 4-bit base: de-quantize, fold,
+                 re-quantize, and report the error that adds.
 
 Gin: `train.peft = [@LoraConfig()]` / `[@AdapterConfig()]` / `[@PromptTuningConfig()]`
-(gin_configs/peft/); only their parameters train.
+(gin_configs/peft/); only their parameters train. `[@LoraConfig(), @QloraConfig()]` is
+QLoRA (peft/qlora.gin); `[@QatConfig()]` is QAT (gin_configs/quant/), where all train.
 """

@@ -173,6 +173,8 @@ class PromptTuning:
     first = self._insert(a)
     a["cache"] = dict(grow_cache(cache, k), **{CACHE_KEY: jnp.int32(k)})
     logits, new_cache = run()
+    if a.get("last_only"):  # the last slot is the last real token's either way
+      return logits, new_cache
     slot = jnp.arange(logits.shape[1] - k)[None]                          # [1, L]
     keep = jnp.where(slot < first[:, None], slot, slot + k)               # [B, L]
     return jnp.take_along_axis(logits, keep[..., None], axis=1), new_cache

@@ -10,6 +10,10 @@
            arrays (`quantize_params`) and its inverse view (`dequantized_params`).
   model    `QuantizedModel`: the network run from the packed arrays through the
            intercept seam (`llmjax quantize` writes them, `load_workdir` reads them).
+  qat      quantization-aware training: the same quantize-dequantize in the forward
+           pass, a straight-through gradient (gin_configs/quant/qat_*.gin).
+  qlora    QLoRA's frozen base stored quantized (NF4 + double quantization): its init,
+           and the warm start that quantizes a float checkpoint once (peft/qlora.gin).
 
 Every container is a pytree of packed integers and float32 scales, never de-quantized
 floats, and everything runs under `jax.jit`.

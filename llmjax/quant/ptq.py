@@ -98,24 +98,29 @@ def check_dot_layout(equation: str, path: str) -> None:
                     "--method=int4 or nf4 for it.")
 
 
+def layer_of(call) -> Layer:
+  """The `Layer` of an intercepted `Einsum` or `Embed` call."""
+  m = call.module
+  if isinstance(m, Einsum):
+    return Layer(call.path, "kernel", tuple(m.shape), contracted_axes(m.equation), m.equation)
+  return Layer(call.path, "embedding", (m.vocab_size, m.features), (1,), "BLD,VD->BLV")
+
+
+def recorder(seen: dict):
+  """An interceptor that records `{path: Layer}` of every call into `seen`."""
+  def record(call):
+    seen[call.path] = layer_of(call)
+    return call.proceed()
+  return record
+
+
 def dense_layers(model) -> dict[str, Layer]:
   """`{path: Layer}` of every `Einsum` and `Embed` the model calls, found by tracing its
   init (nothing is computed); `classify` too when the model has a classifier."""
   cfg = model.config
   seen = {}
-
-  def record(call):
-    m = call.module
-    if isinstance(m, Einsum):
-      seen[call.path] = Layer(call.path, "kernel", tuple(m.shape), contracted_axes(m.equation),
-                              m.equation)
-    else:
-      seen[call.path] = Layer(call.path, "embedding", (m.vocab_size, m.features), (1,),
-                              "BLD,VD->BLV")
-    return call.proceed()
-
   tokens, key = jax.ShapeDtypeStruct((1, 2), jnp.int32), jax.random.PRNGKey(0)
-  with intercept(record):
+  with intercept(recorder(seen)):
     if cfg.arch == "encoder_decoder":
       jax.eval_shape(lambda t, e: model.init(key, t, encoder_tokens=e), tokens, tokens)
     else:
@@ -217,17 +222,21 @@ def _stacked(w, layer: Layer) -> bool:
                   "disagree.")
 
 
-def quantize_layer(w, layer: Layer, cfg: QuantConfig) -> dict:
-  """`{'<weight>_<field>': array}` of one layer's weight (a leading layers axis, if any,
-  kept on every array: each slice is quantized on its own)."""
+def quantize_weight(w, layer: Layer, cfg: QuantConfig) -> dict:
+  """`{field: array}` of one layer's weight, traceable (under `jit`, in an `init`: QAT
+  and QLoRA use it); a leading layers axis, if any, is kept on every array: each slice
+  is quantized on its own."""
   group = group_size(layer, cfg.group_size) if cfg.method == "int4" else 0
   if cfg.method in ("int8", "w8a8"):
     check_dot_layout(layer.equation, layer.path)
   fn = functools.partial(_quantize_one, method=cfg.method, axes=layer.axes, group=group,
                          cfg=cfg)
-  if _stacked(w, layer):
-    fn = jax.vmap(fn)
-  arrays = jax.device_get(jax.jit(fn)(jnp.asarray(w)))
+  return (jax.vmap(fn) if _stacked(w, layer) else fn)(jnp.asarray(w))
+
+
+def quantize_layer(w, layer: Layer, cfg: QuantConfig) -> dict:
+  """`{'<weight>_<field>': array}` of one layer's weight (`quantize_weight`, as numpy)."""
+  arrays = jax.device_get(jax.jit(lambda v: quantize_weight(v, layer, cfg))(jnp.asarray(w)))
   return {f"{layer.weight}_{k}": np.asarray(v) for k, v in arrays.items()}
 
 
@@ -315,4 +324,4 @@ def require_float(meta: dict, what: str) -> None:
     raise UserError(f"{what} is quantized ({info.get('method')}); quantized checkpoints are "
                     f"for inference (generate, eval). Fine-tune the float workdir "
                     f"({source}) instead, e.g. with LoRA (--gin_file=peft/lora.gin), or "
-                    "QLoRA where it is available.")
+                    "with QLoRA (--gin_file=peft/qlora.gin), which quantizes its base itself.")

@@ -159,8 +159,8 @@ def setup(workdir, model, data, tokenizer, optimizer, objective, config, operati
                                     keep=config.keep_checkpoints, cleanup_tmp=True)
   state, log_state = resume.restore(ckpt, state, shardings, train_iter, model_cfg, log, tok)
   if ckpt.latest_step() is None:  # a fresh run: warm start, soft prompts from their text
-    state = _fresh_start(state, shardings, source, objective, log, optimizer.trainable,
-                         peft, tok)
+    state = _fresh_start(state, shardings, source, objective, log,
+                         _fresh_pattern(optimizer.trainable, objective), peft, tok)
   resume.write_operative_config(workdir, operative_config)
   meta = {"model_config": dataclasses.asdict(model_cfg), "operative_config": operative_config,
           "tokenizer": ckpt_lib.encode_bytes(tok.serialized()), "num_params": num_params,
@@ -220,6 +220,13 @@ def _warm_start(state, shardings, source, objective, log, fresh=None):
   frozen = jax.jit(objective.frozen_trees, out_shardings=shardings.frozen)(params)
   log(f"initialized parameters from {source.workdir} (step {source.step})")
   return state.replace(params=params, frozen=frozen)
+
+
+def _fresh_pattern(trainable, objective) -> str | None:
+  """Parameters a warm-start source may lack (they keep their init): the trained subset's
+  (new adapters) and the objective's own (`new_params`: a reward head)."""
+  patterns = [p for p in (trainable, getattr(objective, "new_params", None)) if p]
+  return "|".join(f"(?:{p})" for p in patterns) or None
 
 
 def _trainable_or_none(optimizer, params):

@@ -67,9 +67,12 @@ def register_configurables():
               SweepConfig, EvalConfig):
     gin.external_configurable(cls, module="llmjax")
   gin.external_configurable(presets.get_preset, module="llmjax")
-  from llmjax.objectives import classification, mlm, seq2seq, sft, span_corruption
+  from llmjax.quant import qat, qlora
+  for cls in (qat.QatConfig, qlora.QloraConfig):  # in train.peft: QAT, QLoRA's base
+    gin.external_configurable(cls, module="llmjax")
+  from llmjax.objectives import classification, dpo, mlm, reward, seq2seq, sft, span_corruption
   for cls in (mlm.MaskedLM, span_corruption.SpanCorruption, seq2seq.Seq2Seq,
-              classification.Classification, sft.SFT):
+              classification.Classification, sft.SFT, reward.RewardModel, dpo.DPO):
     gin.external_configurable(cls, module="llmjax")
   _REGISTERED = True
 

@@ -3,7 +3,9 @@
 Losses are accumulated as sums over micro-batches and divided once by the summed
 `weight`, so gradient accumulation gives the same update as one big batch. Gradients
 are taken for the trainable parameters only (a frozen leaf is a constant of the loss;
-its update is zero and it has no optimizer state). A non-finite loss or gradient never
+its update is zero and it has no optimizer state; an integer leaf, such as a QLoRA
+base's 4-bit codes, is always frozen and its gradient is a zero of its dtype). A
+non-finite loss or gradient never
 reaches the parameters: the update is dropped and `nonfinite` is reported, and the loop
 halts or counts it, as configured.
 """
@@ -12,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from llmjax.optim import optimizers
 from llmjax.train.state import TrainState
 
 
@@ -21,7 +24,7 @@ def _split_microbatches(batch, num):
 
 
 def _grads_and_sums(loss_fn, params, batch, rng, grad_accum_steps):
-  grad_fn = jax.grad(loss_fn, has_aux=True)
+  grad_fn = optimizers.grad_with_int_leaves(loss_fn)  # jax.grad(loss_fn, has_aux=True)
   if grad_accum_steps == 1:
     return grad_fn(params, batch, rng)
 
@@ -76,7 +79,7 @@ def make_train_step(model, objective, tx, schedule, *, grad_accum_steps: int = 1
     new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
                               opt_state=keep(opt_state, state.opt_state))
     metrics = objective.summarize(sums)
-    metrics.update(grad_norm=grad_norm, param_norm=optax.global_norm(new_state.params),
+    metrics.update(grad_norm=grad_norm, param_norm=optimizers.float_norm(new_state.params),
                    learning_rate=schedule(state.step), nonfinite=1 - finite.astype(jnp.int32))
     return new_state, metrics
 

@@ -145,8 +145,8 @@ class StepLoop:
       summary = s.objective.summarize(jax.device_get(total))
       ev = {f"eval_{k}": v for k, v in summary.items()}
       self.writer.write(done, ev)
-      self.bar.write(f"step {done}: eval_loss {ev['eval_loss']:.4f} "
-                     f"(ppl {ev['eval_perplexity']:.2f})")
+      ppl = f" (ppl {ev['eval_perplexity']:.2f})" if "eval_perplexity" in ev else ""
+      self.bar.write(f"step {done}: eval_loss {ev['eval_loss']:.4f}{ppl}")
     if s.eval_tasks:  # TrainConfig.eval_tasks: perplexity, lm-eval tasks
       extra = s.eval_tasks(s.net, state.params, s.tokenizer)
       self.writer.write(done, extra)

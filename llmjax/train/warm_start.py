@@ -9,7 +9,9 @@ optimizer state, schedule and data order. Once the new workdir has a checkpoint 
 own, resuming uses that and the source is not read again.
 
 Scanned and unscanned layer layouts convert into each other, so a model imported with
-`--no_scan_layers` can be fine-tuned with `scan_layers=True` and vice versa.
+`--no_scan_layers` can be fine-tuned with `scan_layers=True` and vice versa. A QLoRA run
+(gin_configs/peft/qlora.gin), whose fresh state stores the base quantized, gets the
+source's float weights quantized here, once (`llmjax.quant.qlora.quantize_like`).
 """
 
 import dataclasses
@@ -23,7 +25,8 @@ from llmjax.checkpoint import manager as ckpt_lib
 from llmjax.errors import UserError
 from llmjax.models.config import TransformerConfig
 from llmjax.models.stack import stack_layers, unstack_layers
-from llmjax.quant import ptq
+from llmjax.models.transformer import Transformer
+from llmjax.quant import ptq, qlora
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 
@@ -107,15 +110,18 @@ def _graft(params, like, fresh, prefix=""):
 
 def restore_params(source: Source, like, shardings, fresh: str | None = None):
   """The source's parameters, shaped and sharded like `like` (the fresh run's params);
-  leaves of `like` the source lacks and whose path matches regex `fresh` keep `like`'s."""
+  leaves of `like` the source lacks and whose path matches regex `fresh` keep `like`'s;
+  weights `like` stores quantized (QLoRA) are quantized the same way."""
   ckpt = ckpt_lib.CheckpointManager(os.path.join(source.workdir, "checkpoints"),
                                     async_save=False)
   try:
     params, _ = ckpt.restore_params(source.step)
   finally:
     ckpt.close()
+  params = qlora.quantize_like(Transformer(source.model_config),
+                               jax.tree.map(np.asarray, params), like)
   bare = _strip(like, fresh)
-  params = _match_layout(jax.tree.map(np.asarray, params), bare)
+  params = _match_layout(params, bare)
   params = _graft(params, like, fresh)
   if _shapes(params) != _shapes(like):
     got = dict(jax.tree_util.tree_flatten_with_path(_shapes(params))[0])

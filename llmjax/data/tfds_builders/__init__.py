@@ -6,8 +6,9 @@ works after it). Build with `builder.download_and_prepare(file_format='array_rec
 
 Each text builder cleans its corpus at build time (`llmjax.data.cleaning`) and saves
 the cleaning report as `cleaning_report.json` beside the dataset files; the instruction
-builders for SFT (`shakespeare_instruct`, `local_instruct`) keep their records as
-written (the first reads `shakespeare`'s cleaned scenes). TFDS writes into
+builders for SFT (`shakespeare_instruct`, `local_instruct`) and the preference builders
+for reward models and DPO (`shakespeare_preferences`, `local_preferences`) keep their
+records as written (the Shakespeare ones read `shakespeare`'s cleaned scenes). TFDS writes into
 an `incomplete.*` folder and renames it when the build succeeds, so a failed build
 leaves no dataset behind.
 """
@@ -24,6 +25,11 @@ from llmjax.data.tfds_builders.local_instruct import (
     LocalInstructConfig,
     local_instruct_config,
 )
+from llmjax.data.tfds_builders.local_preferences import (
+    LocalPreferences,
+    LocalPreferencesConfig,
+    local_preferences_config,
+)
 from llmjax.data.tfds_builders.local_text import LocalText, LocalTextConfig, local_text_config
 from llmjax.data.tfds_builders.num2words_translate import (
     Num2WordsConfig,
@@ -32,13 +38,16 @@ from llmjax.data.tfds_builders.num2words_translate import (
 )
 from llmjax.data.tfds_builders.shakespeare import Shakespeare
 from llmjax.data.tfds_builders.shakespeare_instruct import ShakespeareInstruct
+from llmjax.data.tfds_builders.shakespeare_preferences import ShakespearePreferences
 
 REPORT_NAME = "cleaning_report.json"
 
-__all__ = ["LocalInstruct", "LocalInstructConfig", "LocalText", "LocalTextConfig",
-           "Num2WordsConfig", "Num2WordsTranslate", "Shakespeare", "ShakespeareInstruct",
-           "build", "load_report", "local_instruct_config", "local_text_config",
-           "num2words_config", "write_report"]
+__all__ = ["LocalInstruct", "LocalInstructConfig", "LocalPreferences",
+           "LocalPreferencesConfig", "LocalText", "LocalTextConfig", "Num2WordsConfig",
+           "Num2WordsTranslate", "Shakespeare", "ShakespeareInstruct",
+           "ShakespearePreferences", "build", "load_report", "local_instruct_config",
+           "local_preferences_config", "local_text_config", "num2words_config",
+           "write_report"]
 
 
 def write_report(report, path: os.PathLike) -> None:
