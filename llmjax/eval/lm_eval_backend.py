@@ -264,14 +264,14 @@ class LlmjaxLM(TemplateLM):
     for context in sorted(groups, key=len, reverse=True):
       for i in groups[context]:
         if len(chunk) == reqs or (len({c for c, _ in chunk} | {context}) > self._rows):
-          self._shared_chunk(rows, chunk, reqs, out)
+          self._shared_chunk(rows, chunk, out)
           chunk = []
         chunk.append((context, i))
     if chunk:
-      self._shared_chunk(rows, chunk, reqs, out)
+      self._shared_chunk(rows, chunk, out)
     return out
 
-  def _shared_chunk(self, rows, chunk, reqs, out):
+  def _shared_chunk(self, rows, chunk, out):
     from llmjax.decode import cache as cache_lib
 
     contexts = list(dict.fromkeys(c for c, _ in chunk))
