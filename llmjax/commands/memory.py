@@ -4,7 +4,10 @@
 Reads the model, DataConfig.batch_size / seq_len and TrainConfig (mesh, rule set) from the
 gin files, then prints weights, gradients, optimizer state, activations and working
 buffers per device for dp, zero1, fsdp and fsdp_tp on N devices (default: this host's),
-plus the ZeRO bytes-per-parameter table. `--compile` also asks XLA (memory_analysis of
+plus the ZeRO bytes-per-parameter tables (the configured parameter dtype, and mixed
+precision: bfloat16 weights with a float32 master copy), and the bytes of the model's
+weights alone in each storage format (float32, bfloat16, int8, int4, NF4: what
+inference or a frozen QLoRA base needs; `llmjax quantize` writes them). `--compile` also asks XLA (memory_analysis of
 the jitted step; needs N devices here, e.g. XLA_FLAGS=--xla_force_host_platform_device_count=8).
 The model's vocab_size is the configured one; a run's tokenizer may change it.
 """
@@ -84,4 +87,13 @@ def run(args):
   for stage, terms in memory.zero_table(devices, itemsize).items():
     out.write(f"  {stage:6} {terms[0]:6.2f} {terms[1]:6.2f} {terms[2]:6.2f}  = "
               f"{sum(terms):6.2f}\n")
+  out.write("Mixed precision (bfloat16 weights and grads; float32 master + moments):\n")
+  for stage, terms in memory.mixed_precision_table(devices).items():
+    out.write(f"  {stage:6} {terms[0]:6.2f} {terms[1]:6.2f} {terms[2]:6.2f}  = "
+              f"{sum(terms):6.2f}\n")
+  out.write(f"\nWeights alone by storage format (inference, or a frozen QLoRA base; dense "
+            f"layers quantized, embedding and norms float):\n"
+            f"  {'format':10} {'bytes/param':>11} {'MiB':>10} {'MiB/device fsdp':>16}\n")
+  for fmt, (size, per_param) in memory.weight_formats(model).items():
+    out.write(f"  {fmt:10} {per_param:11.3f} {_fmt(size)} {_fmt(size / devices):>16}\n")
   return 0

@@ -1,5 +1,7 @@
 """`llmjax quantize --workdir=W --method=int8|int4|nf4|w8a8 --output=W2 [--step=N]
-[--group_size=128] [--block_size=64] [--double_quant] [--include_embed] [--include_head]`
+[--group_size=128] [--block_size=64] [--double_quant] [--include_embed] [--include_head]
+[--algorithm=rtn|gptq [--calibration_samples=128] [--calibration_split=train]
+[--calibration_dataset=NAME] [--data_dir=DIR] [--calibration_window=L] [--damp=0.01]]`
 
 Post-training quantization of a trained workdir (`llmjax/quant/ptq.py`). W2 is a new
 workdir whose checkpoint (`checkpoints/0`) stores every dense layer's packed integer
@@ -14,6 +16,13 @@ quantize again.
   nf4    4-bit NormalFloat, blocks of --block_size (64); --double_quant stores the block
          scales in int8 (QLoRA).
   w8a8   int8 weights and dynamic per-token int8 activations, int32 accumulation.
+
+--algorithm=gptq (int4): the codes are chosen by GPTQ (`llmjax/quant/gptq.py`) for the
+layers' outputs on calibration data, --calibration_samples windows of the run's
+sequence length cut in order from the --calibration_split of the run's own dataset
+(its operative_config.gin; --calibration_dataset, --data_dir and --calibration_window
+override them), tokenized with the run's tokenizer. The stored format is
+int4's, so everything that reads an int4 workdir reads it.
 
 The embedding table and the untied output head stay float unless --include_embed /
 --include_head (a tied model's head is its embedding table: --include_embed). LoRA is
@@ -51,6 +60,17 @@ def register(subparsers, name, help_text):
                      ("include_embed", "quantize the embedding table"),
                      ("include_head", "quantize the output head")):
     p.add_argument(f"--{flag}", action="store_true", default=None, help=text)
+  p.add_argument("--algorithm", default=None, help="int4: rtn (default) or gptq")
+  p.add_argument("--calibration_samples", type=int, default=128,
+                 help="gptq: token windows of calibration data")
+  p.add_argument("--calibration_split", default="train", help="gptq: the dataset split")
+  p.add_argument("--calibration_dataset", default=None,
+                 help="gptq: dataset (default: the run's, from its operative_config.gin)")
+  p.add_argument("--data_dir", default=None, help="gptq: the dataset's TFDS folder")
+  p.add_argument("--calibration_window", type=int, default=None,
+                 help="gptq: tokens per window (default: the run's seq_len)")
+  p.add_argument("--damp", type=float, default=None,
+                 help="gptq: Hessian dampening, a fraction of its mean diagonal (0.01)")
   p.set_defaults(func=run)
 
 
@@ -114,7 +134,7 @@ def _settings(method, opts: dict, qat, log):
     return method, opts
   own = {k: getattr(qat, k) for k in ("group_size", "block_size", "double_quant",
                                       "include_embed", "include_head")}
-  if (method or qat.ptq_method) != qat.ptq_method or any(opts[k] != own[k] for k in opts):
+  if (method or qat.ptq_method) != qat.ptq_method or any(k in own and opts[k] != own[k] for k in opts):
     log(f"note: this workdir was trained with QAT ({qat}); these settings differ, so the "
         "packed weights are not the ones its forward pass used.")
   elif qat.activations and qat.method != "int8":
@@ -123,11 +143,55 @@ def _settings(method, opts: dict, qat, log):
   return method or qat.ptq_method, {**own, **opts}
 
 
+def calibration_windows(workdir: str, meta: dict, samples: int, split: str = "train",
+                        dataset: str | None = None, data_dir: str | None = None,
+                        window: int | None = None):
+  """int32 `[samples, window]`: the first `samples` windows of a dataset split (default:
+  the run's own dataset and sequence length, from its operative_config.gin), each text
+  tokenized with the run's tokenizer and an EOS after it, concatenated and cut in order."""
+  import numpy as np
+
+  from llmjax.checkpoint import manager as ckpt_lib
+  from llmjax.data import datasets
+  from llmjax.data import tokenizer as tokenizer_lib
+  from llmjax.errors import UserError
+  from llmjax.train import main
+  text_key = None
+  operative = os.path.join(workdir, "operative_config.gin")
+  if os.path.exists(operative):
+    main.parse_gin([operative], [])
+    data = main.bound("data")
+    dataset, data_dir = dataset or data.dataset, data_dir or data.data_dir
+    window, text_key = window or data.seq_len, data.text_key
+  if not dataset:
+    raise UserError(f"{workdir} has no operative_config.gin naming its dataset, so GPTQ "
+                    "has no calibration data; pass --calibration_dataset=NAME (and "
+                    "--data_dir=DIR if it is not in the default TFDS folder).")
+  if not meta.get("tokenizer"):
+    raise UserError(f"the checkpoint in {workdir} has no tokenizer to cut calibration "
+                    "windows with; quantize with --algorithm=rtn.")
+  window = window or meta["model_config"].get("max_len", 256)
+  tokenizer = tokenizer_lib.from_serialized(ckpt_lib.decode_bytes(meta["tokenizer"]))
+  need, ids = samples * window, []
+  for text in datasets.iter_texts(dataset, split, data_dir, text_key):
+    ids.extend(tokenizer.encode(text, add_eos=True))
+    if len(ids) >= need:
+      break
+  if samples <= 0 or len(ids) < need:
+    raise UserError(f"GPTQ asked for {samples} calibration windows of {window} tokens but "
+                    f"the {split!r} split of {dataset} has {len(ids)} tokens "
+                    f"({len(ids) // window} windows); pass a smaller --calibration_samples "
+                    "(at least 1) or another --calibration_split.")
+  return np.asarray(ids[:need], np.int32).reshape(samples, window)
+
+
 def quantize_workdir(workdir: str, out: str, method: str | None = None, *, step=None,
-                     log=print, **opts) -> dict:
+                     log=print, calibration: dict | None = None, **opts) -> dict:
   """Writes the quantized copy of `workdir` to `out` (module docstring); returns the
   `info` recorded in its metadata (`meta['quantization']`). `opts` (`QuantConfig`'s
   sizes and flags) left None take a QAT run's or the defaults."""
+  import numpy as np
+
   from llmjax.checkpoint import manager as ckpt_lib
   from llmjax.quant import ptq
   workdir, out = os.path.abspath(workdir), os.path.abspath(out)
@@ -136,7 +200,16 @@ def quantize_workdir(workdir: str, out: str, method: str | None = None, *, step=
   _check_paths(workdir, out)
   model, params, meta, qat = _load(workdir, step)
   method, opts = _settings(method, opts, qat, log)
-  qparams, info = ptq.quantize_params(model, params, method, **opts)
+  hessians = None
+  if opts.get("algorithm") == "gptq":
+    from llmjax.quant import gptq
+    calibration = {"samples": 128, **(calibration or {})}
+    windows = calibration_windows(workdir, meta, **calibration)
+    hessians = gptq.hessians(model, params, np.array_split(windows, -(-len(windows) // 8)))
+  qparams, info = ptq.quantize_params(model, params, method, hessians, **opts)
+  if hessians is not None:
+    info["calibration"] = {**calibration, "windows": len(windows),
+                           "window": int(windows.shape[1])}
   if qat is not None:  # what the run simulated, beside what was done
     info["qat"] = dataclasses.asdict(qat)
   dropped = ("peft", "peft_active", "log")
@@ -157,7 +230,8 @@ def quantize_workdir(workdir: str, out: str, method: str | None = None, *, step=
 def table(info: dict) -> str:
   """The summary `llmjax quantize` prints."""
   double = ", double quant" if info["double_quant"] else ""
-  sizes = {"int4": f" (group {info['group_size']})",
+  gptq = ", GPTQ" if info.get("algorithm") == "gptq" else ""
+  sizes = {"int4": f" (group {info['group_size']}{gptq})",
            "nf4": f" (block {info['block_size']}{double})"}
   before, after = info["bytes_before"], info["bytes_after"]
   kept = ", ".join(info["float_layers"]) or "none"
@@ -174,5 +248,9 @@ def run(args):
   quantize_workdir(args.workdir, args.output, args.method, step=args.step,
                    group_size=args.group_size, block_size=args.block_size,
                    double_quant=args.double_quant, include_embed=args.include_embed,
-                   include_head=args.include_head)
+                   include_head=args.include_head, algorithm=args.algorithm, damp=args.damp,
+                   calibration={"samples": args.calibration_samples,
+                                "split": args.calibration_split,
+                                "dataset": args.calibration_dataset,
+                                "data_dir": args.data_dir, "window": args.calibration_window})
   return 0

@@ -8,6 +8,8 @@
            per-token activation scales (int32 accumulation; LLM.int8, SmoothQuant).
   ptq      post-training quantization of a model's whole parameter tree into those
            arrays (`quantize_params`) and its inverse view (`dequantized_params`).
+  gptq     GPTQ: int4 codes chosen for each layer's outputs on calibration data
+           (`llmjax quantize --method=int4 --algorithm=gptq`), stored as int4's.
   model    `QuantizedModel`: the network run from the packed arrays through the
            intercept seam (`llmjax quantize` writes them, `load_workdir` reads them).
   qat      quantization-aware training: the same quantize-dequantize in the forward

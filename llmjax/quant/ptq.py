@@ -11,7 +11,9 @@ and restores bit for bit. No de-quantized float of a quantized layer is kept:
               (SmoothQuant's per-token W8A8, Xiao et al. 2023).
   int4        kernel_packed uint8 [M, K/2], kernel_scale f32 [M, K/g]: group-wise along
               the input (GPTQ/AWQ layout). g = group_size, or the layer's whole input
-              width K when K is smaller; g must be even and divide K.
+              width K when K is smaller; g must be even and divide K. The codes are
+              rounded to nearest, or chosen by GPTQ (algorithm='gptq', `gptq`) from the
+              layers' input statistics on calibration data.
   nf4         kernel_packed uint8, kernel_absmax f32 (or kernel_absmax_q int8 +
               kernel_absmax_scale f32 + kernel_absmax_mean f32 with double quantization):
               blocks of block_size along the input of each output channel (QLoRA,
@@ -39,10 +41,11 @@ import numpy as np
 from llmjax.errors import UserError
 from llmjax.layers.intercept import intercept
 from llmjax.layers.linear import Einsum
-from llmjax.quant.formats import Int4Tensor, Int8Tensor, quantize_int4, quantize_int8
+from llmjax.quant.formats import Int4Tensor, Int8Tensor, quantize_int4, quantize_int8, to_rows
 from llmjax.quant.nf4 import NF4Tensor, QuantizedScales, quantize_nf4
 
 METHODS = ("int8", "int4", "nf4", "w8a8")
+ALGORITHMS = ("rtn", "gptq")  # how int4 codes are chosen: round to nearest, or GPTQ
 SCALE_BLOCK = 256  # NF4 double quantization's second-level block (QLoRA)
 FIELDS = ("q", "scale", "packed", "absmax", "absmax_q", "absmax_scale", "absmax_mean")
 MARKERS = ("q", "packed")  # a layer holding `<weight>_q` or `<weight>_packed` is quantized
@@ -58,11 +61,19 @@ class QuantConfig:
   double_quant: bool = False  # nf4: block scales in int8 (QLoRA's double quantization)
   include_embed: bool = False  # quantize the `embed` table (and so tied logits)
   include_head: bool = False   # quantize the `lm_head` (untied models)
+  algorithm: str = "rtn"       # int4: 'rtn' (round to nearest) or 'gptq' (calibrated)
+  damp: float = 0.01           # gptq: Hessian dampening, a fraction of its mean diagonal
 
   def __post_init__(self):
     if self.method not in METHODS:
       raise UserError(f"unknown quantization method {self.method!r}; use one of "
                       f"{', '.join(METHODS)}.")
+    if self.algorithm not in ALGORITHMS:
+      raise UserError(f"unknown quantization algorithm {self.algorithm!r}; use one of "
+                      f"{', '.join(ALGORITHMS)}.")
+    if self.algorithm == "gptq" and self.method != "int4":
+      raise UserError(f"GPTQ chooses int4 codes; pass --method=int4 with --algorithm=gptq "
+                      f"(not {self.method}).")
     if self.group_size <= 0 or self.block_size <= 0:
       raise UserError(f"group_size={self.group_size} and block_size={self.block_size} must "
                       "be positive (defaults: 128 for int4, 64 for nf4).")
@@ -240,13 +251,29 @@ def quantize_layer(w, layer: Layer, cfg: QuantConfig) -> dict:
   return {f"{layer.weight}_{k}": np.asarray(v) for k, v in arrays.items()}
 
 
-def quantize_params(model, params, method: str = "int8", **opts):
+def gptq_layer(w, layer: Layer, cfg: QuantConfig, hessian) -> dict:
+  """`{'<weight>_packed', '<weight>_scale'}` of one `Einsum` kernel by GPTQ (`gptq`), for
+  its input Hessian (`[K, K]`, or `[layers, K, K]` for a stacked kernel)."""
+  from llmjax.quant import gptq
+  if hessian is None:
+    raise UserError(f"GPTQ has no calibration statistics for layer {layer.path}; pass the "
+                    "`gptq.hessians` of the model (llmjax quantize collects them).")
+  group = group_size(layer, cfg.group_size)
+  fn = lambda v, h: gptq.gptq_arrays(to_rows(v, layer.axes), h, group, cfg.damp)
+  stacked = _stacked(w, layer)
+  arrays = jax.jit(jax.vmap(fn) if stacked else fn)(jnp.asarray(w), jnp.asarray(hessian))
+  return {f"{layer.weight}_{k}": np.asarray(v) for k, v in jax.device_get(arrays).items()}
+
+
+def quantize_params(model, params, method: str = "int8", hessians=None, **opts):
   """`(qparams, info)`: `params` of `model` (a `Transformer`) with its dense layers
   quantized (module docstring) and `info`, the JSON-able record of what was done (the
   config, the quantized and float layer paths, element and byte counts).
 
   `opts`: `QuantConfig` fields (group_size, block_size, double_quant, include_embed,
-  include_head)."""
+  include_head, algorithm, damp). algorithm='gptq' needs `hessians`, the
+  `gptq.hessians` of the model on calibration data (the `embed` table, if included, is
+  rounded to nearest: its lookups have no input to calibrate on)."""
   cfg = QuantConfig(method=method, **opts)
   params = jax.tree.map(np.asarray, jax.device_get(params))
   tied = model.config.tie_embeddings
@@ -262,7 +289,10 @@ def quantize_params(model, params, method: str = "int8", **opts):
       kept.append(path)
       continue
     w = node.pop(layer.weight)
-    arrays = quantize_layer(w, layer, cfg)
+    if cfg.algorithm == "gptq" and layer.weight == "kernel":
+      arrays = gptq_layer(w, layer, cfg, (hessians or {}).get(path))
+    else:
+      arrays = quantize_layer(w, layer, cfg)
     node.update(arrays)
     done.append(path)
     count, before = count + w.size, before + w.nbytes

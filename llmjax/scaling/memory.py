@@ -21,6 +21,13 @@ update; see `estimate`). `llmjax.train.xla_memory.compiled` asks XLA for the sam
 number: `memory_analysis()` of the jitted, donated train step, whose per-device peak is arguments + temporaries (+
 outputs not aliased to donated arguments: only the metrics). That is what
 tests/scaling/test_memory.py and experiments/zero_memory_table.py compare against.
+
+Mixed precision changes the split, not the sum: bfloat16 weights and gradients (2 + 2)
+with a float32 master copy beside the two moments (4 + 8) are 16 bytes per parameter
+too (`mixed_precision_table`). A model kept only for inference, or a frozen base under
+QLoRA, needs its weights alone, in whatever format it is stored (`weight_formats`:
+float32, bfloat16, and the packed formats of `llmjax.quant`, counted from the arrays
+`llmjax quantize` would write).
 """
 
 import dataclasses
@@ -55,6 +62,62 @@ def zero_table(num_devices: int, param_bytes: int = 4, moments: int = 2) -> dict
   n, w, o = num_devices, param_bytes, moments * param_bytes
   return {"dp": (w, w, o), "zero1": (w, w, o / n), "zero2": (w, w / n, o / n),
           "fsdp": (w / n, w / n, o / n)}
+
+
+def mixed_precision_table(num_devices: int) -> dict:
+  """Bytes per parameter per device (weights, grads, optimizer) per ZeRO stage for AdamW
+  with bfloat16 weights and gradients and a float32 master copy, counted with the
+  optimizer (Rajbhandari et al. 2020: 2 + 2 + 12)."""
+  n = num_devices
+  return {"dp": (2, 2, 12), "zero1": (2, 2, 12 / n), "zero2": (2, 2 / n, 12 / n),
+          "fsdp": (2 / n, 2 / n, 12 / n)}
+
+
+# name -> `llmjax.quant.ptq.QuantConfig` fields (None: a float dtype).
+WEIGHT_FORMATS = {
+    "float32": None, "bfloat16": None, "int8": {"method": "int8"},
+    "int4 g128": {"method": "int4", "group_size": 128},
+    "int4 g64": {"method": "int4", "group_size": 64},
+    "nf4": {"method": "nf4"}, "nf4 + dq": {"method": "nf4", "double_quant": True},
+}
+
+
+def weight_bytes(model_cfg, fmt: str) -> int:
+  """Bytes of the model's weights stored in format `fmt` (a `WEIGHT_FORMATS` key):
+  exactly the arrays `llmjax quantize --method=...` writes (its defaults: the dense
+  layers quantized, the embedding, head and norms kept in the parameter dtype), from
+  abstract shapes (`jax.eval_shape`, nothing computed)."""
+  from llmjax.models.transformer import Transformer
+  from llmjax.quant import ptq
+
+  if fmt not in WEIGHT_FORMATS:
+    raise UserError(f"unknown weight format {fmt!r}; use one of {', '.join(WEIGHT_FORMATS)}.")
+  params = nn.meta.unbox(abstract_params(model_cfg))
+  opts = WEIGHT_FORMATS[fmt]
+  if opts is None:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(params)) * np.dtype(fmt).itemsize
+  qcfg, total = ptq.QuantConfig(**opts), _nbytes(params)
+  model = Transformer(model_cfg)
+  for path, layer in ptq.dense_layers(model).items():
+    node = ptq.node_at(params, path)
+    if node is None or layer.weight not in node or not ptq.selected(
+        layer, qcfg, model_cfg.tie_embeddings):
+      continue
+    w = node[layer.weight]
+    arrays = jax.eval_shape(lambda v, layer=layer: ptq.quantize_weight(v, layer, qcfg), w)
+    total += _nbytes(arrays) - _nbytes(w)
+  return total
+
+
+def weight_formats(model_cfg) -> dict:
+  """`{format: (bytes, bytes per parameter)}` of the model's weights in every format."""
+  params = nn.meta.unbox(abstract_params(model_cfg))
+  count = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+  out = {}
+  for fmt in WEIGHT_FORMATS:
+    size = weight_bytes(model_cfg, fmt)
+    out[fmt] = (size, size / count)
+  return out
 
 
 @dataclasses.dataclass(frozen=True)

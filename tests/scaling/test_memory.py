@@ -86,3 +86,25 @@ def test_cli_prints_every_strategy_and_whether_it_fits():
   assert set(rows) == set(STRATEGIES)
   assert all(row.endswith("NO") for row in rows.values())  # 64 KiB is too small for any
   assert "zero1" in text and "16.00" in text
+  formats = {line.split()[0] for line in text.split("storage format")[1].splitlines()[2:]}
+  assert {"float32", "bfloat16", "int8", "int4", "nf4"} <= formats
+
+
+def test_mixed_precision_table_is_2_2_12():
+  table = memory.mixed_precision_table(8)
+  assert sum(table["dp"]) == 16 and table["dp"] == (2, 2, 12)
+  assert sum(table["fsdp"]) == 16 / 8 and sum(table["zero2"]) == 2 + 14 / 8
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4 g64", "nf4 + dq"])
+def test_weight_bytes_equal_the_arrays_quantize_writes(fmt):
+  from llmjax.quant import ptq
+  from llmjax.testing import reference
+  model, params = reference.preset_model("tiny", std=0.05)
+  cfg = model.config
+  _, info = ptq.quantize_params(model, params, **memory.WEIGHT_FORMATS[fmt])
+  assert memory.weight_bytes(cfg, fmt) == info["all_bytes_after"]
+  assert memory.weight_bytes(cfg, "float32") == info["all_bytes_before"]
+  assert memory.weight_bytes(cfg, "bfloat16") * 2 == info["all_bytes_before"]
+  with pytest.raises(UserError, match="nf4 \\+ dq"):
+    memory.weight_bytes(cfg, "fp8")
