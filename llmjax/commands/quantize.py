@@ -1,6 +1,6 @@
 """`llmjax quantize --workdir=W --method=int8|int4|nf4|w8a8 --output=W2 [--step=N]
 [--group_size=128] [--block_size=64] [--double_quant] [--include_embed] [--include_head]
-[--algorithm=rtn|gptq [--calibration_samples=128] [--calibration_split=train]
+[--algorithm=rtn|gptq|awq [--calibration_samples=128] [--calibration_split=train]
 [--calibration_dataset=NAME] [--data_dir=DIR] [--calibration_window=L] [--damp=0.01]]`
 
 Post-training quantization of a trained workdir (`llmjax/quant/ptq.py`). W2 is a new
@@ -22,7 +22,9 @@ layers' outputs on calibration data, --calibration_samples windows of the run's
 sequence length cut in order from the --calibration_split of the run's own dataset
 (its operative_config.gin; --calibration_dataset, --data_dir and --calibration_window
 override them), tokenized with the run's tokenizer. The stored format is
-int4's, so everything that reads an int4 workdir reads it.
+int4's, so everything that reads an int4 workdir reads it. --algorithm=awq (int4): AWQ (`llmjax/quant/awq.py`) scales each
+layer's salient input channels up before rounding, with the exponent searched per layer
+on the same calibration data; it stores the factors beside the codes.
 
 The embedding table and the untied output head stay float unless --include_embed /
 --include_head (a tied model's head is its embedding table: --include_embed). LoRA is
@@ -60,15 +62,15 @@ def register(subparsers, name, help_text):
                      ("include_embed", "quantize the embedding table"),
                      ("include_head", "quantize the output head")):
     p.add_argument(f"--{flag}", action="store_true", default=None, help=text)
-  p.add_argument("--algorithm", default=None, help="int4: rtn (default) or gptq")
+  p.add_argument("--algorithm", default=None, help="int4: rtn (default), gptq or awq")
   p.add_argument("--calibration_samples", type=int, default=128,
-                 help="gptq: token windows of calibration data")
-  p.add_argument("--calibration_split", default="train", help="gptq: the dataset split")
+                 help="gptq, awq: token windows of calibration data")
+  p.add_argument("--calibration_split", default="train", help="gptq, awq: the dataset split")
   p.add_argument("--calibration_dataset", default=None,
-                 help="gptq: dataset (default: the run's, from its operative_config.gin)")
-  p.add_argument("--data_dir", default=None, help="gptq: the dataset's TFDS folder")
+                 help="gptq, awq: dataset (default: the run's, from its operative_config.gin)")
+  p.add_argument("--data_dir", default=None, help="gptq, awq: the dataset's TFDS folder")
   p.add_argument("--calibration_window", type=int, default=None,
-                 help="gptq: tokens per window (default: the run's seq_len)")
+                 help="gptq, awq: tokens per window (default: the run's seq_len)")
   p.add_argument("--damp", type=float, default=None,
                  help="gptq: Hessian dampening, a fraction of its mean diagonal (0.01)")
   p.set_defaults(func=run)
@@ -164,8 +166,8 @@ def calibration_windows(workdir: str, meta: dict, samples: int, split: str = "tr
     dataset, data_dir = dataset or data.dataset, data_dir or data.data_dir
     window, text_key = window or data.seq_len, data.text_key
   if not dataset:
-    raise UserError(f"{workdir} has no operative_config.gin naming its dataset, so GPTQ "
-                    "has no calibration data; pass --calibration_dataset=NAME (and "
+    raise UserError(f"{workdir} has no operative_config.gin naming its dataset, so there "
+                    "is no calibration data; pass --calibration_dataset=NAME (and "
                     "--data_dir=DIR if it is not in the default TFDS folder).")
   if not meta.get("tokenizer"):
     raise UserError(f"the checkpoint in {workdir} has no tokenizer to cut calibration "
@@ -178,7 +180,7 @@ def calibration_windows(workdir: str, meta: dict, samples: int, split: str = "tr
     if len(ids) >= need:
       break
   if samples <= 0 or len(ids) < need:
-    raise UserError(f"GPTQ asked for {samples} calibration windows of {window} tokens but "
+    raise UserError(f"calibration asked for {samples} windows of {window} tokens but "
                     f"the {split!r} split of {dataset} has {len(ids)} tokens "
                     f"({len(ids) // window} windows); pass a smaller --calibration_samples "
                     "(at least 1) or another --calibration_split.")
@@ -200,14 +202,15 @@ def quantize_workdir(workdir: str, out: str, method: str | None = None, *, step=
   _check_paths(workdir, out)
   model, params, meta, qat = _load(workdir, step)
   method, opts = _settings(method, opts, qat, log)
-  hessians = None
-  if opts.get("algorithm") == "gptq":
-    from llmjax.quant import gptq
+  stats = None
+  if opts.get("algorithm") in ("gptq", "awq"):
+    from llmjax.quant import calibration as calibration_lib
     calibration = {"samples": 128, **(calibration or {})}
     windows = calibration_windows(workdir, meta, **calibration)
-    hessians = gptq.hessians(model, params, np.array_split(windows, -(-len(windows) // 8)))
-  qparams, info = ptq.quantize_params(model, params, method, hessians, **opts)
-  if hessians is not None:
+    stats = calibration_lib.collect(model, params,
+                                    np.array_split(windows, -(-len(windows) // 8)))
+  qparams, info = ptq.quantize_params(model, params, method, stats, **opts)
+  if stats is not None:
     info["calibration"] = {**calibration, "windows": len(windows),
                            "window": int(windows.shape[1])}
   if qat is not None:  # what the run simulated, beside what was done
@@ -230,7 +233,7 @@ def quantize_workdir(workdir: str, out: str, method: str | None = None, *, step=
 def table(info: dict) -> str:
   """The summary `llmjax quantize` prints."""
   double = ", double quant" if info["double_quant"] else ""
-  gptq = ", GPTQ" if info.get("algorithm") == "gptq" else ""
+  gptq = f", {info['algorithm'].upper()}" if info.get("algorithm", "rtn") != "rtn" else ""
   sizes = {"int4": f" (group {info['group_size']}{gptq})",
            "nf4": f" (block {info['block_size']}{double})"}
   before, after = info["bytes_before"], info["bytes_after"]

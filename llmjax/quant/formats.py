@@ -125,12 +125,16 @@ class Int4Tensor:
       flattened, K = the contracted axes flattened (the `to_rows` layout).
     scale: float32 `[M, K / group_size]`.
     shape: the weight's shape; axes: its contracted axes; group_size (all static).
+    smooth: None, or float32 `[K]`: AWQ's per-input-channel factor s, with which the
+      weights were multiplied before quantizing (`llmjax.quant.awq`): the weight is
+      then `q * scale / s` column-wise.
   """
   packed: jax.Array
   scale: jax.Array
   shape: tuple[int, ...] = flax.struct.field(pytree_node=False)
   axes: tuple[int, ...] = flax.struct.field(pytree_node=False)
   group_size: int = flax.struct.field(pytree_node=False)
+  smooth: jax.Array | None = None
 
   def codes(self) -> jax.Array:
     """The int4 codes in [-8, 7] (int8 storage), `[M, K]`."""
@@ -140,6 +144,8 @@ class Int4Tensor:
     m, k = self.packed.shape[0], 2 * self.packed.shape[1]
     q = self.codes().astype(jnp.float32).reshape(m, k // self.group_size, self.group_size)
     w = (q * self.scale[..., None]).reshape(m, k)  # [M, K]
+    if self.smooth is not None:
+      w = w / self.smooth[None, :]
     return from_rows(w, self.shape, self.axes).astype(dtype)
 
 

@@ -24,12 +24,11 @@ here (each step is one rank-1 update). The codes and scales are exactly `Int4Ten
 (symmetric, [-7, 7], a scale per group of g inputs), so a GPTQ checkpoint is an ordinary
 int4 workdir: `QuantizedModel` runs it unchanged and `dequantize` reads it.
 
-Calibration (`hessians`): the inputs of every `Einsum` on calibration token windows,
-collected through the intercept seam from the float model in one pass (the paper feeds
-each layer the outputs of the already-quantized layers before it; one float pass is the
-common simplification, e.g. AutoGPTQ's default is sequential, qwix's contrib also
-calibrates on the float model). Inputs a layer never sees (a zero diagonal: dead
-features) get their weights zeroed, as in the reference code.
+Calibration (`calibration.collect`): H = X X^T / T of every `Einsum`'s inputs on
+calibration token windows, collected through the intercept seam from the float model
+in one pass (the paper feeds each layer the outputs of the already-quantized layers
+before it; one float pass is the simpler variant). Inputs a layer never sees (a zero
+diagonal: dead features) get their weights zeroed, as in the reference code.
 
 Why hand-written rather than qwix's `contrib.gptq`: that one emits qwix's own `QArray`
 (its scale convention, optional zero points) rather than this package's packed
@@ -37,85 +36,12 @@ Why hand-written rather than qwix's `contrib.gptq`: that one emits qwix's own `Q
 one `fori_loop` of 25 lines in the storage format the rest of `llmjax.quant` reads.
 """
 
-import re
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from llmjax.errors import UserError
-from llmjax.layers.intercept import intercept
-from llmjax.layers.linear import Einsum
 from llmjax.quant.formats import _safe, check_group_size, pack_nibbles
 
 DAMP = 0.01
-
-
-def input_rows(x: jax.Array, equation: str) -> jax.Array:
-  """An `Einsum`'s input as `[T, K]`: every index but the contracted ones flattened into
-  rows, the contracted ones last, in the kernel's axis order (the `to_rows` columns)."""
-  lhs, kernel, out = equation.replace("->", ",").split(",")
-  contracted = "".join(c for c in kernel if c not in out)
-  free = "".join(c for c in lhs if c not in contracted)
-  x = jnp.einsum(f"{lhs}->{free}{contracted}", x)
-  return x.reshape(-1, int(np.prod([x.shape[len(free) + i] for i in range(len(contracted))])))
-
-
-def calibration_model(model):
-  """`model` with the layout calibration needs: unscanned, no remat (the interceptor's
-  values leave no inner transform) and q, k, v as separate products (fused q/k/v reads
-  their weights and never calls them)."""
-  from llmjax.models.transformer import Transformer
-  cfg = model.config.replace(scan_layers=False, remat="none", fused_qkv=False)
-  return Transformer(cfg)
-
-
-def hessians(model, params, batches) -> dict[str, np.ndarray]:
-  """`{layer path: H}`: X X^T / T (float32 `[K, K]`) of every `Einsum`'s inputs over the
-  token windows in `batches` (int `[B, L]` arrays). Paths are `model`'s: a scanned
-  stack's layers come stacked, `[num_layers, K, K]`, under 'decoder/layers/...'."""
-  from llmjax.models import stack
-  scanned = model.config.scan_layers
-  flat = calibration_model(model)
-  flat_params = stack.unstack_layers(params) if scanned else params
-
-  @jax.jit
-  def batch_sums(p, tokens):
-    sums = {}
-
-    def collect(call):
-      x = input_rows(call.args[0], call.module.equation).astype(jnp.float32)
-      sums[call.path] = sums.get(call.path, 0.0) + x.T @ x
-      return call.proceed()
-
-    kwargs = {"encoder_tokens": tokens} if flat.config.arch == "encoder_decoder" else {}
-    with intercept(collect, layers=(Einsum,), methods=("__call__",)):
-      flat.apply({"params": p}, tokens, **kwargs)
-    return sums, tokens.size
-
-  total, count = {}, 0
-  for tokens in batches:
-    sums, n = batch_sums(flat_params, jnp.asarray(tokens, jnp.int32))
-    total = {k: total.get(k, 0.0) + np.asarray(v, np.float64) for k, v in sums.items()}
-    count += int(n)
-  if not count:
-    raise UserError("GPTQ got no calibration tokens; give it calibration batches (e.g. "
-                    "--calibration_samples=128).")
-  out = {k: (v / count).astype(np.float32) for k, v in total.items()}
-  if not scanned:
-    return out
-  stacked, single = {}, {}
-  for path in sorted(out, key=_layer_index):
-    if re.search(r"layers_\d+", path):
-      stacked.setdefault(re.sub(r"layers_\d+", "layers", path), []).append(out[path])
-    else:
-      single[path] = out[path]
-  return {**single, **{k: np.stack(v) for k, v in stacked.items()}}
-
-
-def _layer_index(path: str) -> int:
-  m = re.search(r"layers_(\d+)", path)
-  return int(m.group(1)) if m else -1
 
 
 def inverse_hessian_factor(hessian: jax.Array, damp: float = DAMP):

@@ -13,7 +13,8 @@ and restores bit for bit. No de-quantized float of a quantized layer is kept:
               the input (GPTQ/AWQ layout). g = group_size, or the layer's whole input
               width K when K is smaller; g must be even and divide K. The codes are
               rounded to nearest, or chosen by GPTQ (algorithm='gptq', `gptq`) from the
-              layers' input statistics on calibration data.
+              layers' input statistics on calibration data. AWQ (algorithm='awq',
+              `awq`) adds kernel_smooth f32 [K], its per-input factor.
   nf4         kernel_packed uint8, kernel_absmax f32 (or kernel_absmax_q int8 +
               kernel_absmax_scale f32 + kernel_absmax_mean f32 with double quantization):
               blocks of block_size along the input of each output channel (QLoRA,
@@ -45,9 +46,10 @@ from llmjax.quant.formats import Int4Tensor, Int8Tensor, quantize_int4, quantize
 from llmjax.quant.nf4 import NF4Tensor, QuantizedScales, quantize_nf4
 
 METHODS = ("int8", "int4", "nf4", "w8a8")
-ALGORITHMS = ("rtn", "gptq")  # how int4 codes are chosen: round to nearest, or GPTQ
+ALGORITHMS = ("rtn", "gptq", "awq")  # how int4 codes are chosen (round to nearest or not)
 SCALE_BLOCK = 256  # NF4 double quantization's second-level block (QLoRA)
-FIELDS = ("q", "scale", "packed", "absmax", "absmax_q", "absmax_scale", "absmax_mean")
+FIELDS = ("q", "scale", "packed", "smooth", "absmax", "absmax_q", "absmax_scale",
+          "absmax_mean")
 MARKERS = ("q", "packed")  # a layer holding `<weight>_q` or `<weight>_packed` is quantized
 
 
@@ -61,7 +63,7 @@ class QuantConfig:
   double_quant: bool = False  # nf4: block scales in int8 (QLoRA's double quantization)
   include_embed: bool = False  # quantize the `embed` table (and so tied logits)
   include_head: bool = False   # quantize the `lm_head` (untied models)
-  algorithm: str = "rtn"       # int4: 'rtn' (round to nearest) or 'gptq' (calibrated)
+  algorithm: str = "rtn"       # int4: 'rtn' (round to nearest), 'gptq' or 'awq' (calibrated)
   damp: float = 0.01           # gptq: Hessian dampening, a fraction of its mean diagonal
 
   def __post_init__(self):
@@ -71,9 +73,9 @@ class QuantConfig:
     if self.algorithm not in ALGORITHMS:
       raise UserError(f"unknown quantization algorithm {self.algorithm!r}; use one of "
                       f"{', '.join(ALGORITHMS)}.")
-    if self.algorithm == "gptq" and self.method != "int4":
-      raise UserError(f"GPTQ chooses int4 codes; pass --method=int4 with --algorithm=gptq "
-                      f"(not {self.method}).")
+    if self.algorithm != "rtn" and self.method != "int4":
+      raise UserError(f"{self.algorithm} chooses int4 codes; pass --method=int4 with "
+                      f"--algorithm={self.algorithm} (not {self.method}).")
     if self.group_size <= 0 or self.block_size <= 0:
       raise UserError(f"group_size={self.group_size} and block_size={self.block_size} must "
                       "be positive (defaults: 128 for int4, 64 for nf4).")
@@ -188,7 +190,8 @@ def to_arrays(t) -> dict:
   if isinstance(t, Int8Tensor):
     return {"q": t.q, "scale": t.scale}
   if isinstance(t, Int4Tensor):
-    return {"packed": t.packed, "scale": t.scale}
+    smooth = {} if t.smooth is None else {"smooth": t.smooth}
+    return {"packed": t.packed, "scale": t.scale, **smooth}
   if isinstance(t.absmax, QuantizedScales):
     s = t.absmax
     return {"packed": t.packed, "absmax_q": s.q, "absmax_scale": s.scale, "absmax_mean": s.mean}
@@ -202,7 +205,8 @@ def from_arrays(arrays: dict, shape: tuple[int, ...], axes: tuple[int, ...]):
   if "scale" in arrays:  # int4: the group follows from the number of scales per row
     width = math.prod(shape[a] for a in axes)
     return Int4Tensor(packed=arrays["packed"], scale=arrays["scale"], shape=shape, axes=axes,
-                      group_size=width // arrays["scale"].shape[-1])
+                      group_size=width // arrays["scale"].shape[-1],
+                      smooth=arrays.get("smooth"))
   absmax = arrays.get("absmax")
   blocks = (arrays["absmax_q"] if absmax is None else absmax).shape[0]
   if absmax is None:
@@ -251,29 +255,34 @@ def quantize_layer(w, layer: Layer, cfg: QuantConfig) -> dict:
   return {f"{layer.weight}_{k}": np.asarray(v) for k, v in arrays.items()}
 
 
-def gptq_layer(w, layer: Layer, cfg: QuantConfig, hessian) -> dict:
-  """`{'<weight>_packed', '<weight>_scale'}` of one `Einsum` kernel by GPTQ (`gptq`), for
-  its input Hessian (`[K, K]`, or `[layers, K, K]` for a stacked kernel)."""
-  from llmjax.quant import gptq
-  if hessian is None:
-    raise UserError(f"GPTQ has no calibration statistics for layer {layer.path}; pass the "
-                    "`gptq.hessians` of the model (llmjax quantize collects them).")
+def calibrated_layer(w, layer: Layer, cfg: QuantConfig, stats) -> dict:
+  """`{'<weight>_<field>': array}` of one `Einsum` kernel by GPTQ (`gptq`) or AWQ (`awq`)
+  from its input statistics (`calibration.collect`; stacked for a stacked kernel)."""
+  from llmjax.quant import awq, gptq
+  if stats is None:
+    raise UserError(f"{cfg.algorithm} has no calibration statistics for layer {layer.path}; "
+                    "pass `calibration.collect(model, params, batches)` (llmjax quantize "
+                    "collects them).")
   group = group_size(layer, cfg.group_size)
-  fn = lambda v, h: gptq.gptq_arrays(to_rows(v, layer.axes), h, group, cfg.damp)
+  if cfg.algorithm == "gptq":
+    fn = lambda v, s: gptq.gptq_arrays(to_rows(v, layer.axes), s["hessian"], group, cfg.damp)
+  else:
+    fn = lambda v, s: awq.awq_arrays(to_rows(v, layer.axes), s["hessian"], s["abs_mean"],
+                                     group)
   stacked = _stacked(w, layer)
-  arrays = jax.jit(jax.vmap(fn) if stacked else fn)(jnp.asarray(w), jnp.asarray(hessian))
+  arrays = jax.jit(jax.vmap(fn) if stacked else fn)(jnp.asarray(w), stats)
   return {f"{layer.weight}_{k}": np.asarray(v) for k, v in jax.device_get(arrays).items()}
 
 
-def quantize_params(model, params, method: str = "int8", hessians=None, **opts):
+def quantize_params(model, params, method: str = "int8", stats=None, **opts):
   """`(qparams, info)`: `params` of `model` (a `Transformer`) with its dense layers
   quantized (module docstring) and `info`, the JSON-able record of what was done (the
   config, the quantized and float layer paths, element and byte counts).
 
   `opts`: `QuantConfig` fields (group_size, block_size, double_quant, include_embed,
-  include_head, algorithm, damp). algorithm='gptq' needs `hessians`, the
-  `gptq.hessians` of the model on calibration data (the `embed` table, if included, is
-  rounded to nearest: its lookups have no input to calibrate on)."""
+  include_head, algorithm, damp). algorithm 'gptq' or 'awq' needs `stats`, the
+  `calibration.collect` of the model on calibration data (the `embed` table, if
+  included, is rounded to nearest: its lookups have no input to calibrate on)."""
   cfg = QuantConfig(method=method, **opts)
   params = jax.tree.map(np.asarray, jax.device_get(params))
   tied = model.config.tie_embeddings
@@ -289,8 +298,8 @@ def quantize_params(model, params, method: str = "int8", hessians=None, **opts):
       kept.append(path)
       continue
     w = node.pop(layer.weight)
-    if cfg.algorithm == "gptq" and layer.weight == "kernel":
-      arrays = gptq_layer(w, layer, cfg, (hessians or {}).get(path))
+    if cfg.algorithm != "rtn" and layer.weight == "kernel":
+      arrays = calibrated_layer(w, layer, cfg, (stats or {}).get(path))
     else:
       arrays = quantize_layer(w, layer, cfg)
     node.update(arrays)

@@ -18,9 +18,14 @@ from llmjax.errors import UserError
 from llmjax.layers.intercept import intercept
 from llmjax.layers.linear import Einsum
 from llmjax.models.stack import unstack_layers
-from llmjax.quant import formats, gptq, ptq
+from llmjax.quant import awq, calibration, formats, gptq, ptq
+from llmjax.quant import model as quant_model
 from llmjax.quant.model import QuantizedModel
 from llmjax.testing import reference
+
+
+def model_apply(net, params, tokens):
+  return net.apply({"params": params}, tokens)
 
 
 def _obs_reference(w, hessian, group, damp=gptq.DAMP):
@@ -80,25 +85,27 @@ def test_lower_output_error_than_round_to_nearest():
   assert gptq.output_error(w, got, h) < 0.7 * gptq.output_error(w, rtn, h)
 
 
-def test_hessians_are_each_layers_input_gram_in_both_layouts():
+def test_statistics_are_each_layers_inputs_in_both_layouts():
   model, params = reference.preset_model("tiny", std=0.05, scan_layers=True)
   tokens = np.random.default_rng(3).integers(3, 100, (2, 2, 8))
-  got = gptq.hessians(model, params, tokens)
-  flat_model, flat_params = gptq.calibration_model(model), unstack_layers(params)
-  flat = gptq.hessians(flat_model, flat_params, tokens)
+  got = calibration.collect(model, params, tokens)
+  flat_model, flat_params = calibration.calibration_model(model), unstack_layers(params)
+  flat = calibration.collect(flat_model, flat_params, tokens)
   assert len(flat) == len(got) + (model.config.num_layers - 1) * sum(
-      v.ndim == 3 for v in got.values())
-  for path, h in got.items():
-    if h.ndim == 3:
+      v["hessian"].ndim == 3 for v in got.values())
+  for path, stats in got.items():
+    if stats["hessian"].ndim == 3:
       for i in range(model.config.num_layers):
-        np.testing.assert_allclose(h[i], flat[path.replace("layers/", f"layers_{i}/")],
-                                   rtol=1e-5, atol=1e-6)
+        for key, value in stats.items():
+          np.testing.assert_allclose(
+              value[i], flat[path.replace("layers/", f"layers_{i}/")][key],
+              rtol=1e-5, atol=1e-6)
   # The same sums by hand from each layer's inputs, kept whole.
   seen = {}
 
   def keep(call):
     seen.setdefault(call.path, []).append(np.asarray(
-        gptq.input_rows(call.args[0], call.module.equation)))
+        calibration.input_rows(call.args[0], call.module.equation)))
     return call.proceed()
 
   with intercept(keep, layers=(Einsum,), methods=("__call__",)):
@@ -106,35 +113,59 @@ def test_hessians_are_each_layers_input_gram_in_both_layouts():
       flat_model.apply({"params": flat_params}, jnp.asarray(batch))
   for path, xs in seen.items():
     x = np.concatenate(xs).astype(np.float64)
-    np.testing.assert_allclose(flat[path], x.T @ x / tokens.size, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(flat[path]["hessian"], x.T @ x / len(x), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(flat[path]["abs_mean"], np.abs(x).mean(0), rtol=1e-4,
+                               atol=1e-6)
 
 
-def test_quantize_params_gptq_lowers_each_layers_error(tmp_path):
+def test_awq_alpha_zero_is_round_to_nearest_and_its_search_never_worse():
+  rng = np.random.default_rng(5)
+  w = jnp.asarray(rng.normal(size=(16, 64)), jnp.float32)
+  x = rng.normal(size=(512, 64)) * np.where(np.arange(64) % 16 == 3, 20.0, 1.0)  # salient
+  h = jnp.asarray(x.T @ x / len(x), jnp.float32)
+  abs_mean = jnp.asarray(np.abs(x).mean(0), jnp.float32)
+  np.testing.assert_array_equal(awq.smooth_factors(abs_mean, 0.0), np.ones(64))
+  rtn = formats.quantize_int4(w.T, axis=0, group_size=16).dequantize().T
+  rtn_error = gptq.output_error(w, rtn, h)
+  assert float(awq.output_error(w, h, abs_mean, 16, 0.0)) == pytest.approx(rtn_error, rel=1e-5)
+  arrays = awq.awq_arrays(w, h, abs_mean, 16)
+  t = ptq.from_arrays(arrays, (64, 16), (0,))
+  assert t.smooth is not None and formats.packed_bytes(t) == 16 * 32 + 16 * 4 * 4 + 64 * 4
+  got = t.dequantize().T
+  # The smooth factors divide back exactly: the weight is codes * scale / s.
+  manual = (t.codes().astype(np.float32).reshape(16, 4, 16) * np.asarray(t.scale)[..., None]
+            ).reshape(16, 64) / np.asarray(arrays["smooth"])[None, :]
+  np.testing.assert_allclose(got, manual, rtol=1e-6)
+  assert gptq.output_error(w, got, h) < 0.8 * rtn_error
+
+
+@pytest.mark.parametrize("algorithm", ["gptq", "awq"])
+def test_quantize_params_lowers_each_layers_output_error(algorithm):
   model, params = reference.preset_model("tiny", std=0.05, scan_layers=True)
   tokens = np.random.default_rng(4).integers(3, 100, (2, 4, 16))
-  hessians = gptq.hessians(model, params, tokens)
-  q_gptq, info = ptq.quantize_params(model, params, "int4", hessians, group_size=8,
-                                     algorithm="gptq")
+  stats = calibration.collect(model, params, tokens)
+  q_cal, info = ptq.quantize_params(model, params, "int4", stats, group_size=8,
+                                    algorithm=algorithm)
   q_rtn, _ = ptq.quantize_params(model, params, "int4", group_size=8)
-  assert info["algorithm"] == "gptq" and set(info["layers"]) <= set(hessians)
+  assert info["algorithm"] == algorithm and set(info["layers"]) <= set(stats)
   wins = 0
   for path, layer in ptq.dense_layers(model).items():
     if path not in info["layers"]:
       continue
     float_w = ptq.node_at(params, path)["kernel"]
     errors = []
-    for qp in (q_gptq, q_rtn):
+    for qp in (q_cal, q_rtn):
       deq = ptq.dequantize_layer(ptq.layer_arrays(ptq.node_at(qp, path), "kernel"), layer)
       errors.append(sum(
           gptq.output_error(formats.to_rows(float_w[i], layer.axes),
-                            formats.to_rows(deq[i], layer.axes), hessians[path][i])
+                            formats.to_rows(deq[i], layer.axes), stats[path]["hessian"][i])
           for i in range(model.config.num_layers)))
-    wins += errors[0] < errors[1]
+    wins += errors[0] <= errors[1]
   assert wins == len(info["layers"])
   with pytest.raises(UserError, match="no calibration statistics"):
-    ptq.quantize_params(model, params, "int4", {}, group_size=8, algorithm="gptq")
-  with pytest.raises(UserError, match="--method=int4 with --algorithm=gptq"):
-    ptq.QuantConfig(method="nf4", algorithm="gptq")
+    ptq.quantize_params(model, params, "int4", {}, group_size=8, algorithm=algorithm)
+  with pytest.raises(UserError, match=f"--method=int4 with --algorithm={algorithm}"):
+    ptq.QuantConfig(method="nf4", algorithm=algorithm)
 
 
 def test_cli_writes_an_int4_workdir_that_generates(fixture_run, data_dir, tmp_path, capsys):
@@ -162,3 +193,15 @@ def test_cli_writes_an_int4_workdir_that_generates(fixture_run, data_dir, tmp_pa
   assert cli.main(["generate", f"--workdir={out}", "--prompt=ROMEO:", "--max_new_tokens=4",
                    "--temperature=0"]) == 0
   assert capsys.readouterr().out.startswith("ROMEO:")
+  awq_out = str(tmp_path / "awq")
+  assert cli.main([*base[:4], "--algorithm=awq", f"--data_dir={data_dir}",
+                   "--calibration_dataset=shakespeare", "--calibration_samples=4",
+                   "--calibration_window=32", f"--output={awq_out}"]) == 0
+  assert "AWQ" in capsys.readouterr().out
+  net, params, _ = load_workdir(awq_out)
+  smooth = ptq.node_at(params, "decoder/layers/mlp/wi")["kernel_smooth"]
+  assert smooth.shape == (net.config.num_layers, net.config.embed_dim)
+  tokens = jnp.asarray([[5, 6, 7, 8]])
+  np.testing.assert_allclose(net.apply({"params": params}, tokens),
+                             model_apply(*quant_model.dequantized_model(net, params), tokens),
+                             rtol=1e-5, atol=1e-6)
