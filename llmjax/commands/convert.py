@@ -8,6 +8,9 @@
   llmjax convert --to_hf=DIR --workdir=W [--step=N] [--max_shard_mb=M] [--model_type=T]
       Writes the workdir's checkpoint (default: latest) as a folder that transformers'
       `from_pretrained` loads.
+  llmjax convert --to_gguf=FILE --workdir=W [--gguf_type=f32|f16|q8_0|q4_0] [--step=N]
+      Writes a GPT-2- or LLaMA-shaped decoder and its tokenizer as one GGUF file for
+      llama.cpp (`llmjax/checkpoint/convert/gguf_file.py`; needs the `gguf` extra).
 """
 
 
@@ -18,6 +21,8 @@ def register(subparsers, name, help_text):
   direction = p.add_mutually_exclusive_group(required=True)
   direction.add_argument("--from_hf", metavar="DIR", help="import this Hugging Face folder")
   direction.add_argument("--to_hf", metavar="DIR", help="export to this Hugging Face folder")
+  direction.add_argument("--to_gguf", metavar="FILE", help="export to this GGUF file")
+  p.add_argument("--gguf_type", default="f32", help="f32, f16, q8_0 or q4_0 (--to_gguf)")
   p.add_argument("--workdir", required=True, help="the llmjax workdir")
   p.add_argument("--no_scan_layers", action="store_true",
                  help="import with unscanned layers (layers_0, layers_1, ...)")
@@ -34,7 +39,10 @@ def register(subparsers, name, help_text):
 def run(args):
   from llmjax.checkpoint.convert import workdir
 
-  if args.from_hf:
+  if args.to_gguf:
+    workdir.workdir_to_gguf(args.workdir, args.to_gguf, gguf_type=args.gguf_type,
+                            step=args.step)
+  elif args.from_hf:
     workdir.hf_to_workdir(args.from_hf, args.workdir, scan_layers=not args.no_scan_layers,
                           force=args.force)
   else:

@@ -132,12 +132,44 @@ def workdir_to_hf(workdir: str, hf_dir: str, *, step: int | None = None,
   return cfg
 
 
-def _require_float(meta: dict, workdir: str) -> None:
+def workdir_to_gguf(workdir: str, path: str, *, gguf_type: str = "f32",
+                    step: int | None = None, log=print) -> dict:
+  """Writes `workdir`'s checkpoint (LoRA folded in) and tokenizer to the GGUF file `path`
+  (`gguf_file.export_gguf`); returns `{tensor: type}`."""
+  from llmjax.checkpoint.convert import gguf_file
+  from llmjax.data import tokenizer as tokenizer_lib
+  from llmjax.models.transformer import Transformer
+  from llmjax.peft import model as peft_model
+  if gguf_type not in gguf_file.TYPES:  # before any reading
+    raise UserError(f"unknown --gguf_type={gguf_type!r}; use one of "
+                    f"{', '.join(gguf_file.TYPES)}.")
+  if os.path.exists(path):
+    raise UserError(f"--to_gguf={path} exists already; pass a new file name.")
+  ckpt = ckpt_lib.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"))
+  params, meta = ckpt.restore_params(step)
+  ckpt.close()
+  cfg = TransformerConfig(**meta["model_config"])
+  _require_float(meta, workdir, "--to_gguf")
+  gguf_file.check_exportable(cfg)
+  peft_model.require_mergeable(meta)
+  params = peft_model.merged_params(Transformer(cfg), params, meta)
+  if not meta.get("tokenizer"):
+    raise UserError(f"the checkpoint in {workdir} has no SentencePiece tokenizer to put in "
+                    "the GGUF file (an imported Hugging Face tokenizer cannot go there).")
+  tokenizer = tokenizer_lib.from_serialized(ckpt_lib.decode_bytes(meta["tokenizer"]))
+  written = gguf_file.export_gguf(path, cfg, params, tokenizer, gguf_type)
+  kinds = sorted(set(written.values()))
+  log(f"wrote {path}: {len(written)} tensors ({', '.join(kinds)}), "
+      f"{os.path.getsize(path):,} bytes")
+  return written
+
+
+def _require_float(meta: dict, workdir: str, flag: str = "--to_hf") -> None:
   """A quantized workdir (`llmjax quantize`) has no float weights to export."""
   if meta.get("quantization"):
     source = meta.get("quantized_from", "the float workdir it was made from")
     raise UserError(f"{workdir} is quantized ({meta['quantization'].get('method')}); "
-                    f"--to_hf writes float weights: export {source} instead.")
+                    f"{flag} writes float weights: export {source} instead.")
 
 
 def _tokenizer_files(workdir: str, meta: dict, cfg: TransformerConfig):
