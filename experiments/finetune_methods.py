@@ -48,12 +48,15 @@ import time
 
 import numpy as np
 
-METHODS = {  # name: (gin files added to runs/sft.gin, peak learning rate)
+METHODS = {  # name: (gin files added to runs/sft.gin, peak learning rate[, bindings])
     "full": ((), 3e-4),
     "lora": (("peft/lora.gin",), 2e-3),
     "dora": (("peft/dora.gin",), 2e-3),
     "adapters": (("peft/adapters.gin",), 2e-3),
     "prompt_tuning": (("peft/prompt_tuning.gin",), 3e-2),
+    # QLoRA against LoRA on the same layers (every linear one, as peft/qlora.gin targets):
+    "lora_all": (("peft/lora.gin",), 2e-3, ("LoraConfig.target = 'all_linear'",)),
+    "qlora": (("peft/qlora.gin",), 2e-3),
 }
 ROW_LEN = 128
 # The soft prompt's 20 slots come on top of the rows, within the model's 128 positions.
@@ -151,6 +154,21 @@ def trainable_fraction(params, peft_configs):
   return trained, total
 
 
+def frozen_bytes(params, peft_configs) -> int:
+  """Bytes of the parameters that do not train (the base), as stored: float32, or NF4
+  codes and scales under QLoRA."""
+  import jax
+
+  from llmjax.peft import model as peft_model
+  pattern = peft_model.trainable_pattern(peft_configs)
+  if pattern is None:  # full fine-tuning: nothing is frozen
+    return 0
+  regex = re.compile(pattern)
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  return int(sum(np.asarray(v).nbytes for p, v in leaves
+                 if not regex.search("/" + "/".join(str(getattr(k, "key", k)) for k in p))))
+
+
 def main_(args):
   from llmjax.train import main
   model, params, tokenizer = pretrained(args.pretrained, args.data_dir)
@@ -159,8 +177,8 @@ def main_(args):
                                                                  records)}}
   print("pre-trained:", rows["pre-trained"], flush=True)
   for name in args.methods.split(","):
-    files, lr = METHODS[name]
-    bindings = [f"TrainConfig.init_from = {os.path.abspath(args.pretrained)!r}",
+    files, lr, *extra = METHODS[name]
+    bindings = [*(extra[0] if extra else ()), f"TrainConfig.init_from = {os.path.abspath(args.pretrained)!r}",
                 f"TrainConfig.num_steps = {args.steps}", f"OptimizerConfig.peak_lr = {lr}",
                 f"TrainConfig.checkpoint_every = {args.steps}",
                 "TrainConfig.progress_bar = False",
@@ -174,7 +192,8 @@ def main_(args):
     trained, total = trainable_fraction(result.state.params, peft_configs)
     scores = accuracy(result.model, result.state.params, result.tokenizer, records,
                       row_len=ROW_LENS.get(name, ROW_LEN))
-    rows[name] = {"trainable": trained, "total": total, "train_s": seconds, **scores}
+    rows[name] = {"trainable": trained, "total": total, "train_s": seconds,
+                  "base_bytes": frozen_bytes(result.state.params, peft_configs), **scores}
     print(f"{name}: {rows[name]}", flush=True)
   print_table(rows)
   with open(os.path.join(args.out, "results.json"), "w") as f:
@@ -183,14 +202,17 @@ def main_(args):
 
 
 def print_table(rows):
-  tasks = [t for t in next(iter(rows.values())) if t not in ("trainable", "total", "train_s")]
+  skip = ("trainable", "total", "train_s", "base_bytes")
+  tasks = [t for t in next(iter(rows.values())) if t not in skip]
   print("| method | trainable | " + " | ".join(f"exact {t}" if t != "tokens" else
-                                            "response tokens" for t in tasks) + " | train s |")
-  print("|---" * (len(tasks) + 3) + "|")
+                                            "response tokens" for t in tasks)
+        + " | frozen base bytes | train s |")
+  print("|---" * (len(tasks) + 4) + "|")
   for name, row in rows.items():
     share = f"{100 * row['trainable'] / row['total']:.2f}%" if row["total"] else "-"
     cells = " | ".join(f"{100 * row[t]:.1f}%" for t in tasks)
-    print(f"| {name} | {share} | {cells} | {row.get('train_s', 0):.0f} |")
+    base = f"{row['base_bytes']:,}" if row.get("base_bytes") else "-"
+    print(f"| {name} | {share} | {cells} | {base} | {row.get('train_s', 0):.0f} |")
 
 
 if __name__ == "__main__":

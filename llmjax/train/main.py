@@ -71,8 +71,9 @@ def register_configurables():
   for cls in (qat.QatConfig, qlora.QloraConfig):  # in train.peft: QAT, QLoRA's base
     gin.external_configurable(cls, module="llmjax")
   from llmjax.objectives import classification, dpo, mlm, reward, seq2seq, sft, span_corruption
+  from llmjax.objectives.grpo import GRPO
   for cls in (mlm.MaskedLM, span_corruption.SpanCorruption, seq2seq.Seq2Seq,
-              classification.Classification, sft.SFT, reward.RewardModel, dpo.DPO):
+              classification.Classification, sft.SFT, reward.RewardModel, dpo.DPO, GRPO):
     gin.external_configurable(cls, module="llmjax")
   _REGISTERED = True
 
