@@ -158,18 +158,16 @@ def token_loss(logp, old_logp, ref_logp, adv, clip_eps: float, beta: float):
 
 
 @dataclasses.dataclass(frozen=True)
-class GRPO(TokenObjective):
-  """Group-relative policy gradient from a reward function (see the module docstring)."""
+class RolloutObjective(TokenObjective):
+  """What GRPO and PPO (llmjax/objectives/ppo.py) share: prompts cut from text records,
+  rollouts of a decoder-only policy, and a reward from the registry (rewards.py). Error
+  messages name the subclass's fields (`PPO.max_new_tokens`, ...)."""
 
   prompt_len: int = 16
-  num_generations: int = 4          # k, completions per prompt (a group)
   max_new_tokens: int = 32
   temperature: float = 1.0
-  clip_eps: float = 0.2             # ε of the clipped ratio
-  beta: float = 0.04                # the KL penalty's weight; 0: no reference held
   reward: str = "syllables"         # a name in llmjax/objectives/rewards.py
   reward_kwargs: Any = ()           # gin: a dict, e.g. {'token_id': 7}
-  eps: float = 1e-4                 # in the advantage's denominator
   eos_id: int = tokenizer_lib.EOS_ID
   seed: int = 0                     # the eval rollouts' (train rollouts use the step's rng)
   # Host tables of the reward, built from the tokenizer on the first feature_fn call.
@@ -178,21 +176,19 @@ class GRPO(TokenObjective):
 
   can_sample: ClassVar[bool] = True
 
-  def __post_init__(self):
+  def _validate(self, checks) -> None:
+    """The reward's name and kwargs, the shared fields, then `checks`: `(field, ok, want)`."""
+    name = type(self).__name__
     kwargs = dict(self.reward_kwargs or {})
     object.__setattr__(self, "reward_kwargs", tuple(sorted(kwargs.items())))  # hashable
-    rewards_lib.get(self.reward).check_kwargs(kwargs)
+    rewards_lib.get(self.reward, name).check_kwargs(kwargs, name)
     checks = [("prompt_len", self.prompt_len >= 1, ">= 1"),
-              ("num_generations", self.num_generations >= 2,
-               ">= 2 (advantages compare completions of one prompt)"),
               ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
               ("temperature", self.temperature > 0, "> 0 (rollouts are sampled)"),
-              ("clip_eps", 0 < self.clip_eps < 1, "in (0, 1), typically 0.2"),
-              ("beta", self.beta >= 0, ">= 0 (0: no KL penalty)"),
-              ("eps", self.eps > 0, "> 0")]
-    for name, ok, want in checks:
+              *checks]
+    for field, ok, want in checks:
       if not ok:
-        raise UserError(f"GRPO.{name}={getattr(self, name)!r} is invalid: set it {want}.")
+        raise UserError(f"{name}.{field}={getattr(self, field)!r} is invalid: set it {want}.")
 
   # --- features -----------------------------------------------------------------------
 
@@ -207,8 +203,8 @@ class GRPO(TokenObjective):
     """`{'prompt': [bos] + the text's first tokens}` (prompt_len), None if shorter."""
     self.bind_tokenizer(tokenizer)
     if not isinstance(example.get("text"), str):
-      raise UserError(f"GRPO reads a string field 'text', but a record has fields "
-                      f"{sorted(example)}: use a text dataset (shakespeare, local_text).")
+      raise UserError(f"{type(self).__name__} reads a string field 'text', but a record has "
+                      f"fields {sorted(example)}: use a text dataset (shakespeare, local_text).")
     bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
     ids = bos + tokenizer.encode(example["text"])
     if len(ids) < self.prompt_len:
@@ -216,20 +212,13 @@ class GRPO(TokenObjective):
     return {"prompt": np.asarray(ids[:self.prompt_len], np.int32)}
 
   def init_inputs(self, lengths):
+    name = type(self).__name__
     if dict(lengths) != {"prompt": self.prompt_len}:
-      raise UserError(f"GRPO packs {{'prompt': {self.prompt_len}}} (GRPO.prompt_len), but "
-                      f"DataConfig.feature_lengths is {dict(lengths)}: set it to that.")
+      raise UserError(f"{name} packs {{'prompt': {self.prompt_len}}} ({name}.prompt_len), "
+                      f"but DataConfig.feature_lengths is {dict(lengths)}: set it to that.")
     return {"tokens": jnp.zeros((1, self.prompt_len + self.max_new_tokens), jnp.int32)}
 
-  # --- loss ---------------------------------------------------------------------------
-
-  def frozen_trees(self, params):
-    """`{'reference': a copy of params}` (a copy: donating the train state must never hand
-    the reference's buffers to the update); none when beta = 0."""
-    if self.beta == 0:
-      return {}
-    copy = lambda x: jnp.copy(x) if isinstance(x, (jax.Array, np.ndarray)) else x
-    return {"reference": jax.tree.map(copy, params)}
+  # --- rollouts and rewards -----------------------------------------------------------
 
   def reward_fn(self, vocab_size: int):
     """`score(tokens [B, T], mask [B, T]) -> [B]`, the configured reward on the device."""
@@ -237,26 +226,56 @@ class GRPO(TokenObjective):
     tables = {}
     if reward.tables_fn is not None:
       if "tables" not in self._host:
-        raise UserError(f"GRPO.reward={self.reward!r} reads per-token tables built from "
-                        "the tokenizer, which this objective has not seen: call "
+        raise UserError(f"{type(self).__name__}.reward={self.reward!r} reads per-token tables "
+                        "built from the tokenizer, which this objective has not seen: call "
                         "objective.bind_tokenizer(tokenizer) before loss_sums.")
       tables = rewards_lib.padded_tables(self._host["tables"], vocab_size)
     kwargs = dict(self.reward_kwargs)
     return lambda tokens, mask: reward.score(tokens, mask, tables, **kwargs)
 
-  def _check(self, model, prompts, frozen):
-    cfg = model.config
+  def _check_rollout(self, model, prompts):
+    name, cfg = type(self).__name__, model.config
     if cfg.arch != "decoder_only":
-      raise UserError(f"GRPO samples completions from a decoder-only model, not {cfg.arch}: "
-                      "start from a decoder-only checkpoint.")
+      raise UserError(f"{name} samples completions from a decoder-only model, not "
+                      f"{cfg.arch}: start from a decoder-only checkpoint.")
     total = self.prompt_len + self.max_new_tokens
     if total > cfg.max_len:
-      raise UserError(f"GRPO.prompt_len + GRPO.max_new_tokens = {self.prompt_len} + "
+      raise UserError(f"{name}.prompt_len + {name}.max_new_tokens = {self.prompt_len} + "
                       f"{self.max_new_tokens} = {total} exceeds the model's max_len="
-                      f"{cfg.max_len}: lower GRPO.max_new_tokens or GRPO.prompt_len.")
+                      f"{cfg.max_len}: lower {name}.max_new_tokens or {name}.prompt_len.")
     if prompts.shape[1] != self.prompt_len:
-      raise UserError(f"the batch's prompts have {prompts.shape[1]} tokens but GRPO."
+      raise UserError(f"the batch's prompts have {prompts.shape[1]} tokens but {name}."
                       f"prompt_len={self.prompt_len}: make feature_lengths['prompt'] equal.")
+
+  def frozen_reference(self, params):
+    """A copy of `params` (a copy: donating the train state must never hand the
+    reference's buffers to the update)."""
+    copy = lambda x: jnp.copy(x) if isinstance(x, (jax.Array, np.ndarray)) else x
+    return jax.tree.map(copy, params)
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPO(RolloutObjective):
+  """Group-relative policy gradient from a reward function (see the module docstring)."""
+
+  num_generations: int = 4          # k, completions per prompt (a group)
+  clip_eps: float = 0.2             # ε of the clipped ratio
+  beta: float = 0.04                # the KL penalty's weight; 0: no reference held
+  eps: float = 1e-4                 # in the advantage's denominator
+
+  def __post_init__(self):
+    self._validate([("num_generations", self.num_generations >= 2,
+                     ">= 2 (advantages compare completions of one prompt)"),
+                    ("clip_eps", 0 < self.clip_eps < 1, "in (0, 1), typically 0.2"),
+                    ("beta", self.beta >= 0, ">= 0 (0: no KL penalty)"),
+                    ("eps", self.eps > 0, "> 0")])
+
+  def frozen_trees(self, params):
+    """`{'reference': a copy of params}`; none when beta = 0."""
+    return {} if self.beta == 0 else {"reference": self.frozen_reference(params)}
+
+  def _check(self, model, prompts, frozen):
+    self._check_rollout(model, prompts)
     if self.beta and (not frozen or "reference" not in frozen):
       raise UserError("GRPO with beta > 0 reads frozen['reference'] (the train state's copy "
                       "of the starting parameters), which is missing: build the state with "

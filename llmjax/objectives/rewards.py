@@ -48,16 +48,17 @@ class Reward:
   score: Callable[..., jax.Array]
   tables_fn: Callable | None = None  # tokenizer -> {name: np.ndarray [V]}, or None
 
-  def check_kwargs(self, kwargs: dict) -> None:
-    """A UserError when `kwargs` do not fit `score`'s keyword arguments."""
+  def check_kwargs(self, kwargs: dict, owner: str = "GRPO") -> None:
+    """A UserError when `kwargs` do not fit `score`'s keyword arguments (`owner`: the
+    objective whose gin fields name them)."""
     params = list(inspect.signature(self.score).parameters.values())[3:]
     known = {p.name for p in params}
     required = {p.name for p in params if p.default is inspect.Parameter.empty}
     unknown, missing = set(kwargs) - known, required - set(kwargs)
     if unknown or missing:
-      raise UserError(f"GRPO.reward={self.name!r} takes reward_kwargs {sorted(known)}"
+      raise UserError(f"{owner}.reward={self.name!r} takes reward_kwargs {sorted(known)}"
                       f"{f' (required: {sorted(required)})' if required else ''}, but got "
-                      f"{sorted(kwargs)}: set GRPO.reward_kwargs to e.g. "
+                      f"{sorted(kwargs)}: set {owner}.reward_kwargs to e.g. "
                       f"{ {k: '...' for k in sorted(required)} }.")
 
 
@@ -74,11 +75,12 @@ def register(name: str, tables_fn: Callable | None = None):
   return wrap
 
 
-def get(name: str) -> Reward:
-  """The reward registered as `name`; a UserError listing the registered names if none."""
+def get(name: str, owner: str = "GRPO") -> Reward:
+  """The reward registered as `name`; a UserError listing the registered names if none
+  (`owner`: the objective whose gin field names it)."""
   if name not in REWARDS:
     raise UserError(f"unknown reward {name!r}; registered rewards: {sorted(REWARDS)}. Set "
-                    "GRPO.reward to one of them, or register yours with "
+                    f"{owner}.reward to one of them, or register yours with "
                     "llmjax.objectives.rewards.register.")
   return REWARDS[name]
 

@@ -72,8 +72,10 @@ def register_configurables():
     gin.external_configurable(cls, module="llmjax")
   from llmjax.objectives import classification, dpo, mlm, reward, seq2seq, sft, span_corruption
   from llmjax.objectives.grpo import GRPO
+  from llmjax.objectives.ppo import PPO
   for cls in (mlm.MaskedLM, span_corruption.SpanCorruption, seq2seq.Seq2Seq,
-              classification.Classification, sft.SFT, reward.RewardModel, dpo.DPO, GRPO):
+              classification.Classification, sft.SFT, reward.RewardModel, dpo.DPO, GRPO,
+              PPO):
     gin.external_configurable(cls, module="llmjax")
   _REGISTERED = True
 

@@ -48,7 +48,7 @@ def test_run_files_parse_and_build(path):
   files = [path]
   if "pretrain" in os.path.basename(path):  # the wiring alone leaves the model REQUIRED
     files.append(os.path.join(main.GIN_ROOT, "models", "tiny.gin"))
-  warm_started = ("finetune", "sft", "reward_model", "dpo", "grpo")  # the model: init_from's
+  warm_started = ("finetune", "sft", "reward_model", "dpo", "grpo", "ppo")  # the model: init_from's
   if os.path.basename(path).startswith(warm_started):
     main.parse_gin(files, ["TrainConfig.init_from='/some/run'"])
     assert _build("model") is None and _build("config").init_from == "/some/run"

@@ -1,0 +1,286 @@
+"""Proximal Policy Optimization for RLHF (PPO; Schulman et al. 2017, "Proximal Policy
+Optimization Algorithms"; its RLHF form: Ziegler et al. 2019, "Fine-Tuning Language
+Models from Human Preferences", and Ouyang et al. 2022, "InstructGPT", §3.5):
+actor-critic RL from a reward, with a per-token KL penalty to a frozen reference.
+Decoder-only models.
+
+Each train step, for every prompt x of the batch (`B` prompts):
+
+  1. rollouts  sample k = `num_generations` completions (1 is PPO's usual choice) of
+               `max_new_tokens` tokens from π_θ inside the jitted step, with their
+               rollout-time log-probs logp_old_t (GRPO's `rollout`: a prefill, then one
+               cached step per token). A completion ends at its first EOS.
+  2. rewards   the sequence reward R = reward(o), a registered function of the token ids
+               (llmjax/objectives/rewards.py), and per completion token t
+                 r_t = −β·(logp_old_t − ref_t)  + R on the completion's last token,
+               β = `kl_coef`, ref_t the frozen reference's log-prob (the k1 estimate of
+               KL(π_θ ‖ π_ref), summed over tokens, is the penalty of Ziegler et al.).
+  3. values    V_t = `value_head`(h_t), a scalar read from the policy's own hidden state
+               h_t at the position that predicts token t (the shared-trunk critic: one
+               forward pass gives logits and values; value gradients reach the trunk).
+  4. GAE       (Schulman et al. 2016) with stop-gradient values, a reverse `lax.scan`:
+                 δ_t = r_t + γ·V_{t+1} − V_t,  A_t = δ_t + γλ·A_{t+1},  R_t = A_t + V_t,
+               V and A past the last token are 0: EOS, or the `max_new_tokens` cut,
+               ends an episode (as TRL's PPO does). A is then whitened: (A − mean)/std
+               over the valid tokens of the batch (of the micro-batch, under gradient
+               accumulation or on each data-parallel shard).
+  5. loss      per token, ρ_t = exp(logp_t − stop_gradient(logp_old_t)):
+                 policy  −min(ρ_t A_t, clip(ρ_t, 1−ε, 1+ε) A_t)
+                 value   ½·max((V_t − R_t)², (clip(V_t, V_old−ε_v, V_old+ε_v) − R_t)²)
+                 total   policy + vf_coef·value
+               averaged over the valid completion tokens (`weight` counts them, so
+               gradient accumulation and data parallelism stay exact).
+
+ONE UPDATE PER ROLLOUT. PPO proper runs several minibatch epochs over a rollout batch;
+that needs the trainer to reuse a batch across optimizer steps, which it does not, so
+several PPO epochs per rollout are not supported yet. With one update the old policy
+is the current one: ρ is 1 up to the rounding between the cached rollout and the full
+forward pass, so the clip never binds, and V_old = stop_gradient(V), so the value clip
+is the identity in value and gradient. Both are kept so that multi-epoch use is a
+change of the trainer, not of this loss.
+
+FIXED KL COEFFICIENT. The adaptive controller (Ziegler et al. 2019, §2.2),
+β ← β·(1 + clip(KL/target − 1, −0.2, 0.2)·n/horizon), is `adaptive_kl_update`, but it
+needs β carried from step to step and the train state has no slot for objective state:
+setting `kl_target` is a UserError until it does; β is `kl_coef` throughout.
+
+The reference π_ref (`kl_coef > 0`) is a copy of the starting parameters (the
+`init_from` checkpoint) without the value head, `TrainState.frozen['reference']`. The
+value head `value_head` (kernel [D, 1], bias [1]) is this objective's own parameter
+(`new_params`): a warm start from an SFT or pretraining checkpoint keeps its
+initialization. It is made by `init_inputs`' method (`policy_and_values`), so it sits in
+the checkpoint beside the language model, which still loads and samples as one.
+
+Rewards come from the registry (a function of token ids); a trained reward model as a
+frozen tree is not supported yet. NaN rewards drop their completion, as in GRPO:
+its tokens leave the loss, the whitening and `weight`; `nan_rewards` counts them.
+
+Data and packing as GRPO's: `DataConfig.feature_lengths = {'prompt': prompt_len}`;
+`DataConfig.batch_size` counts prompts; a step samples batch_size × k completions.
+
+Metrics: per token loss, policy_loss, value_loss, value (mean V), clip_frac (where
+the ratio is clipped); per completion reward, kl (Σ_t logp_old_t − ref_t, the
+controller's KL; 0 when kl_coef = 0 holds no reference), score (R − β·kl, the RL
+return), completion_length; nan_rewards, completions.
+"""
+
+import dataclasses
+from collections.abc import Mapping
+from typing import ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llmjax.errors import UserError
+from llmjax.layers.linear import Einsum
+from llmjax.objectives.grpo import RolloutObjective, completion_logps, rollout
+from llmjax.objectives.preference import token_logps
+from llmjax.sharding.axes import EMBED
+
+VALUE_HEAD = "value_head"
+TOKEN_METRICS = ("policy_loss", "value_loss", "value", "clip_frac")
+COMPLETION_METRICS = ("reward", "kl", "score", "completion_length")
+
+
+# --- the shared-trunk critic ------------------------------------------------------------
+
+def policy_and_values(module, tokens):
+  """`(logits [B, L, V], values f32 [B, L])` of a decoder-only `Transformer` (bound as
+  `module`; pass this function as `method=`): the LM head and `value_head` on the same
+  final hidden states. The head is created in a child scope of the module, since
+  `Transformer` makes submodules only in `setup` and its one compact method."""
+  cfg = module.config
+  hidden = module.decode_hidden(tokens)                                      # [B, L, D]
+  head = Einsum("BLD,DO->BLO", (cfg.embed_dim, 1), (EMBED, None), use_bias=True,
+                kernel_init=nn.initializers.normal(cfg.init_std), dtype=cfg.compute_dtype,
+                param_dtype=cfg.params_dtype,
+                parent=module.scope.push(VALUE_HEAD, reuse=True))
+  return module.logits(hidden), head(hidden)[..., 0].astype(jnp.float32)    # [B, L, 1] -> [B, L]
+
+
+def completion_logps_and_values(model, params, prompts, completions, mask,
+                                temperature: float = 1.0):
+  """`(logps [B, T], values [B, T])` of the completion tokens (0 off `mask`), one forward
+  pass over prompt + completion; the value of token t is read where it is predicted."""
+  tokens = jnp.concatenate([prompts, completions], axis=1)                  # [B, P + T]
+  logits, values = model.apply({"params": params}, tokens[:, :-1],
+                               method=policy_and_values)                    # [B, P+T-1, ...]
+  start = prompts.shape[1] - 1
+  logits = logits[:, start:].astype(jnp.float32) / temperature              # [B, T, V]
+  values = jnp.where(mask, values[:, start:], 0.0)                          # [B, T]
+  return token_logps(logits, completions, mask), values
+
+
+# --- the math -----------------------------------------------------------------------------
+
+def token_rewards(logp_old, ref_logp, rewards, mask, kl_coef: float):
+  """r_t `[B, T]`: −β·(logp_old − ref) per completion token, plus the sequence reward
+  `rewards [B]` on each completion's last token (0 off `mask`)."""
+  nxt = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
+  last = mask & ~nxt                                                        # [B, T]
+  r = -kl_coef * (logp_old - ref_logp) + jnp.where(last, rewards[:, None], 0.0)
+  return jnp.where(mask, r, 0.0)
+
+
+def gae(rewards, values, mask, gamma: float, lam: float):
+  """Generalized advantage estimation: `(advantages [B, T], returns [B, T])`, 0 off
+  `mask` (a prefix of each row). Values are stop-gradient; after the last valid token
+  the value is 0 (the episode ends)."""
+  values = jax.lax.stop_gradient(values)
+  m = mask.astype(values.dtype)
+  v = values * m
+  next_m = jnp.concatenate([m[:, 1:], jnp.zeros_like(m[:, :1])], axis=1)
+  next_v = jnp.concatenate([v[:, 1:], jnp.zeros_like(v[:, :1])], axis=1)
+  delta = (rewards + gamma * next_v - v) * m                                # [B, T]
+
+  def step(adv_next, xs):
+    d, nm = xs
+    adv = d + gamma * lam * nm * adv_next
+    return adv, adv
+
+  _, adv = jax.lax.scan(step, jnp.zeros_like(delta[:, 0]), (delta.T, next_m.T),
+                        reverse=True)                                       # [T, B]
+  adv = adv.T * m
+  return adv, (adv + v) * m
+
+
+def whiten(x, mask, eps: float = 1e-8):
+  """(x − mean) / sqrt(var + eps) over the entries where `mask` (population variance);
+  0 elsewhere."""
+  m = mask.astype(x.dtype)
+  n = jnp.maximum(jnp.sum(m), 1.0)
+  mean = jnp.sum(x * m) / n
+  var = jnp.sum(jnp.square(x - mean) * m) / n
+  return jnp.where(mask, (x - mean) * jax.lax.rsqrt(var + eps), 0.0)
+
+
+def policy_loss(logp, logp_old, adv, clip_eps: float):
+  """`(loss [B, T], clipped [B, T])`: −min(ρA, clip(ρ, 1−ε, 1+ε)A) per token, ρ =
+  exp(logp − stop_gradient(logp_old)); `clipped` where the clipped term is taken."""
+  ratio = jnp.exp(logp - jax.lax.stop_gradient(logp_old))
+  unclipped = ratio * adv
+  clipped = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv
+  return -jnp.minimum(unclipped, clipped), clipped < unclipped
+
+
+def value_loss(values, values_old, returns, clip: float):
+  """½·max((V − R)², (clip(V, V_old − ε_v, V_old + ε_v) − R)²) per token."""
+  values_old = jax.lax.stop_gradient(values_old)
+  clipped = jnp.clip(values, values_old - clip, values_old + clip)
+  return 0.5 * jnp.maximum(jnp.square(values - returns), jnp.square(clipped - returns))
+
+
+def adaptive_kl_update(beta, kl, target: float, horizon: float, n: float):
+  """Ziegler et al.'s controller: β·(1 + clip(KL/target − 1, −0.2, 0.2)·n/horizon), for
+  a step of `n` samples with mean (sequence) KL `kl`."""
+  error = jnp.clip(kl / target - 1.0, -0.2, 0.2)
+  return beta * (1.0 + error * n / horizon)
+
+
+# --- the objective --------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class PPO(RolloutObjective):
+  """PPO with a shared-trunk value head and a KL-penalized reward (module docstring)."""
+
+  num_generations: int = 1          # completions per prompt
+  clip_eps: float = 0.2             # ε of the clipped ratio
+  vf_clip: float = 0.2              # ε_v of the clipped value
+  vf_coef: float = 0.1              # the value loss's weight
+  kl_coef: float = 0.05             # β of the per-token KL penalty; 0: no reference held
+  kl_target: float | None = None    # the adaptive controller's target: not supported yet
+  kl_horizon: float = 10000.0       # its horizon (samples)
+  gamma: float = 1.0                # GAE's discount γ
+  lam: float = 0.95                 # GAE's λ
+  whiten_advantages: bool = True
+
+  # The value head: a warm start from a language model keeps its initialization.
+  new_params: ClassVar[str] = VALUE_HEAD
+
+  def __post_init__(self):
+    self._validate([("num_generations", self.num_generations >= 1, ">= 1"),
+                    ("clip_eps", 0 < self.clip_eps < 1, "in (0, 1), typically 0.2"),
+                    ("vf_clip", self.vf_clip > 0, "> 0, typically 0.2"),
+                    ("vf_coef", self.vf_coef >= 0, ">= 0, typically 0.1"),
+                    ("kl_coef", self.kl_coef >= 0, ">= 0 (0: no KL penalty)"),
+                    ("gamma", 0 <= self.gamma <= 1, "in [0, 1], typically 1"),
+                    ("lam", 0 <= self.lam <= 1, "in [0, 1], typically 0.95"),
+                    ("kl_horizon", self.kl_horizon > 0, "> 0")])
+    if self.kl_target is not None:
+      raise UserError(
+          f"PPO.kl_target={self.kl_target!r} asks for the adaptive KL controller, whose β "
+          "must be carried from step to step, and the train state has no slot for an "
+          "objective's state yet: set PPO.kl_target=None and choose a fixed PPO.kl_coef "
+          "(llmjax.objectives.ppo.adaptive_kl_update is the update rule).")
+
+  def init_inputs(self, lengths):
+    """Prompt + completion rows, through `policy_and_values` (so `value_head` is made)."""
+    return {**super().init_inputs(lengths), "method": policy_and_values}
+
+  def frozen_trees(self, params):
+    """`{'reference': a copy of params without the value head}`; none when kl_coef = 0."""
+    if self.kl_coef == 0:
+      return {}
+    policy = {k: v for k, v in params.items() if k != VALUE_HEAD}
+    return {"reference": self.frozen_reference(policy)}
+
+  def _check(self, model, prompts, frozen):
+    self._check_rollout(model, prompts)
+    if self.kl_coef and (not frozen or "reference" not in frozen):
+      raise UserError("PPO with kl_coef > 0 reads frozen['reference'] (the train state's "
+                      "copy of the starting parameters), which is missing: build the state "
+                      "with the objective's frozen_trees, or set PPO.kl_coef=0.")
+
+  def loss_sums(self, model, params, batch, *, rng=None, deterministic=True, frozen=None):
+    """Rollouts, rewards, GAE and the summed PPO loss of `batch` (module docstring);
+    `weight` = the completion tokens of completions with a finite reward."""
+    del deterministic  # the policy runs without dropout, as it sampled
+    k, prompts = self.num_generations, batch["prompt"]
+    self._check(model, prompts, frozen)
+    real = batch.get("prompt_segment_ids", jnp.ones_like(prompts))[:, 0] > 0   # [B]
+    prompts, real = jnp.repeat(prompts, k, axis=0), jnp.repeat(real, k)      # [B*k, P]
+    rng = jax.random.key(self.seed) if rng is None else rng
+    tokens, mask, logp_old = rollout(
+        model, jax.lax.stop_gradient(params), prompts, jax.random.fold_in(rng, 1),
+        max_new_tokens=self.max_new_tokens, temperature=self.temperature, eos_id=self.eos_id)
+    rewards = self.reward_fn(model.config.vocab_size)(tokens, mask).astype(jnp.float32)
+    finite = jnp.isfinite(rewards)
+    ok = real & finite                                                       # [B*k]
+    valid = mask & ok[:, None]                                               # [B*k, T]
+    logp, values = completion_logps_and_values(model, params, prompts, tokens, mask,
+                                               self.temperature)
+    ref = logp_old
+    if self.kl_coef:
+      ref = completion_logps(model, jax.lax.stop_gradient(frozen["reference"]), prompts,
+                             tokens, mask, self.temperature)
+      ref = jax.lax.stop_gradient(ref)
+    r = token_rewards(logp_old, ref, jnp.where(ok, rewards, 0.0), valid, self.kl_coef)
+    adv, returns = gae(r, values, valid, self.gamma, self.lam)
+    if self.whiten_advantages:
+      adv = whiten(adv, valid)
+    pg, clipped = policy_loss(logp, logp_old, adv, self.clip_eps)
+    vf = value_loss(values, values, returns, self.vf_clip)
+    on = lambda x: jnp.sum(jnp.where(valid, x, 0.0))
+    length = jnp.sum(mask, axis=1).astype(jnp.float32)                       # >= 1
+    kl = jnp.sum(jnp.where(mask, logp_old - ref, 0.0), axis=1)               # [B*k]
+    per_completion = {"reward": rewards, "kl": kl, "score": rewards - self.kl_coef * kl,
+                      "completion_length": length}
+    sums = {name: jnp.sum(jnp.where(ok, v, 0.0)) for name, v in per_completion.items()}
+    sums.update(loss=on(pg + self.vf_coef * vf), policy_loss=on(pg), value_loss=on(vf),
+                value=on(values), clip_frac=on(clipped.astype(jnp.float32)),
+                weight=on(jnp.ones_like(pg)), scored=jnp.sum(ok.astype(jnp.float32)),
+                completions=jnp.sum(real.astype(jnp.float32)),
+                nan_rewards=jnp.sum((real & ~finite).astype(jnp.float32)))
+    return sums
+
+  def summarize(self, sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Token means (loss, policy_loss, value_loss, value, clip_frac), means over the
+    scored completions (reward, kl, score, completion_length), nan_rewards over all."""
+    tokens = jnp.maximum(sums["weight"], 1.0)
+    scored = jnp.maximum(sums["scored"], 1.0)
+    out = {name: sums[name] / tokens for name in ("loss",) + TOKEN_METRICS}
+    out.update({name: sums[name] / scored for name in COMPLETION_METRICS})
+    out["nan_rewards"] = sums["nan_rewards"] / jnp.maximum(sums["completions"], 1.0)
+    out["completions"] = sums["completions"]
+    return out
