@@ -189,3 +189,57 @@ def test_llama_cpp_loads_it_and_computes_the_same(tmp_path, preset):
     if len(got) == 8:
       break
   assert got == want
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
+@pytest.mark.parametrize("gguf_type", ["f16", "q8_0", "q4_0"])
+def test_llama_cpp_computes_with_the_stored_weights(tmp_path, monkeypatch, preset, gguf_type):
+  """llama.cpp's logits of an f16 / q8_0 / q4_0 file equal llmjax's run on
+  `gguf_file.stored_params` (the weights as the file stores them) within the error of the
+  activations llama.cpp itself rounds to q8_0 blocks in those matmuls; for q4_0 that is
+  over 10x closer than to the float model, so the file holds what we think it holds."""
+  llama_cpp = pytest.importorskip(
+      "llama_cpp", reason="llama-cpp-python (the optional `llama` extra) is not installed")
+  import jax.numpy as jnp
+  import llama_cpp.llama_cpp as capi
+  # llama.cpp 0.3.36's AMX repacked q8_0/q4_0 matmul segfaults on this Xeon (AMX_INT8);
+  # its plain CPU kernels (no extra buffer types) run.
+  default_params = capi.llama_model_default_params
+
+  def plain_cpu_params():
+    p = default_params()
+    p.use_extra_bufts = False
+    return p
+
+  monkeypatch.setattr(capi, "llama_model_default_params", plain_cpu_params)
+  model, params, _, path, written = _export(tmp_path, preset, gguf_type, vocab_size=89)
+  assert gguf_type in written.values()
+  tokens = [40, 37, 48, 33, 37, 46, 6, 11, 7, 16, 16, 9]
+  run = lambda p: np.asarray(model.apply({"params": p}, jnp.asarray([tokens])))[0]
+  ours, stored = run(params), run(gguf_file.stored_params(model.config, params, gguf_type))
+  llm = llama_cpp.Llama(model_path=path, n_ctx=64, logits_all=True, verbose=False,
+                        n_threads=2)
+  llm.eval(tokens)
+  theirs = np.asarray(llm.scores[:len(tokens)], np.float32)
+  to_stored = np.abs(theirs - stored).max()
+  assert to_stored < (1e-3 if gguf_type == "f16" else 0.03), to_stored
+  if gguf_type == "q4_0":
+    assert to_stored < 0.1 * np.abs(theirs - ours).max()
+  assert (theirs.argmax(-1) == stored.argmax(-1)).mean() >= 0.9
+
+
+def test_stored_params_are_the_files_tensors(tmp_path):
+  """`stored_params` maps the file's de-quantized tensors back onto llmjax's tree: the
+  GGUF tensors of the stored params, exported as f32, equal the q4_0 file's de-quantized
+  tensors exactly (LLaMA: q/k rows de-interleaved and interleaved again)."""
+  for preset in ("tiny", "tiny-llama"):
+    model, params, tok, path, _ = _export(tmp_path, preset, "q4_0")
+    stored = gguf_file.stored_params(model.config, params, "q4_0")
+    again = str(tmp_path / f"{preset}_again.gguf")
+    gguf_file.export_gguf(again, model.config, stored, tok, "f32")
+    _, _, quantized = _read(path)
+    _, _, plain = _read(again)
+    for name, t in quantized.items():
+      np.testing.assert_array_equal(_float(plain[name]).reshape(-1), _float(t).reshape(-1))
+    with pytest.raises(UserError, match="unknown --gguf_type='q2_k'"):
+      gguf_file.stored_params(model.config, params, "q2_k")

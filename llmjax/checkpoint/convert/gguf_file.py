@@ -31,10 +31,12 @@ tokenizer's pieces get placeholder pieces `[PAD<i>]` (unused).
 Checked against llama.cpp itself (llama-cpp-python 0.3.36, built on this machine;
 tests/checkpoint/test_gguf.py): f32 files of both architectures give logits within 1e-3
 of llmjax's (max |difference| 4.7e-4 GPT-2, 5.6e-4 LLaMA, tiny random models) and the same
-greedy tokens; f16 within 1.1e-3. The q8_0 / q4_0 files read back exactly with the
-`gguf` package, but that llama.cpp build crashes (segfault) evaluating any q8_0 / q4_0
-model on this AMX Xeon, its own q8_0 quantization of our f32 file included, so they were
-not run in llama.cpp here.
+greedy tokens. For f16 / q8_0 / q4_0, `stored_params` gives llmjax the weights exactly as
+the file stores them; llama.cpp's logits are within 7e-4 of llmjax's on those for f16, and
+within 0.019 for q8_0 / q4_0, which is the error of the activations llama.cpp rounds to q8_0
+blocks in those matmuls (q4_0 vs the float model: 0.28). That build's AMX kernels
+(`use_extra_bufts`, on by default) segfault on q8_0 / q4_0 on this AMX Xeon, llama.cpp's
+own q8_0 quantization included; its plain CPU kernels run them.
 """
 
 import numpy as np
@@ -181,30 +183,112 @@ def _tensor_type(name: str, t: np.ndarray, wanted: str) -> str:
   return wanted
 
 
-def export_gguf(path: str, cfg, params, tokenizer, gguf_type: str = "f32") -> dict:
-  """Writes `params` of `cfg` (a GPT-2- or LLaMA-shaped decoder) with `tokenizer` to the
-  GGUF file `path`; returns `{tensor name: type written}`."""
+def _deinterleave_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
+  """The inverse of `_interleave_rope_rows`."""
+  rows, cols = w.shape
+  half = rows // heads // 2
+  return w.reshape(heads, half, 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
+
+
+def _hf_from_gpt2_tensors(g: dict, cfg) -> dict:
+  hf = {"transformer.wte.weight": g["token_embd.weight"],
+        "transformer.wpe.weight": g["position_embd.weight"],
+        "transformer.ln_f.weight": g["output_norm.weight"],
+        "transformer.ln_f.bias": g["output_norm.bias"]}
+  if not cfg.tie_embeddings:
+    hf["lm_head.weight"] = g["output.weight"]
+  names = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
+           "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+  for i in range(cfg.num_layers):
+    for theirs, ours in names.items():
+      for kind in ("weight", "bias"):
+        t = g[f"blk.{i}.{ours}.{kind}"]
+        hf[f"transformer.h.{i}.{theirs}.{kind}"] = t.T if t.ndim == 2 else t
+  return hf
+
+
+def _hf_from_llama_tensors(g: dict, cfg) -> dict:
+  hf = {"model.embed_tokens.weight": g["token_embd.weight"],
+        "model.norm.weight": g["output_norm.weight"]}
+  if not cfg.tie_embeddings:
+    hf["lm_head.weight"] = g["output.weight"]
+  names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
+           "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+           "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+           "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+  kv_heads = cfg.num_kv_heads or cfg.num_heads
+  for i in range(cfg.num_layers):
+    for theirs, ours in names.items():
+      t = g[f"blk.{i}.{ours}.weight"]
+      if ours == "attn_q":
+        t = _deinterleave_rope_rows(t, cfg.num_heads)
+      elif ours == "attn_k":
+        t = _deinterleave_rope_rows(t, kv_heads)
+      hf[f"model.layers.{i}.{theirs}.weight"] = t
+  return hf
+
+
+def _gguf_tensors(cfg, params) -> tuple[str, dict]:
+  """(architecture, `{llama.cpp name: float32 [rows, cols]}`) of an llmjax model."""
   import jax
 
   from llmjax.checkpoint.convert import gpt2, llama
   from llmjax.models.stack import unstack_layers
-  if gguf_type not in TYPES:
-    raise UserError(f"unknown --gguf_type={gguf_type!r}; use one of {', '.join(TYPES)}.")
   arch = check_exportable(cfg)
-  gguf = _gguf()
   params = jax.tree.map(lambda a: np.asarray(a, np.float32), jax.device_get(params))
   if cfg.scan_layers:
     params = unstack_layers(params)
   hf = (gpt2 if arch == "gpt2" else llama).params_to_hf(params, cfg)
   tensors = (gpt2_tensors if arch == "gpt2" else llama_tensors)(hf, cfg)
-  ggml = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
+  return arch, {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
+
+
+def _ggml_types(gguf) -> dict:
+  return {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
           "q4_0": gguf.GGMLQuantizationType.Q4_0}
+
+
+def stored_params(cfg, params, gguf_type: str):
+  """llmjax params holding the weights exactly as a `gguf_type` file stores them
+  (quantized by the same quantizer, then de-quantized): what llama.cpp computes with. The
+  perplexity of a model under these params is the GGUF type's weight error measured in
+  llmjax (experiments/quantization.py), and it is the reference llama.cpp's logits of a
+  q8_0 / q4_0 file are checked against (tests/checkpoint/test_gguf.py)."""
+  from llmjax.checkpoint.convert import gpt2, llama
+  from llmjax.checkpoint.convert.common import Tensors
+  from llmjax.models.stack import stack_layers
+  if gguf_type not in TYPES:
+    raise UserError(f"unknown --gguf_type={gguf_type!r}; use one of {', '.join(TYPES)}.")
+  arch, tensors = _gguf_tensors(cfg, params)
+  gguf = _gguf()
+  ggml = _ggml_types(gguf)
+  stored = {}
+  for name, t in tensors.items():
+    kind = _tensor_type(name, t, gguf_type)
+    if kind == "f16":
+      t = t.astype(np.float16).astype(np.float32)
+    elif kind != "f32":
+      t = np.asarray(gguf.quants.dequantize(gguf.quants.quantize(t, ggml[kind]), ggml[kind]),
+                     np.float32).reshape(t.shape)
+    stored[name] = t
+  back = (_hf_from_gpt2_tensors if arch == "gpt2" else _hf_from_llama_tensors)(stored, cfg)
+  out = (gpt2 if arch == "gpt2" else llama).params_from_hf(Tensors(back, "GGUF tensors"), cfg)
+  return stack_layers(out) if cfg.scan_layers else out
+
+
+def export_gguf(path: str, cfg, params, tokenizer, gguf_type: str = "f32") -> dict:
+  """Writes `params` of `cfg` (a GPT-2- or LLaMA-shaped decoder) with `tokenizer` to the
+  GGUF file `path`; returns `{tensor name: type written}`."""
+  if gguf_type not in TYPES:
+    raise UserError(f"unknown --gguf_type={gguf_type!r}; use one of {', '.join(TYPES)}.")
+  arch, tensors = _gguf_tensors(cfg, params)
+  gguf = _gguf()
+  ggml = _ggml_types(gguf)
   writer = gguf.GGUFWriter(path, arch)
   _add_metadata(writer, gguf, arch, cfg, gguf_type)
   _add_tokenizer(writer, gguf, tokenizer, cfg.vocab_size)
   written = {}
   for name, t in tensors.items():
-    t = np.ascontiguousarray(t, np.float32)
     kind = _tensor_type(name, t, gguf_type)
     if kind == "f32":
       writer.add_tensor(name, t)
