@@ -15,10 +15,13 @@ Each train step, for every prompt x of the batch (`B` prompts):
                  −min(ρ_t A_i, clip(ρ_t, 1−ε, 1+ε) A_i) + β KL_t
                KL_t = exp(ref_t − logp_t) − (ref_t − logp_t) − 1, the k3 estimator of
                KL(π_θ ‖ π_ref) (Schulman 2020, "Approximating KL divergence"), ≥ 0 and
-               unbiased, against the frozen reference. One update per rollout, so π_old
-               is π_θ itself: ρ = exp(logp − stop_gradient(logp)) is 1 in value while its
-               gradient is ∇logp, the policy gradient A ∇log π (the clip is there for
-               multi-update use; at ρ = 1 it never binds).
+               unbiased, against the frozen reference. π_old is the policy that
+               sampled. With one update per rollout (`epochs = minibatches = 1`, the
+               default) π_old is π_θ itself: ρ = exp(logp − stop_gradient(logp)) is 1
+               in value while its gradient is ∇logp, the policy gradient A ∇log π, and
+               the clip never binds. With `epochs` > 1 or `minibatches` > 1 (the
+               paper's μ iterations; TRL's num_iterations) the trainer reuses the
+               rollouts for several updates (llmjax/train/step.py) and ρ departs from 1.
   The loss of a completion is its token mean (GRPO's 1/|o_i|), and `weight` counts the
   completions scored, so `summarize` gives the mean over completions and gradient
   accumulation and data parallelism stay exact.
@@ -43,6 +46,11 @@ Data: records with a `text` field (`shakespeare`, `local_text`); the prompt is t
 
 Metrics: loss, reward (mean), reward_std (mean within-group std), kl (mean per-token
 k3), completion_length (tokens, EOS included), nan_rewards, completions.
+
+The trainer's experience path: `make_experience` (rollouts, rewards, advantages, the
+old and reference log-probs; no gradient) and `experience_sums` (the loss of experience
+rows) are what llmjax/train/step.py calls; `loss_sums` is the two in one, for
+evaluation and tests.
 """
 
 import dataclasses
@@ -170,6 +178,8 @@ class RolloutObjective(TokenObjective):
   reward_kwargs: Any = ()           # gin: a dict, e.g. {'token_id': 7}
   eos_id: int = tokenizer_lib.EOS_ID
   seed: int = 0                     # the eval rollouts' (train rollouts use the step's rng)
+  epochs: int = 1                   # optimizer passes over each experience batch
+  minibatches: int = 1              # updates per pass (rows split evenly)
   # Host tables of the reward, built from the tokenizer on the first feature_fn call.
   _host: dict = dataclasses.field(default_factory=dict, compare=False, hash=False,
                                   repr=False)
@@ -185,6 +195,8 @@ class RolloutObjective(TokenObjective):
     checks = [("prompt_len", self.prompt_len >= 1, ">= 1"),
               ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
               ("temperature", self.temperature > 0, "> 0 (rollouts are sampled)"),
+              ("epochs", self.epochs >= 1, ">= 1"),
+              ("minibatches", self.minibatches >= 1, ">= 1"),
               *checks]
     for field, ok, want in checks:
       if not ok:
@@ -247,6 +259,39 @@ class RolloutObjective(TokenObjective):
       raise UserError(f"the batch's prompts have {prompts.shape[1]} tokens but {name}."
                       f"prompt_len={self.prompt_len}: make feature_lengths['prompt'] equal.")
 
+  # --- the trainer's experience path (llmjax/train/step.py) ----------------------------
+
+  def initial_state(self) -> dict:
+    """The state carried from train step to train step (`TrainState.objective`): none."""
+    return {}
+
+  def update_state(self, state, rollout_sums):
+    """The next step's state from this step's experience metrics: unchanged."""
+    del rollout_sums
+    return state
+
+  def state_metrics(self, state) -> dict:
+    """What of the state is logged: nothing."""
+    del state
+    return {}
+
+  def loss_sums(self, model, params, batch, *, rng=None, deterministic=True, frozen=None):
+    """One update's summed metrics on `batch`'s prompts: `make_experience` (no gradient)
+    then `experience_sums` over all of it (the evaluation path, and the train step's
+    when `epochs = minibatches = 1`)."""
+    del deterministic  # the policy runs without dropout, as it sampled
+    experience, rollout_sums = self.make_experience(
+        model, jax.lax.stop_gradient(params), batch, rng=rng, frozen=frozen)
+    return {**rollout_sums, **self.experience_sums(model, params, experience, frozen=frozen)}
+
+  def _prompts(self, model, batch, frozen, rng):
+    """`(prompts [B*k, P], real [B*k], rng)`: each prompt repeated k times."""
+    k, prompts = self.num_generations, batch["prompt"]
+    self._check(model, prompts, frozen)
+    real = batch.get("prompt_segment_ids", jnp.ones_like(prompts))[:, 0] > 0   # [B]
+    rng = jax.random.key(self.seed) if rng is None else rng
+    return jnp.repeat(prompts, k, axis=0), jnp.repeat(real, k), rng
+
   def frozen_reference(self, params):
     """A copy of `params` (a copy: donating the train state must never hand the
     reference's buffers to the update)."""
@@ -281,38 +326,52 @@ class GRPO(RolloutObjective):
                       "of the starting parameters), which is missing: build the state with "
                       "the objective's frozen_trees, or set GRPO.beta=0.")
 
-  def loss_sums(self, model, params, batch, *, rng=None, deterministic=True, frozen=None):
-    """Rollouts, rewards, advantages and the summed GRPO loss of `batch` (module
-    docstring); `weight` = the completions with a finite reward."""
-    del deterministic  # the policy runs without dropout, as it sampled
-    k, prompts = self.num_generations, batch["prompt"]
-    self._check(model, prompts, frozen)
-    real = batch.get("prompt_segment_ids", jnp.ones_like(prompts))[:, 0] > 0   # [B]
-    prompts, real = jnp.repeat(prompts, k, axis=0), jnp.repeat(real, k)      # [B*k, P]
-    rng = jax.random.key(self.seed) if rng is None else rng
-    tokens, mask, _ = rollout(model, jax.lax.stop_gradient(params), prompts,
-                              jax.random.fold_in(rng, 1), max_new_tokens=self.max_new_tokens,
+  def make_experience(self, model, params, batch, *, rng=None, frozen=None, state=None):
+    """Rollouts, rewards and group advantages of `batch`'s prompts (no gradient):
+    `(experience rows [B*k, ...], rollout metric sums)`. The old log-probs (ρ's
+    denominator) are computed only when several updates reuse the rollouts; with one,
+    π_old is π_θ itself (module docstring)."""
+    del state
+    prompts, real, rng = self._prompts(model, batch, frozen, rng)
+    tokens, mask, _ = rollout(model, params, prompts, jax.random.fold_in(rng, 1),
+                              max_new_tokens=self.max_new_tokens,
                               temperature=self.temperature, eos_id=self.eos_id)
     rewards = self.reward_fn(model.config.vocab_size)(tokens, mask).astype(jnp.float32)
     finite = jnp.isfinite(rewards)
     ok = real & finite
-    adv, std = group_advantages(rewards, ok, k, self.eps)
-    logp = completion_logps(model, params, prompts, tokens, mask, self.temperature)
-    ref = logp
+    adv, std = group_advantages(rewards, ok, self.num_generations, self.eps)
+    experience = {"prompt": prompts, "completion": tokens, "mask": mask, "ok": ok,
+                  "advantage": adv}
+    if self.epochs * self.minibatches > 1:
+      experience["old_logps"] = completion_logps(model, params, prompts, tokens, mask,
+                                                 self.temperature)
     if self.beta:
-      ref = completion_logps(model, jax.lax.stop_gradient(frozen["reference"]), prompts,
-                             tokens, mask, self.temperature)
-    loss, kl = token_loss(logp, jax.lax.stop_gradient(logp), jax.lax.stop_gradient(ref), adv,
-                          self.clip_eps, self.beta)
+      experience["ref_logps"] = completion_logps(
+          model, jax.lax.stop_gradient(frozen["reference"]), prompts, tokens, mask,
+          self.temperature)
     length = jnp.sum(mask, axis=1).astype(jnp.float32)                       # >= 1
-    per_token_mean = lambda x: jnp.sum(jnp.where(mask, x, 0.0), axis=1) / length
-    per_completion = {"loss": per_token_mean(loss), "kl": per_token_mean(kl),
-                      "reward": rewards, "reward_std": std, "completion_length": length}
+    per_completion = {"reward": rewards, "reward_std": std, "completion_length": length}
     sums = {name: jnp.sum(jnp.where(ok, v, 0.0)) for name, v in per_completion.items()}
-    sums.update(weight=jnp.sum(ok.astype(jnp.float32)),
-                completions=jnp.sum(real.astype(jnp.float32)),
+    sums.update(completions=jnp.sum(real.astype(jnp.float32)),
                 nan_rewards=jnp.sum((real & ~finite).astype(jnp.float32)))
-    return sums
+    return experience, sums
+
+  def experience_sums(self, model, params, experience, *, rng=None, frozen=None):
+    """The summed GRPO loss (and k3 KL) of experience rows; `weight` = the completions
+    with a finite reward."""
+    del rng, frozen
+    e = experience
+    logp = completion_logps(model, params, e["prompt"], e["completion"], e["mask"],
+                            self.temperature)
+    old = e.get("old_logps", jax.lax.stop_gradient(logp))
+    ref = e.get("ref_logps", jax.lax.stop_gradient(logp))
+    loss, kl = token_loss(logp, old, ref, e["advantage"], self.clip_eps, self.beta)
+    mask, ok = e["mask"], e["ok"]
+    length = jnp.sum(mask, axis=1).astype(jnp.float32)
+    per_token_mean = lambda x: jnp.sum(jnp.where(mask, x, 0.0), axis=1) / length
+    on = lambda x: jnp.sum(jnp.where(ok, x, 0.0))
+    return {"loss": on(per_token_mean(loss)), "kl": on(per_token_mean(kl)),
+            "weight": on(jnp.ones_like(length))}
 
   def summarize(self, sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     """Means over the scored completions; nan_rewards over all completions."""

@@ -31,18 +31,21 @@ Each train step, for every prompt x of the batch (`B` prompts):
                averaged over the valid completion tokens (`weight` counts them, so
                gradient accumulation and data parallelism stay exact).
 
-ONE UPDATE PER ROLLOUT. PPO proper runs several minibatch epochs over a rollout batch;
-that needs the trainer to reuse a batch across optimizer steps, which it does not, so
-several PPO epochs per rollout are not supported yet. With one update the old policy
-is the current one: ρ is 1 up to the rounding between the cached rollout and the full
-forward pass, so the clip never binds, and V_old = stop_gradient(V), so the value clip
-is the identity in value and gradient. Both are kept so that multi-epoch use is a
-change of the trainer, not of this loss.
+EPOCHS AND MINIBATCHES. Steps 1-4 make an experience batch (no gradient:
+`make_experience`); the trainer (llmjax/train/step.py) then runs `epochs` passes over it,
+each a new permutation of its rows cut into `minibatches` optimizer updates of the loss
+of step 5 (`experience_sums`). logp_old and V_old are the rollout policy's, fixed for
+the whole experience batch, so ρ departs from 1 and the clips bind from the second
+update on. With `epochs = minibatches = 1` the old policy is the current one: ρ is 1 up
+to the rounding between the cached rollout and the full forward pass, and the value
+clip is the identity. Advantages are whitened over the whole experience batch.
 
-FIXED KL COEFFICIENT. The adaptive controller (Ziegler et al. 2019, §2.2),
-β ← β·(1 + clip(KL/target − 1, −0.2, 0.2)·n/horizon), is `adaptive_kl_update`, but it
-needs β carried from step to step and the train state has no slot for objective state:
-setting `kl_target` is a UserError until it does; β is `kl_coef` throughout.
+KL COEFFICIENT. Fixed at `kl_coef`, or, with `kl_target` set, the adaptive controller
+of Ziegler et al. (2019, §2.2): after each train step,
+  β ← β·(1 + clip(KL/kl_target − 1, −0.2, 0.2)·n/kl_horizon),
+KL the mean sequence KL of the step's n scored completions, starting from `kl_coef`.
+β is carried in `TrainState.objective` (so a resumed run continues it) and logged as
+`kl_coef`.
 
 The reference π_ref (`kl_coef > 0`) is a copy of the starting parameters (the
 `init_from` checkpoint) without the value head, `TrainState.frozen['reference']`. The
@@ -59,9 +62,10 @@ Data and packing as GRPO's: `DataConfig.feature_lengths = {'prompt': prompt_len}
 `DataConfig.batch_size` counts prompts; a step samples batch_size × k completions.
 
 Metrics: per token loss, policy_loss, value_loss, value (mean V), clip_frac (where
-the ratio is clipped); per completion reward, kl (Σ_t logp_old_t − ref_t, the
-controller's KL; 0 when kl_coef = 0 holds no reference), score (R − β·kl, the RL
-return), completion_length; nan_rewards, completions.
+the ratio is clipped), averaged over the updates; per completion reward, kl (Σ_t
+logp_old_t − ref_t, the controller's KL; 0 when kl_coef = 0 holds no reference), score
+(R − β·kl, the RL return), completion_length; nan_rewards, completions; kl_coef (β) with
+the adaptive controller.
 """
 
 import dataclasses
@@ -189,7 +193,7 @@ class PPO(RolloutObjective):
   vf_clip: float = 0.2              # ε_v of the clipped value
   vf_coef: float = 0.1              # the value loss's weight
   kl_coef: float = 0.05             # β of the per-token KL penalty; 0: no reference held
-  kl_target: float | None = None    # the adaptive controller's target: not supported yet
+  kl_target: float | None = None    # the adaptive controller's target KL; None: fixed β
   kl_horizon: float = 10000.0       # its horizon (samples)
   gamma: float = 1.0                # GAE's discount γ
   lam: float = 0.95                 # GAE's λ
@@ -207,12 +211,10 @@ class PPO(RolloutObjective):
                     ("gamma", 0 <= self.gamma <= 1, "in [0, 1], typically 1"),
                     ("lam", 0 <= self.lam <= 1, "in [0, 1], typically 0.95"),
                     ("kl_horizon", self.kl_horizon > 0, "> 0")])
-    if self.kl_target is not None:
-      raise UserError(
-          f"PPO.kl_target={self.kl_target!r} asks for the adaptive KL controller, whose β "
-          "must be carried from step to step, and the train state has no slot for an "
-          "objective's state yet: set PPO.kl_target=None and choose a fixed PPO.kl_coef "
-          "(llmjax.objectives.ppo.adaptive_kl_update is the update rule).")
+    if self.kl_target is not None and not (self.kl_target > 0 and self.kl_coef > 0):
+      raise UserError(f"PPO.kl_target={self.kl_target!r} asks for the adaptive KL controller, "
+                      f"which needs kl_target > 0 and a starting PPO.kl_coef > 0 (it is "
+                      f"{self.kl_coef!r}): set both, or kl_target=None for a fixed β.")
 
   def init_inputs(self, lengths):
     """Prompt + completion rows, through `policy_and_values` (so `value_head` is made)."""
@@ -232,47 +234,71 @@ class PPO(RolloutObjective):
                       "copy of the starting parameters), which is missing: build the state "
                       "with the objective's frozen_trees, or set PPO.kl_coef=0.")
 
-  def loss_sums(self, model, params, batch, *, rng=None, deterministic=True, frozen=None):
-    """Rollouts, rewards, GAE and the summed PPO loss of `batch` (module docstring);
-    `weight` = the completion tokens of completions with a finite reward."""
-    del deterministic  # the policy runs without dropout, as it sampled
-    k, prompts = self.num_generations, batch["prompt"]
-    self._check(model, prompts, frozen)
-    real = batch.get("prompt_segment_ids", jnp.ones_like(prompts))[:, 0] > 0   # [B]
-    prompts, real = jnp.repeat(prompts, k, axis=0), jnp.repeat(real, k)      # [B*k, P]
-    rng = jax.random.key(self.seed) if rng is None else rng
+  def initial_state(self) -> dict:
+    """`{'kl_coef': β}` when the adaptive controller runs (`kl_target`), else none."""
+    return {} if self.kl_target is None else {"kl_coef": jnp.float32(self.kl_coef)}
+
+  def update_state(self, state, rollout_sums):
+    """The controller's step (module docstring) from this step's scored completions."""
+    if not state:
+      return state
+    n = rollout_sums["scored"]
+    kl = rollout_sums["kl"] / jnp.maximum(n, 1.0)
+    return {"kl_coef": adaptive_kl_update(state["kl_coef"], kl, self.kl_target,
+                                          self.kl_horizon, n).astype(jnp.float32)}
+
+  def state_metrics(self, state) -> dict:
+    """β, when adaptive."""
+    return dict(state)
+
+  def make_experience(self, model, params, batch, *, rng=None, frozen=None, state=None):
+    """Rollouts, rewards, values and GAE advantages of `batch`'s prompts (no gradient):
+    `(experience rows [B*k, ...], rollout metric sums)`. `state` holds the adaptive β."""
+    beta = state["kl_coef"] if state else self.kl_coef
+    prompts, real, rng = self._prompts(model, batch, frozen, rng)
     tokens, mask, logp_old = rollout(
-        model, jax.lax.stop_gradient(params), prompts, jax.random.fold_in(rng, 1),
+        model, params, prompts, jax.random.fold_in(rng, 1),
         max_new_tokens=self.max_new_tokens, temperature=self.temperature, eos_id=self.eos_id)
     rewards = self.reward_fn(model.config.vocab_size)(tokens, mask).astype(jnp.float32)
     finite = jnp.isfinite(rewards)
     ok = real & finite                                                       # [B*k]
     valid = mask & ok[:, None]                                               # [B*k, T]
-    logp, values = completion_logps_and_values(model, params, prompts, tokens, mask,
-                                               self.temperature)
+    _, values = completion_logps_and_values(model, params, prompts, tokens, mask,
+                                            self.temperature)
     ref = logp_old
     if self.kl_coef:
       ref = completion_logps(model, jax.lax.stop_gradient(frozen["reference"]), prompts,
                              tokens, mask, self.temperature)
-      ref = jax.lax.stop_gradient(ref)
-    r = token_rewards(logp_old, ref, jnp.where(ok, rewards, 0.0), valid, self.kl_coef)
+    r = token_rewards(logp_old, ref, jnp.where(ok, rewards, 0.0), valid, beta)
     adv, returns = gae(r, values, valid, self.gamma, self.lam)
     if self.whiten_advantages:
       adv = whiten(adv, valid)
-    pg, clipped = policy_loss(logp, logp_old, adv, self.clip_eps)
-    vf = value_loss(values, values, returns, self.vf_clip)
-    on = lambda x: jnp.sum(jnp.where(valid, x, 0.0))
     length = jnp.sum(mask, axis=1).astype(jnp.float32)                       # >= 1
     kl = jnp.sum(jnp.where(mask, logp_old - ref, 0.0), axis=1)               # [B*k]
-    per_completion = {"reward": rewards, "kl": kl, "score": rewards - self.kl_coef * kl,
+    per_completion = {"reward": rewards, "kl": kl, "score": rewards - beta * kl,
                       "completion_length": length}
     sums = {name: jnp.sum(jnp.where(ok, v, 0.0)) for name, v in per_completion.items()}
-    sums.update(loss=on(pg + self.vf_coef * vf), policy_loss=on(pg), value_loss=on(vf),
-                value=on(values), clip_frac=on(clipped.astype(jnp.float32)),
-                weight=on(jnp.ones_like(pg)), scored=jnp.sum(ok.astype(jnp.float32)),
+    sums.update(scored=jnp.sum(ok.astype(jnp.float32)),
                 completions=jnp.sum(real.astype(jnp.float32)),
                 nan_rewards=jnp.sum((real & ~finite).astype(jnp.float32)))
-    return sums
+    experience = {"prompt": prompts, "completion": tokens, "mask": mask, "valid": valid,
+                  "old_logps": logp_old, "old_values": values, "advantage": adv,
+                  "returns": returns}
+    return experience, sums
+
+  def experience_sums(self, model, params, experience, *, rng=None, frozen=None):
+    """The summed clipped policy and value losses of experience rows; `weight` = their
+    valid completion tokens."""
+    del rng, frozen
+    e, valid = experience, experience["valid"]
+    logp, values = completion_logps_and_values(model, params, e["prompt"], e["completion"],
+                                               e["mask"], self.temperature)
+    pg, clipped = policy_loss(logp, e["old_logps"], e["advantage"], self.clip_eps)
+    vf = value_loss(values, e["old_values"], e["returns"], self.vf_clip)
+    on = lambda x: jnp.sum(jnp.where(valid, x, 0.0))
+    return {"loss": on(pg + self.vf_coef * vf), "policy_loss": on(pg), "value_loss": on(vf),
+            "value": on(values), "clip_frac": on(clipped.astype(jnp.float32)),
+            "weight": on(jnp.ones_like(pg))}
 
   def summarize(self, sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     """Token means (loss, policy_loss, value_loss, value, clip_frac), means over the

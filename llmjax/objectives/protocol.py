@@ -22,6 +22,20 @@ objective. The trainer never branches on architecture or objective; a new object
                                    warm start from a source without them keeps their
                                    initialization instead of failing
 
+Rollout objectives (GRPO, PPO) add the experience path, which the train step takes
+when `make_experience` exists (llmjax/train/step.py):
+
+  make_experience(model, params, batch, *, rng, frozen, state)
+                                   rollouts, rewards, advantages of a batch, no gradient:
+                                   `(experience rows, rollout metric sums)`
+  experience_sums(model, params, experience, *, rng, frozen)
+                                   the summed loss of some experience rows
+  epochs, minibatches              optimizer passes over an experience batch, and
+                                   updates per pass
+  initial_state() / update_state(state, rollout_sums) / state_metrics(state)
+                                   a small state carried from step to step in
+                                   `TrainState.objective` (PPO's adaptive KL β)
+
 `TokenObjective` gives the defaults of a token-level objective; subclasses override
 what differs.
 """

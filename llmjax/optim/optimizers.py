@@ -79,11 +79,17 @@ class OptimizerConfig:
   clip_norm: float | None = 1.0
   trainable: str | None = None    # regex over parameter paths; None = every parameter
 
-  def make(self, total_steps: int):
-    """Returns (optax transformation, learning-rate schedule)."""
+  def make(self, total_steps: int, updates_per_step: int = 1):
+    """Returns (optax transformation, learning-rate schedule), the schedule over train
+    steps. An objective that applies several optimizer updates per train step (PPO's
+    epochs x minibatches over one rollout batch) gives `updates_per_step`: the optimizer
+    then reads the schedule at its update count // updates_per_step, so warmup and decay
+    stay in train steps."""
     schedule = schedules.make_schedule(self.peak_lr, total_steps, self.warmup_steps,
                                        self.decay, self.end_lr_ratio)
-    tx = adamw(schedule, b1=self.b1, b2=self.b2, eps=self.eps,
+    by_update = schedule if updates_per_step == 1 else (
+        lambda count: schedule(count // updates_per_step))
+    tx = adamw(by_update, b1=self.b1, b2=self.b2, eps=self.eps,
                weight_decay=self.weight_decay, clip_norm=self.clip_norm)
     return only_trainable(tx, self.trainable), schedule
 

@@ -147,11 +147,11 @@ def setup(workdir, model, data, tokenizer, optimizer, objective, config, operati
   model_cfg = _model_config(model, source, tok, config.pad_vocab_to_multiple, data)
   net = peft_lib.wrap(Transformer(model_cfg), peft)
   train_iter, make_eval_iter = _build_data(data, tok, objective, config)
-  tx, schedule = optimizer.make(config.num_steps)
+  tx, schedule = optimizer.make(config.num_steps, step_lib.updates_per_step(objective))
   init_inputs = objective.init_inputs(data.lengths())
   state, shardings = state_lib.init_train_state(
       lambda rng: net.init({"params": rng}, **init_inputs)["params"], tx, mesh, config.rules,
-      config.seed, objective.frozen_trees)
+      config.seed, objective.frozen_trees, getattr(objective, "initial_state", dict))
   num_params = counts.count_params(state.params)
   log(f"model: {num_params:,} parameters on a {dict(mesh.shape)} mesh ({config.rules})")
   ckpt = ckpt_lib.CheckpointManager(os.path.join(workdir, "checkpoints"),

@@ -156,8 +156,8 @@ def test_adaptive_kl_update_matches_numpy():
   want = beta * (1 + np.clip(kl / 6.0 - 1, -0.2, 0.2) * 256 / 10000.0)
   np.testing.assert_allclose(got, want, rtol=1e-5)
   assert float(ppo.adaptive_kl_update(0.1, 12.0, 6.0, 100.0, 100)) == pytest.approx(0.12)
-  with pytest.raises(UserError, match=r"PPO.kl_target.*PPO.kl_target=None.*kl_coef"):
-    PPO(reward="token_count", reward_kwargs={"token_id": 3}, kl_target=6.0)
+  with pytest.raises(UserError, match=r"PPO.kl_target=6.0.*kl_coef > 0.*kl_target=None"):
+    PPO(reward="token_count", reward_kwargs={"token_id": 3}, kl_target=6.0, kl_coef=0.0)
 
 
 # --- the value head, the sums --------------------------------------------------------------
@@ -245,7 +245,7 @@ def test_debug_run_creates_the_value_head_and_keeps_the_reference_frozen(
               "DataConfig.dataset='local_text'", f"DataConfig.input_dir={str(texts)!r}",
               "TrainConfig.num_steps=2", "TrainConfig.checkpoint_every=2",
               "TrainConfig.eval_every=100", "TrainConfig.eval_batches=0",
-              "TrainConfig.log_every=1"]
+              "TrainConfig.log_every=1", "PPO.kl_target=1.0", "PPO.kl_horizon=100"]
   assert cli.main(argv + [f"--gin_param={p}" for p in bindings]) == 0
   train = [r for r in metrics_lib.read_metrics(workdir) if "loss" in r]
   assert [r["step"] for r in train] == [1, 2]
@@ -253,6 +253,10 @@ def test_debug_run_creates_the_value_head_and_keeps_the_reference_frozen(
              and r["nan_rewards"] == 0 and r["completions"] == 16 for r in train)
   source = ckpt_lib.CheckpointManager(os.path.join(fixture_run, "checkpoints")).read()[0]
   state = ckpt_lib.CheckpointManager(os.path.join(workdir, "checkpoints")).read(2)[0]
+  # The adaptive β is logged and checkpointed: step 2's β after step 2's KL (16 scored).
+  beta = lambda r: r["kl_coef"] * (1 + np.clip(r["kl"] / 1.0 - 1, -0.2, 0.2) * 16 / 100)
+  assert train[1]["kl_coef"] == pytest.approx(beta(train[0]), rel=1e-4)
+  assert float(state["objective"]["kl_coef"]) == pytest.approx(beta(train[1]), rel=1e-4)
   start = runs.param_leaves(source["params"])
   trained = runs.param_leaves(state["params"])
   ref = runs.param_leaves(state["frozen"]["reference"])
