@@ -70,6 +70,7 @@ from llmjax.objectives.preference import token_logps
 from llmjax.objectives.protocol import TokenObjective
 
 METRICS = ("reward", "reward_std", "kl", "completion_length")
+MODEL_REWARD = "model"  # `reward=` for a trained reward model (`reward_model=` its workdir)
 
 # --- rollouts ---------------------------------------------------------------------------
 
@@ -174,8 +175,9 @@ class RolloutObjective(TokenObjective):
   prompt_len: int = 16
   max_new_tokens: int = 32
   temperature: float = 1.0
-  reward: str = "syllables"         # a name in llmjax/objectives/rewards.py
+  reward: str = "syllables"         # a name in llmjax/objectives/rewards.py, or 'model'
   reward_kwargs: Any = ()           # gin: a dict, e.g. {'token_id': 7}
+  reward_model: str | None = None   # reward='model': a reward-model workdir (frozen tree)
   eos_id: int = tokenizer_lib.EOS_ID
   seed: int = 0                     # the eval rollouts' (train rollouts use the step's rng)
   epochs: int = 1                   # optimizer passes over each experience batch
@@ -191,7 +193,17 @@ class RolloutObjective(TokenObjective):
     name = type(self).__name__
     kwargs = dict(self.reward_kwargs or {})
     object.__setattr__(self, "reward_kwargs", tuple(sorted(kwargs.items())))  # hashable
-    rewards_lib.get(self.reward, name).check_kwargs(kwargs, name)
+    if (self.reward == MODEL_REWARD) != (self.reward_model is not None):
+      raise UserError(f"{name}.reward={self.reward!r} with {name}.reward_model="
+                      f"{self.reward_model!r}: a trained reward model scores completions when "
+                      f"reward='{MODEL_REWARD}' and reward_model names its workdir "
+                      "(runs/reward_model.gin); set both, or neither for a registered reward.")
+    if self.reward == MODEL_REWARD:
+      if kwargs:
+        raise UserError(f"{name}.reward='{MODEL_REWARD}' takes no reward_kwargs; got "
+                        f"{sorted(kwargs)}.")
+    else:
+      rewards_lib.get(self.reward, name).check_kwargs(kwargs, name)
     checks = [("prompt_len", self.prompt_len >= 1, ">= 1"),
               ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
               ("temperature", self.temperature > 0, "> 0 (rollouts are sampled)"),
@@ -207,6 +219,8 @@ class RolloutObjective(TokenObjective):
   def bind_tokenizer(self, tokenizer) -> None:
     """Builds the reward's per-token tables from `tokenizer` (once; feature_fn calls it,
     and callers of `loss_sums` outside the pipeline call it themselves)."""
+    if self.reward == MODEL_REWARD:
+      return
     reward = rewards_lib.get(self.reward)
     if reward.tables_fn is not None and "tables" not in self._host:
       self._host["tables"] = reward.tables_fn(tokenizer)
@@ -244,6 +258,57 @@ class RolloutObjective(TokenObjective):
       tables = rewards_lib.padded_tables(self._host["tables"], vocab_size)
     kwargs = dict(self.reward_kwargs)
     return lambda tokens, mask: reward.score(tokens, mask, tables, **kwargs)
+
+  def bind_reward_model(self, config) -> None:
+    """The reward model's `TransformerConfig` (llmjax/train/reward_source.py reads it from
+    the `reward_model` workdir before the train state is built)."""
+    name = type(self).__name__
+    if config.arch != "decoder_only":
+      raise UserError(f"{name}.reward_model={self.reward_model} is {config.arch}; completions "
+                      "are scored by a decoder-only reward model reading prompt + completion.")
+    total = self.prompt_len + self.max_new_tokens
+    if total > config.max_len and config.position == "learned":
+      raise UserError(f"{name}.reward_model={self.reward_model} reads at most max_len="
+                      f"{config.max_len} tokens, but a prompt + completion has {total}: lower "
+                      f"{name}.max_new_tokens or {name}.prompt_len.")
+    self._host["reward_model_config"] = config
+
+  def _reward_model(self) -> Transformer:
+    if "reward_model_config" not in self._host:
+      raise UserError(f"{type(self).__name__}.reward='{MODEL_REWARD}' needs the reward model's "
+                      "config: the train loop binds it (objective.bind_reward_model(config)).")
+    return Transformer(self._host["reward_model_config"])
+
+  def reward_model_tree(self):
+    """`{'reward_model': params}` for `frozen_trees` when reward='model': an init of the
+    reward model's shape with its logical axes (so it shards like a model); the trained
+    parameters replace it before step 0 (llmjax/train/reward_source.py). None else."""
+    if self.reward != MODEL_REWARD:
+      return {}
+    net = self._reward_model()
+    tokens = jnp.zeros((1, self.prompt_len + self.max_new_tokens), jnp.int32)
+    return {"reward_model": net.init({"params": jax.random.key(0)}, tokens,
+                                     method="reward")["params"]}
+
+  def rewards(self, model, frozen, prompts, tokens, mask):
+    """Rewards `[B]` f32 of completions `tokens [B, T]` (`mask` on the completion): the
+    registered function of the token ids, or the frozen reward model's score of
+    prompt + completion read at the completion's last token (its EOS, when it has one:
+    where the reward model was trained to read; a completion cut at max_new_tokens is
+    read at its last token)."""
+    if self.reward != MODEL_REWARD:
+      return self.reward_fn(model.config.vocab_size)(tokens, mask).astype(jnp.float32)
+    if not frozen or "reward_model" not in frozen:
+      raise UserError(f"{type(self).__name__}.reward='{MODEL_REWARD}' reads "
+                      "frozen['reward_model'], which is missing: build the train state with "
+                      "the objective's frozen_trees.")
+    sequence = jnp.concatenate([prompts, jnp.where(mask, tokens, 0)], axis=1)  # [B, P + T]
+    segment_ids = jnp.concatenate([jnp.ones_like(prompts), mask.astype(jnp.int32)], axis=1)
+    scores = self._reward_model().apply(
+        {"params": jax.lax.stop_gradient(frozen["reward_model"])}, sequence, segment_ids,
+        method="reward")                                                      # [B, P + T]
+    last = prompts.shape[1] + jnp.sum(mask, axis=1) - 1                       # [B]
+    return jnp.take_along_axis(scores, last[:, None], axis=1)[:, 0].astype(jnp.float32)
 
   def _check_rollout(self, model, prompts):
     name, cfg = type(self).__name__, model.config
@@ -316,8 +381,11 @@ class GRPO(RolloutObjective):
                     ("eps", self.eps > 0, "> 0")])
 
   def frozen_trees(self, params):
-    """`{'reference': a copy of params}`; none when beta = 0."""
-    return {} if self.beta == 0 else {"reference": self.frozen_reference(params)}
+    """`{'reference': a copy of params}` (none when beta = 0), and the reward model."""
+    trees = self.reward_model_tree()
+    if self.beta:
+      trees["reference"] = self.frozen_reference(params)
+    return trees
 
   def _check(self, model, prompts, frozen):
     self._check_rollout(model, prompts)
@@ -336,7 +404,7 @@ class GRPO(RolloutObjective):
     tokens, mask, _ = rollout(model, params, prompts, jax.random.fold_in(rng, 1),
                               max_new_tokens=self.max_new_tokens,
                               temperature=self.temperature, eos_id=self.eos_id)
-    rewards = self.reward_fn(model.config.vocab_size)(tokens, mask).astype(jnp.float32)
+    rewards = self.rewards(model, frozen, prompts, tokens, mask)
     finite = jnp.isfinite(rewards)
     ok = real & finite
     adv, std = group_advantages(rewards, ok, self.num_generations, self.eps)

@@ -54,8 +54,10 @@ value head `value_head` (kernel [D, 1], bias [1]) is this objective's own parame
 initialization. It is made by `init_inputs`' method (`policy_and_values`), so it sits in
 the checkpoint beside the language model, which still loads and samples as one.
 
-Rewards come from the registry (a function of token ids); a trained reward model as a
-frozen tree is not supported yet. NaN rewards drop their completion, as in GRPO:
+Rewards come from the registry (a function of token ids) or, with `reward='model'` and
+`reward_model=WORKDIR`, from a trained reward model (llmjax/objectives/reward.py) held as
+`TrainState.frozen['reward_model']` and scoring prompt + completion at the completion's
+last token (`RolloutObjective.rewards`). NaN rewards drop their completion, as in GRPO:
 its tokens leave the loss, the whitening and `weight`; `nan_rewards` counts them.
 
 Data and packing as GRPO's: `DataConfig.feature_lengths = {'prompt': prompt_len}`;
@@ -221,11 +223,13 @@ class PPO(RolloutObjective):
     return {**super().init_inputs(lengths), "method": policy_and_values}
 
   def frozen_trees(self, params):
-    """`{'reference': a copy of params without the value head}`; none when kl_coef = 0."""
-    if self.kl_coef == 0:
-      return {}
-    policy = {k: v for k, v in params.items() if k != VALUE_HEAD}
-    return {"reference": self.frozen_reference(policy)}
+    """`{'reference': a copy of params without the value head}` (none when kl_coef = 0),
+    and the reward model when reward='model'."""
+    trees = self.reward_model_tree()
+    if self.kl_coef:
+      policy = {k: v for k, v in params.items() if k != VALUE_HEAD}
+      trees["reference"] = self.frozen_reference(policy)
+    return trees
 
   def _check(self, model, prompts, frozen):
     self._check_rollout(model, prompts)
@@ -259,7 +263,7 @@ class PPO(RolloutObjective):
     tokens, mask, logp_old = rollout(
         model, params, prompts, jax.random.fold_in(rng, 1),
         max_new_tokens=self.max_new_tokens, temperature=self.temperature, eos_id=self.eos_id)
-    rewards = self.reward_fn(model.config.vocab_size)(tokens, mask).astype(jnp.float32)
+    rewards = self.rewards(model, frozen, prompts, tokens, mask)
     finite = jnp.isfinite(rewards)
     ok = real & finite                                                       # [B*k]
     valid = mask & ok[:, None]                                               # [B*k, T]

@@ -27,7 +27,7 @@ from llmjax.sharding import mesh as mesh_lib
 from llmjax.sharding import partition
 from llmjax.sharding import rules as rules_lib
 from llmjax.train import eval_tasks as eval_tasks_lib
-from llmjax.train import inputs, resume, warm_start
+from llmjax.train import inputs, resume, reward_source, warm_start
 from llmjax.train import metrics as metrics_lib
 from llmjax.train import state as state_lib
 from llmjax.train import step as step_lib
@@ -145,6 +145,7 @@ def setup(workdir, model, data, tokenizer, optimizer, objective, config, operati
   tok = inputs.resolve_tokenizer(tokenizer, workdir, data.dataset, data.data_dir,
                                  data.text_key, log=log, input_dir=data.input_dir)
   model_cfg = _model_config(model, source, tok, config.pad_vocab_to_multiple, data)
+  reward_source.bind(objective, tok)  # reward='model': the reward model's config
   net = peft_lib.wrap(Transformer(model_cfg), peft)
   train_iter, make_eval_iter = _build_data(data, tok, objective, config)
   tx, schedule = optimizer.make(config.num_steps, step_lib.updates_per_step(objective))
@@ -161,6 +162,7 @@ def setup(workdir, model, data, tokenizer, optimizer, objective, config, operati
   if ckpt.latest_step() is None:  # a fresh run: warm start, soft prompts from their text
     state = _fresh_start(state, shardings, source, objective, log,
                          _fresh_pattern(optimizer.trainable, objective), peft, tok)
+    state = reward_source.attach(objective, state, shardings, log)
   resume.write_operative_config(workdir, operative_config)
   meta = {"model_config": dataclasses.asdict(model_cfg), "operative_config": operative_config,
           "tokenizer": ckpt_lib.encode_bytes(tok.serialized()), "num_params": num_params,
@@ -217,7 +219,8 @@ def _warm_start(state, shardings, source, objective, log, fresh=None):
   """A fresh run's parameters from `source`; the objective's frozen trees from them.
   Parameters the source lacks that match `fresh` (new adapters) keep their init."""
   params = warm_start.restore_params(source, state.params, shardings.params, fresh=fresh)
-  frozen = jax.jit(objective.frozen_trees, out_shardings=shardings.frozen)(params)
+  frozen = jax.jit(lambda p: nn.meta.unbox(objective.frozen_trees(p)),
+                   out_shardings=shardings.frozen)(params)
   log(f"initialized parameters from {source.workdir} (step {source.step})")
   return state.replace(params=params, frozen=frozen)
 

@@ -75,17 +75,20 @@ def read_metrics(workdir):
 
 
 def plot_loss_curve(workdir, filename="loss_curve.png"):
-  """Plots train `loss` and `eval_loss` against step from metrics.jsonl; returns the path."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  """Plots train `loss` and `eval_loss` against step from metrics.jsonl; returns the path.
+  Drawn on its own Agg canvas: pyplot's global backend is left alone, so a notebook
+  that trains and then plots still shows its figures."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
 
   records = read_metrics(workdir)
   train = [(r["step"], r["loss"]) for r in records if "loss" in r]
   evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
   if not train and not evals:
     return None
-  fig, ax = plt.subplots(figsize=(7, 4))
+  fig = Figure(figsize=(7, 4))
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
   for points, label in ((train, "train loss"), (evals, "validation loss")):
     if points:
       xs, ys = zip(*sorted(dict(points).items()))  # last record per step wins on resume
@@ -97,5 +100,4 @@ def plot_loss_curve(workdir, filename="loss_curve.png"):
   path = os.path.join(workdir, filename)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
   return path
