@@ -35,15 +35,36 @@ one pass (`reference_table`; `llmjax.train.dpo_reference.precompute`) and holds 
 reference at all (trl#624); the rows then carry `chosen_ref` / `rejected_ref`.
 
 Rows: prompt and response are encoded separately (as in SFT: a subword model merges
-across a joint boundary), `[bos] tok(prompt) tok(response) [eos]`, with `*_mask` 1 on
-the response and EOS. Both responses keep the SAME prompt: with `max_len` each response
-is cut at its end to fit and the prompt loses its start until the longer side fits.
-Packing: `DataConfig.feature_lengths = {'chosen_tokens': L, 'chosen_mask': L,
-'rejected_tokens': L, 'rejected_mask': L}`; any packing mode that keeps an example's
-features in one bin works ('first_fit', 'best_fit', 'none'; preference.py), 'concat'
-does not. Decoder-only models only. The policy runs without dropout unless `dropout`
-(TRL's default too: dropout would make π differ from π_ref at step 0 and the rewards
-noisy).
+across a joint boundary), and the feature function writes both layouts; the pipeline
+packs the one `DataConfig.feature_lengths` names (the layout must be the model's arch,
+else a UserError names the keys to pack):
+
+  decoder-only    chosen_tokens           [bos] tok(prompt) tok(chosen) [eos]
+                  chosen_mask               0     0 ... 0     1 ... 1     1
+                  (rejected_tokens, rejected_mask alike)
+                  feature_lengths = {'chosen_tokens': L, 'chosen_mask': L,
+                                     'rejected_tokens': L, 'rejected_mask': L}
+  encoder-decoder inputs                  tok(prompt) [eos]           -> the encoder
+                  chosen_response         [start] tok(chosen) [eos]   -> the decoder
+                  chosen_response_mask       0     1 ... 1     1
+                  (rejected_response, rejected_response_mask alike)
+                  feature_lengths = {'inputs': S, 'chosen_response': L,
+                                     'chosen_response_mask': L, 'rejected_response': L,
+                                     'rejected_response_mask': L}
+
+(`reward.py`'s layouts, with masks.) Either way log π(y|x) sums log p(token t+1 | ...)
+over the masked tokens, the response and its EOS: never a prompt token, which in the
+encoder-decoder layout is only conditioned on through cross-attention. With
+`precomputed_reference` each layout adds `'chosen_ref': L, 'rejected_ref': L`. Both
+responses keep the SAME prompt: with `max_len` each response is cut at its end to fit
+and the prompt loses its start until the longer side fits (decoder-only), or the
+decoder rows keep `max_len` tokens and the encoder the prompt's last `max_len - 1` and
+its EOS (encoder-decoder: S and L at least `max_len`). Any packing mode that keeps an
+example's features in one bin works ('first_fit', 'best_fit', 'none'; preference.py),
+'concat' does not. Every option (losses, cDPO, `length_normalize`, both references,
+`precomputed_reference`) works for both layouts; encoder-only models have no
+log π(y|x) and are refused. The policy runs without dropout unless `dropout` (TRL's
+default too: dropout would make π differ from π_ref at step 0 and the rewards noisy).
 """
 
 import dataclasses
@@ -54,11 +75,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from llmjax.data import packing
+from llmjax.data import tokenizer as tokenizer_lib
 from llmjax.errors import UserError
 from llmjax.objectives import preference
 from llmjax.objectives.protocol import TokenObjective
 
-KEYS = ("chosen_tokens", "chosen_mask", "rejected_tokens", "rejected_mask")
+KEYS = ("chosen_tokens", "chosen_mask", "rejected_tokens", "rejected_mask")  # decoder-only
+ENCODER_DECODER_KEYS = ("inputs", "chosen_response", "chosen_response_mask",
+                        "rejected_response", "rejected_response_mask")
 REF_KEYS = ("chosen_ref", "rejected_ref")
 REFERENCES = ("frozen", "base")
 METRICS = ("reward_accuracy", "reward_margin", "rewards_chosen", "rewards_rejected",
@@ -77,6 +101,7 @@ class DPO(TokenObjective):
   length_normalize: bool = False    # mean instead of sum of token log-probs (TRL's IPO)
   precomputed_reference: str | None = None  # a table of reference log-probs (one pass)
   dropout: bool = False             # the policy's dropout while training
+  decoder_start_id: int = tokenizer_lib.BOS_ID  # encoder-decoder only: the decoder's start
 
   can_sample: ClassVar[bool] = False
 
@@ -118,8 +143,14 @@ class DPO(TokenObjective):
             tokenizer.encode(example["rejected"]) + eos)
 
   def pair_rows(self, example, tokenizer) -> dict[str, np.ndarray]:
-    """The four row features of one pair, both rows on the same (kept) prompt."""
+    """The row features of one pair in both layouts (module docstring): the pipeline
+    packs those `DataConfig.feature_lengths` names and drops the others."""
     prompt, chosen, rejected = self.encode(example, tokenizer)
+    return {**self._decoder_rows(prompt, chosen, rejected, tokenizer),
+            **self._encoder_decoder_rows(prompt, chosen, rejected, tokenizer)}
+
+  def _decoder_rows(self, prompt, chosen, rejected, tokenizer) -> dict[str, np.ndarray]:
+    """`{side}_tokens` / `{side}_mask`: both rows on the same (kept) prompt."""
     bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
     if self.max_len:
       room = max(self.max_len - len(bos), 0)
@@ -133,15 +164,27 @@ class DPO(TokenObjective):
                                         np.int32)
     return rows
 
+  def _encoder_decoder_rows(self, prompt, chosen, rejected, tokenizer) -> dict[str, np.ndarray]:
+    """`inputs` (tok(prompt) + [eos], the prompt's end kept) and `{side}_response` /
+    `{side}_response_mask` ([start] + the response and EOS, cut at the end)."""
+    if self.max_len:
+      prompt = prompt[max(len(prompt) - self.max_len + 1, 0):]  # + [eos]: max_len
+      room = max(self.max_len - 1, 0)  # [start] + room
+      chosen, rejected = chosen[:room], rejected[:room]
+    rows = {"inputs": np.asarray(prompt + [tokenizer.eos_id], np.int32)}
+    for side, response in (("chosen", chosen), ("rejected", rejected)):
+      rows[f"{side}_response"] = np.asarray([self.decoder_start_id] + response, np.int32)
+      rows[f"{side}_response_mask"] = np.asarray([0] + [1] * len(response), np.int32)
+    return rows
+
   def feature_fn(self, example, tokenizer):
-    """`pair_rows`, plus `chosen_ref` / `rejected_ref` with a precomputed reference."""
+    """`pair_rows`, plus `chosen_ref` / `rejected_ref` with a precomputed reference: one
+    token each, the f32 bits (it packs beside either layout and adds up per segment)."""
     rows = self.pair_rows(example, tokenizer)
     if self.precomputed_reference:
       logps = self._table_entry(example, tokenizer)
       for side, value in zip(preference.SIDES, logps):
-        ref = np.zeros(len(rows[f"{side}_tokens"]), np.int32)
-        ref[0] = preference.to_bits(value)
-        rows[f"{side}_ref"] = ref
+        rows[f"{side}_ref"] = np.asarray([preference.to_bits(value)], np.int32)
     return rows
 
   def _table_entry(self, example, tokenizer) -> list[float]:
@@ -163,18 +206,37 @@ class DPO(TokenObjective):
                       "it over every split this run reads.")
     return logps[key]
 
+  def _layout(self, lengths) -> bool:
+    """True when `lengths` name the encoder-decoder layout, False for decoder-only (one
+    length for each side's keys); else a UserError showing both."""
+    refs = REF_KEYS if self.precomputed_reference else ()
+    for enc_dec, keys in ((False, KEYS), (True, ENCODER_DECODER_KEYS)):
+      row = "_response" if enc_dec else "_tokens"
+      if set(lengths) == set(keys + refs) and all(
+          lengths[k] == lengths[k.split("_")[0] + row] for k in keys + refs if k != "inputs"):
+        return enc_dec
+    layouts = [{k: "S" if k == "inputs" else "L" for k in keys + refs}
+               for keys in (KEYS, ENCODER_DECODER_KEYS)]
+    raise UserError(f"DPO packs {layouts[0]} (decoder-only) or {layouts[1]} "
+                    "(encoder-decoder), one L for each side's keys, but "
+                    f"DataConfig.feature_lengths is {dict(lengths)}: set it to one of these.")
+
   def init_inputs(self, lengths):
-    want = KEYS + (REF_KEYS if self.precomputed_reference else ())
-    side_lengths = [lengths.get(f"{side}_tokens") for side in preference.SIDES]
-    same = all(lengths.get(k) == lengths.get(k.split("_")[0] + "_tokens") for k in want)
-    if set(lengths) != set(want) or not same:
-      example = {k: "L" for k in want}
-      raise UserError(f"DPO packs {example} (one length for each side's keys), but "
-                      f"DataConfig.feature_lengths is {dict(lengths)}: set it to that.")
-    if self.max_len and min(side_lengths) < self.max_len:
+    enc_dec = self._layout(lengths)
+    if self.max_len and min(lengths.values()) < self.max_len:
       raise UserError(f"DPO.max_len={self.max_len} is longer than the rows "
                       f"({dict(lengths)}): the pipeline would cut pairs; make them equal.")
-    return {"tokens": jnp.zeros((1, max(side_lengths)), jnp.int32)}
+    if self.precomputed_reference:
+      arch = preference.load_table(self.precomputed_reference)[0].get("arch")
+      if arch and (arch == "encoder_decoder") != enc_dec:
+        raise UserError(f"the reference log-probs in {self.precomputed_reference} come from "
+                        f"a {arch} model, but DataConfig.feature_lengths packs the "
+                        f"{'encoder-decoder' if enc_dec else 'decoder-only'} layout: "
+                        "precompute them with the policy's starting checkpoint.")
+    if enc_dec:
+      return {"tokens": jnp.zeros((1, lengths["chosen_response"]), jnp.int32),
+              "encoder_tokens": jnp.zeros((1, lengths["inputs"]), jnp.int32)}
+    return {"tokens": jnp.zeros((1, lengths["chosen_tokens"]), jnp.int32)}
 
   # --- loss ---------------------------------------------------------------------------
 
@@ -208,9 +270,7 @@ class DPO(TokenObjective):
 
   def loss_sums(self, model, params, batch, *, rng=None, deterministic=True, frozen=None):
     """Summed per-pair loss and metrics of `batch` (module docstring); `weight` = pairs."""
-    if model.config.arch != "decoder_only":
-      raise UserError(f"DPO scores responses with a decoder-only model, not "
-                      f"{model.config.arch}: start from a decoder-only checkpoint.")
+    preference.check_layout(model, batch)
     policy = preference.sequence_logps(
         model, params, batch, rng=rng, deterministic=deterministic or not self.dropout)
     ref = self.reference_logps(model, params, batch, frozen)
@@ -242,10 +302,12 @@ class DPO(TokenObjective):
   def reference_table(self, model, params, records, tokenizer, batch_size: int = 8) -> dict:
     """`{pair_key: [log π_ref(chosen), log π_ref(rejected)]}` of `records` under
     `(model, params)`, unpacked rows of `max_len`, `batch_size` pairs per call (one
-    compile: the last batch is padded). `preference.write_table` stores it."""
+    compile: the last batch is padded), in the layout of the model's arch.
+    `preference.write_table` stores it."""
     if not self.max_len:
       raise UserError("DPO.reference_table needs DPO.max_len (the row length).")
-    lengths = {k: self.max_len for k in KEYS}
+    enc_dec = model.config.arch == "encoder_decoder"
+    lengths = {k: self.max_len for k in (ENCODER_DECODER_KEYS if enc_dec else KEYS)}
     fn = jax.jit(lambda p, b: {s: v for s, (v, _) in
                                preference.sequence_logps(model, p, b).items()})
     table, records = {}, list(records)
@@ -254,6 +316,7 @@ class DPO(TokenObjective):
       rows = [packing.pad_unpacked(self.pair_rows(r, tokenizer), lengths) for r in chunk]
       rows += [{k: np.zeros_like(v) for k, v in rows[0].items()}] * (batch_size - len(rows))
       batch = {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+      preference.check_layout(model, batch)
       logps = jax.device_get(fn(params, batch))
       for i, record in enumerate(chunk):  # one pair per row: slot 0 (segment id 1)
         table[preference.pair_key(record)] = [float(logps[s][i, 0]) for s in preference.SIDES]

@@ -3,7 +3,11 @@ policy = reference and the closed form −log σ(βΔ) (β once), response-only 
 pairs score as alone, the reference stays bitwise frozen while the policy learns,
 gradient accumulation and 8 devices match one batch on one device, LoRA's 'base'
 reference is the frozen base, a precomputed reference gives the online loss, and bad
-inputs are UserErrors. Whole runs: tests/objectives/test_dpo_runs.py."""
+inputs are UserErrors. The encoder-decoder layout (prompt -> encoder, responses ->
+decoder) against float64 numpy from a plain `apply` on rows built here, log 2 at
+policy = reference, response-only scoring, a frozen reference, packing, both other
+references and layout errors: the `test_encdec_*` tests. Whole runs:
+tests/objectives/test_dpo_runs.py."""
 
 
 import grain
@@ -19,7 +23,7 @@ from llmjax.errors import UserError
 from llmjax.models import presets
 from llmjax.models.transformer import Transformer
 from llmjax.objectives import preference
-from llmjax.objectives.dpo import DPO, KEYS
+from llmjax.objectives.dpo import DPO, ENCODER_DECODER_KEYS, KEYS
 from llmjax.optim.optimizers import OptimizerConfig
 from llmjax.peft.lora import LoraConfig
 from llmjax.peft.model import PeftModel
@@ -373,3 +377,228 @@ def test_precomputed_table_must_match_tokenizer_length_and_pairs(tok, tmp_path):
     DPO(max_len=L, precomputed_reference=path).feature_fn(PAIRS[0], tok)
   with pytest.raises(UserError, match="does not exist"):
     DPO(max_len=L, precomputed_reference=str(tmp_path / "no.json")).feature_fn(PAIRS[0], tok)
+
+
+# --- encoder-decoder --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def encdec(tok):
+  """(t5-tiny model, policy params, reference params): two different random models."""
+  cfg = presets.get_preset("t5-tiny", vocab_size=tok.vocab_size, embed_dim=32, num_heads=2,
+                           mlp_dim=64, dropout_rate=0.0, max_len=3 * L)
+  model = Transformer(cfg)
+  tokens = jnp.zeros((1, L), jnp.int32)
+  init = jax.jit(lambda r: model.init(r, tokens, encoder_tokens=tokens))
+  return model, *(nn.meta.unbox(init(jax.random.PRNGKey(s))["params"]) for s in (0, 1))
+
+
+def _encdec_batch(objective, tok, records=PAIRS):
+  """One pair per row in the encoder-decoder layout, padded to L (packing='none')."""
+  keys = ENCODER_DECODER_KEYS + (("chosen_ref", "rejected_ref")
+                                 if objective.precomputed_reference else ())
+  rows = [packing.pad_unpacked(objective.feature_fn(r, tok), {k: L for k in keys})
+          for r in records]
+  return {k: jnp.asarray(np.stack([row[k] for row in rows])) for k in rows[0]}
+
+
+def _padded(rows):
+  """Rows of ids -> (ids [B, L], 1 on real tokens [B, L]), zero-padded."""
+  ids, real = np.zeros((len(rows), L), np.int32), np.zeros((len(rows), L), np.int32)
+  for i, row in enumerate(rows):
+    ids[i, :len(row)], real[i, :len(row)] = row, 1
+  return ids, real
+
+
+def _numpy_encdec_logps(model, params, tok, records):
+  """float64 `{side: (log π(y|x) per record, response tokens + EOS)}`, the rows built
+  here from the text (not by DPO): encoder tok(prompt) + [eos], decoder [bos] +
+  tok(y) + [eos]; log p of y's tokens and EOS from a plain apply + log_softmax."""
+  inputs, inputs_real = _padded([tok.encode(r["prompt"]) + [tok.eos_id] for r in records])
+  out = {}
+  for side in ("chosen", "rejected"):
+    targets = [tok.encode(r[side]) + [tok.eos_id] for r in records]
+    decoder, real = _padded([[tokenizer_lib.BOS_ID] + t for t in targets])
+    logits = _JITTED.setdefault(model, jax.jit(model.apply))(
+        {"params": params}, decoder, segment_ids=real, encoder_tokens=inputs,
+        encoder_segment_ids=inputs_real)
+    logits = np.asarray(logits, np.float64)  # [B, L, V]
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    out[side] = (np.array([sum(logp[b, t, y] for t, y in enumerate(ys))  # t predicts t+1
+                           for b, ys in enumerate(targets)]),
+                 np.array([len(ys) for ys in targets]))
+  return out
+
+
+@pytest.mark.parametrize("obj", [
+    DPO(beta=0.1, max_len=L), DPO(beta=0.5, label_smoothing=0.2, max_len=L),
+    DPO(beta=0.1, loss="ipo", max_len=L), DPO(beta=0.3, loss="ipo", length_normalize=True,
+                                              max_len=L)],
+    ids=["dpo", "cdpo", "ipo", "ipo_mean"])
+def test_encdec_loss_matches_float64_numpy(obj, tok, encdec):
+  model, policy, ref = encdec
+  pi, pi_ref = (_numpy_encdec_logps(model, p, tok, PAIRS) for p in (policy, ref))
+  logps = {}
+  for side in ("chosen", "rejected"):
+    (sums, n), (ref_sums, _) = pi[side], pi_ref[side]
+    logps[side] = (sums - ref_sums) / (n if obj.length_normalize else 1)
+  delta = logps["chosen"] - logps["rejected"]
+  if obj.loss == "ipo":
+    want = (delta - 1 / (2 * obj.beta)) ** 2
+  else:
+    eps, x = obj.label_smoothing, obj.beta * delta
+    want = (1 - eps) * np.logaddexp(0, -x) + eps * np.logaddexp(0, x)
+  sums = obj.loss_sums(model, policy, _encdec_batch(obj, tok), frozen={"reference": ref})
+  got = obj.summarize(sums)
+  assert float(sums["weight"]) == len(PAIRS)
+  np.testing.assert_allclose(float(got["loss"]), want.mean(), rtol=2e-5)
+  sums_c, n_c = pi["chosen"]
+  np.testing.assert_allclose(float(got["logps_chosen"]), np.mean(
+      sums_c / n_c if obj.length_normalize else sums_c), rtol=1e-5)
+  assert float(got["reward_accuracy"]) == np.mean(delta > 0)
+
+
+def test_encdec_loss_is_log_2_when_policy_is_reference(tok, encdec):
+  model, policy, _ = encdec
+  obj = DPO(beta=0.1, max_len=L)
+  got = obj.summarize(obj.loss_sums(model, policy, _encdec_batch(obj, tok),
+                                    frozen=obj.frozen_trees(policy)))
+  np.testing.assert_allclose(float(got["loss"]), np.log(2.0), rtol=1e-6)
+  assert float(got["reward_margin"]) == 0 and float(got["logps_chosen"]) < 0
+
+
+def test_encdec_scores_response_tokens_only(tok, encdec):
+  """The prompt is conditioned on, never scored: the counts are the responses' (+ EOS)
+  whatever the prompt; a real prompt token changes the sums (the encoder is read) and
+  encoder padding does not; a decoder token whose target is outside the mask changes
+  nothing, and the same token inside the mask does."""
+  model, policy, _ = encdec
+  obj = DPO(max_len=L)
+  records = [dict(PAIRS[0], prompt=p) for p in ("Who? ", "Who speaks in this scene, say? ")]
+  batch = _encdec_batch(obj, tok, records)
+  logps = lambda b: {s: np.asarray(v[0][:, 0]) for s, v in
+                     preference.sequence_logps(model, policy, b).items()}
+  base = logps(batch)
+  counts = preference.sequence_logps(model, policy, batch)["chosen"][1][:, 0]
+  np.testing.assert_array_equal(counts, [len(tok.encode("the king")) + 1] * 2)
+  assert not np.allclose(base["chosen"][0], base["chosen"][1])  # another prompt: another p
+  inputs = np.array(batch["inputs"])
+  n = int(batch["inputs_segment_ids"][0].sum())
+  padded = inputs.copy()
+  other = tok.encode("k")[-1]  # a real character, in none of the replaced places
+  padded[0, n:] = other        # encoder padding
+  prompt = inputs.copy()
+  assert inputs[0, 1] != other
+  prompt[0, 1] = other         # a real prompt token
+  for changed, moves in ((padded, False), (prompt, True)):
+    got = logps({**batch, "inputs": jnp.asarray(changed)})
+    assert np.allclose(got["chosen"][0], base["chosen"][0], rtol=1e-6) != moves
+    np.testing.assert_allclose(got["chosen"][1], base["chosen"][1], rtol=1e-6)  # other row
+  # The EOS is the last real token, conditioning nothing: out of the mask it is not read.
+  eos = int(batch["chosen_response_segment_ids"][0].sum()) - 1
+  tokens = np.array(batch["chosen_response"])
+  tokens[0, eos] = other
+  mask = np.array(batch["chosen_response_mask"])
+  mask[0, eos] = 0
+  for mask_eos, moves in ((batch["chosen_response_mask"], True), (mask, False)):
+    unchanged = logps({**batch, "chosen_response_mask": jnp.asarray(mask_eos)})["chosen"][0]
+    swapped = logps({**batch, "chosen_response": jnp.asarray(tokens),
+                     "chosen_response_mask": jnp.asarray(mask_eos)})["chosen"][0]
+    assert (abs(swapped - unchanged) > 1e-4) == moves
+  assert unchanged > base["chosen"][0]  # one term fewer (a log-prob < 0)
+
+
+def test_encdec_reference_stays_bitwise_frozen_while_the_policy_learns(tok, encdec):
+  model, policy, _ = encdec
+  obj = DPO(beta=0.5, max_len=L)
+  tx, schedule = OptimizerConfig(peak_lr=3e-3, warmup_steps=0).make(20)
+  state = _state(model, obj, policy, tx)
+  start = jax.tree.map(np.array, policy)
+  step = jax.jit(step_lib.make_train_step(model, obj, tx, schedule), donate_argnums=0)
+  batch, losses = _encdec_batch(obj, tok), []
+  for _ in range(3):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  for a, b in zip(jax.tree.leaves(state.frozen["reference"]), jax.tree.leaves(start)):
+    np.testing.assert_array_equal(np.asarray(a), b)
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.params),
+                                                       jax.tree.leaves(start)))
+  np.testing.assert_allclose(losses[0], np.log(2.0), rtol=1e-5)
+  assert losses[-1] < losses[0] and all(np.isfinite(losses)), losses
+
+
+def test_encdec_packed_pairs_and_precomputed_reference_match(tok, encdec, tmp_path):
+  """Three pairs packed into one row (encoder segment s <-> decoder segment s) score as
+  alone, and a reference table written in one pass gives the online loss."""
+  model, policy, ref = encdec
+  online = DPO(beta=0.2, max_len=L)
+  table = online.reference_table(model, ref, PAIRS[:5], tok, batch_size=4)
+  path = preference.write_table(str(tmp_path / "ref.json"), table, {
+      "max_len": L, "tokenizer": preference.tokenizer_fingerprint(tok),
+      "arch": "encoder_decoder"})
+  cached = DPO(beta=0.2, max_len=L, precomputed_reference=path)
+  keys = ENCODER_DECODER_KEYS + ("chosen_ref", "rejected_ref")
+  ds = grain.MapDataset.source([cached.feature_fn(r, tok) for r in PAIRS[:3]])
+  rows = list(packing.pack(ds.to_iter_dataset(), {k: 3 * L for k in keys}, "first_fit",
+                           shuffle_bins=False))
+  assert len(rows) == 1 and rows[0]["inputs_segment_ids"].max() == 3
+  packed = {k: jnp.asarray(v)[None] for k, v in rows[0].items()}
+  want = online.loss_sums(model, policy, _encdec_batch(online, tok, PAIRS[:3]),
+                          frozen={"reference": ref})
+  for got in (online.loss_sums(model, policy, packed, frozen={"reference": ref}),
+              cached.loss_sums(model, policy, packed),
+              cached.loss_sums(model, policy, _encdec_batch(cached, tok, PAIRS[:3]))):
+    for key in want:
+      np.testing.assert_allclose(float(got[key]), float(want[key]), rtol=1e-5, atol=1e-5,
+                                 err_msg=key)
+  assert cached.init_inputs({k: L for k in keys})["encoder_tokens"].shape == (1, L)
+  with pytest.raises(UserError, match="encoder_decoder model"):
+    cached.init_inputs({k: L for k in KEYS + ("chosen_ref", "rejected_ref")})
+
+
+def test_encdec_lora_base_reference_is_the_frozen_base(tok, encdec):
+  model, _, _ = encdec
+  lora = PeftModel(model, [LoraConfig(target="attention", rank=2)])
+  tokens = jnp.zeros((1, L), jnp.int32)
+  tuned = nn.meta.unbox(lora.init(jax.random.PRNGKey(0), tokens, encoder_tokens=tokens)
+                        ["params"])
+  tuned = jax.tree_util.tree_map_with_path(  # a trained-looking adapter: B != 0
+      lambda p, x: x + 0.3 if "lora_b" in jax.tree_util.keystr(p) else x, tuned)
+  base = jax.tree_util.tree_map_with_path(
+      lambda p, x: jnp.zeros_like(x) if "lora_b" in jax.tree_util.keystr(p) else x, tuned)
+  batch = _encdec_batch(DPO(max_len=L), tok, PAIRS[:4])
+  results = []
+  for obj, frozen in ((DPO(reference="base", max_len=L), {}),
+                      (DPO(reference="frozen", max_len=L), {"reference": base})):
+    loss = lambda p, obj=obj, frozen=frozen: obj.loss_sums(lora, p, batch, frozen=frozen)["loss"]
+    results.append(jax.jit(jax.value_and_grad(loss))(tuned))
+  assert abs(float(results[0][0]) - 4 * np.log(2.0)) > 1e-3  # not trivially equal
+  np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_encdec_rows_and_layout_errors(tok, net, params, encdec):
+  record = {"prompt": "Which play is it from, tell me? ", "chosen": "Hamlet",
+            "rejected": "Macbeth, I think"}
+  rows = DPO(max_len=12).feature_fn(record, tok)
+  prompt, rejected = tok.encode(record["prompt"]), tok.encode(record["rejected"])
+  np.testing.assert_array_equal(rows["inputs"], prompt[-11:] + [tok.eos_id])
+  np.testing.assert_array_equal(rows["rejected_response"], [tokenizer_lib.BOS_ID] +
+                                rejected[:11])  # cut at its end
+  np.testing.assert_array_equal(rows["chosen_response_mask"],
+                                [0] + [1] * (len(tok.encode("Hamlet")) + 1))
+  obj = DPO(max_len=L)
+  lengths = {k: L for k in ENCODER_DECODER_KEYS}
+  assert obj.init_inputs(lengths)["tokens"].shape == (1, L)
+  for bad in ({**lengths, "chosen_response_mask": L - 1}, {**lengths, "chosen_mask": L}):
+    with pytest.raises(UserError, match="encoder-decoder"):
+      obj.init_inputs(bad)
+  with pytest.raises(UserError, match="longer than the rows"):
+    obj.init_inputs({**lengths, "inputs": L // 2})
+  model, policy, _ = encdec
+  with pytest.raises(UserError, match="model is encoder_decoder.*'inputs': S"):
+    obj.loss_sums(model, policy, _batch(obj, tok), frozen={"reference": policy})
+  with pytest.raises(UserError, match="model is decoder_only.*'chosen_tokens'"):
+    obj.loss_sums(net, params[0], _encdec_batch(obj, tok), frozen={"reference": params[0]})

@@ -1,7 +1,9 @@
 """DPO through `llmjax train` (runs/dpo_debug.gin from a checkpoint): the implicit reward
 accuracy rises on the training pairs, the reference in the checkpoint is bitwise the
 init_from parameters, a reference precomputed in one pass from a workdir gives the same
-steps, and a reference workdir with another tokenizer or vocabulary is refused."""
+steps, and a reference workdir with another tokenizer or vocabulary is refused. The
+encoder-decoder debug run (runs/dpo_encdec_debug.gin, t5-tiny from its init) starts at
+log 2 and finishes with finite metrics, and its workdir precomputes a reference table."""
 
 import json
 import os
@@ -15,6 +17,7 @@ from llmjax.checkpoint import manager as ckpt_lib
 from llmjax.checkpoint import workdir as workdir_lib
 from llmjax.data import tokenizer as tokenizer_lib
 from llmjax.errors import UserError
+from llmjax.objectives import preference
 from llmjax.objectives.dpo import DPO, KEYS
 from llmjax.testing import runs
 from llmjax.train import dpo_reference
@@ -90,3 +93,29 @@ def test_a_reference_with_another_tokenizer_or_vocabulary_is_refused(fixture_run
   bigger = model.clone(config=model.config.replace(vocab_size=model.config.vocab_size + 8))
   with pytest.raises(UserError, match="vocabulary"):
     dpo_reference.check_same_vocabulary(fixture_run, bigger, ref_tok, fixture_run)
+
+
+@pytest.mark.slow
+def test_encdec_debug_run_starts_at_log_2_and_finishes(tmp_path, data_dir):
+  workdir = str(tmp_path / "encdec")
+  argv = ["train", "--gin_file=runs/dpo_encdec_debug.gin", f"--workdir={workdir}",
+          f"--gin_param=DataConfig.data_dir={data_dir!r}", "--gin_param=TrainConfig.log_every=1"]
+  assert cli.main(argv) == 0
+  records = metrics_lib.read_metrics(workdir)
+  train = [r for r in records if "loss" in r]
+  assert [r["step"] for r in train] == list(range(1, 7))
+  np.testing.assert_allclose(train[0]["loss"], np.log(2.0), rtol=1e-6)  # policy = reference
+  assert train[0]["reward_margin"] == 0 and all(r["pairs"] > 0 for r in train)
+  assert any("eval_loss" in r for r in records)
+  for record in records:
+    values = [v for v in record.values() if isinstance(v, float)]
+    assert values and np.all(np.isfinite(values)), record
+
+  # The reference in one pass from this (encoder-decoder) workdir.
+  prefs = _preference_files(tmp_path / "prefs")
+  path = dpo_reference.precompute(workdir, str(tmp_path / "ref.json"), objective=DPO(
+      max_len=64), dataset="local_preferences", data_dir=data_dir, input_dir=prefs,
+      policy=workdir, log=lambda _: None)
+  meta, table = preference.load_table(path)
+  assert meta["arch"] == "encoder_decoder" and len(table) == 20  # 16 train + 4 validation
+  assert all(np.isfinite(v).all() and max(v) < 0 for v in table.values())
