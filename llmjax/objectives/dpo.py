@@ -18,6 +18,11 @@ trl#800). `weight` is the number of pairs, so every metric is a mean over pairs 
 gradient accumulation and data parallelism stay exact. At step 0 (policy = reference)
 Δ = 0 and the DPO loss is log 2.
 
+RPO (`rpo_alpha` = α > 0; Pang et al. 2024, "Iterative Reasoning Preference
+Optimization", TRL's `rpo_alpha`) adds α times the chosen response's negative
+log-likelihood per token to each pair's loss: the remedy tried here for the fall of the
+chosen log-probs (experiments/alignment.py), since plain DPO only pushes the difference.
+
 IPO on sums or means. Azar et al. define IPO on sequence log-likelihoods; TRL averages
 per token for IPO (a long pair otherwise dwarfs the 1/(2β) target). Here `loss='ipo'`
 follows the paper, and `length_normalize=True` divides each sequence log-prob by its
@@ -102,6 +107,7 @@ class DPO(TokenObjective):
   precomputed_reference: str | None = None  # a table of reference log-probs (one pass)
   dropout: bool = False             # the policy's dropout while training
   decoder_start_id: int = tokenizer_lib.BOS_ID  # encoder-decoder only: the decoder's start
+  rpo_alpha: float = 0.0            # RPO: + α · the chosen response's per-token NLL
 
   can_sample: ClassVar[bool] = False
 
@@ -118,6 +124,9 @@ class DPO(TokenObjective):
     if self.loss == "ipo" and self.label_smoothing:
       raise UserError("DPO.label_smoothing is cDPO's, for loss='sigmoid'; IPO has no "
                       "label smoothing: set it to 0.")
+    if not self.rpo_alpha >= 0:
+      raise UserError(f"DPO.rpo_alpha={self.rpo_alpha} must be >= 0 (0: plain DPO; Pang et "
+                      "al. use 1).")
     if self.precomputed_reference and not self.max_len:
       raise UserError("DPO.precomputed_reference needs DPO.max_len (the table's rows were "
                       "cut at a fixed length): set it to the row length.")
@@ -276,12 +285,15 @@ class DPO(TokenObjective):
     ref = self.reference_logps(model, params, batch, frozen)
     (pi_c, n_c), (pi_r, n_r) = policy["chosen"], policy["rejected"]
     ref_c, ref_r = ref["chosen"], ref["rejected"]
+    nll_chosen = -pi_c / jnp.maximum(n_c, 1)  # per token, before any length normalization
     if self.length_normalize:
       pi_c, ref_c = pi_c / jnp.maximum(n_c, 1), ref_c / jnp.maximum(n_c, 1)
       pi_r, ref_r = pi_r / jnp.maximum(n_r, 1), ref_r / jnp.maximum(n_r, 1)
     pairs = (n_c > 0) & (n_r > 0)  # [B, L] slots holding a pair
     delta = (pi_c - ref_c) - (pi_r - ref_r)
     loss = preference.preference_loss(delta, self.beta, self.loss, self.label_smoothing)
+    if self.rpo_alpha:
+      loss = loss + self.rpo_alpha * nll_chosen
     reward_c, reward_r = self.beta * (pi_c - ref_c), self.beta * (pi_r - ref_r)
     per_pair = {"loss": loss, "reward_accuracy": (reward_c > reward_r).astype(jnp.float32),
                 "reward_margin": reward_c - reward_r, "rewards_chosen": reward_c,

@@ -80,8 +80,8 @@ import jax.numpy as jnp
 
 from llmjax.errors import UserError
 from llmjax.layers.linear import Einsum
-from llmjax.objectives.grpo import RolloutObjective, completion_logps, rollout
 from llmjax.objectives.preference import token_logps
+from llmjax.objectives.rollout import RolloutObjective, completion_logps, rollout
 from llmjax.sharding.axes import EMBED
 
 VALUE_HEAD = "value_head"

@@ -129,3 +129,22 @@ def float_norm(params) -> jax.Array:
   """The global norm of the floating-point leaves (integer codes are not weights)."""
   return optax.global_norm([p for p in jax.tree.leaves(params)
                             if jnp.issubdtype(p.dtype, jnp.floating)])
+
+
+def apply_update(tx, grads, opt_state, params, trainable, loss):
+  """One guarded optimizer update: `(params, opt_state, grad_norm, finite)`.
+
+  `trainable` (a pytree of bools, or None: all train) keeps frozen leaves the very same
+  arrays and leaves them out of the gradient norm. A non-finite `loss` or gradient norm
+  drops the update: the old parameters and optimizer state come back, `finite` False."""
+  updates, new_opt = tx.update(grads, opt_state, params)
+  if trainable is None:
+    new_params, grad_norm = optax.apply_updates(params, updates), optax.global_norm(grads)
+  else:
+    new_params = jax.tree.map(lambda p, u, t: optax.apply_updates(p, u) if t else p,
+                              params, updates, trainable)
+    grad_norm = optax.global_norm(jax.tree.leaves(
+        jax.tree.map(lambda g, t: g if t else None, grads, trainable)))
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  return keep(new_params, params), keep(new_opt, opt_state), grad_norm, finite

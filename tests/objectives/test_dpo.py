@@ -101,6 +101,8 @@ def _numpy_loss(net, policy, ref, batch, obj):
       logits = apply({"params": p}, batch[f"{side}_tokens"], segment_ids=seg)
       sums, counts = _numpy_seq_logps(logits, tokens, np.asarray(batch[f"{side}_mask"]), seg)
       logps[name, side] = sums / counts if obj.length_normalize else sums
+      if (name, side) == ("pi", "chosen"):
+        nll_chosen = -sums / counts
   delta = ((logps["pi", "chosen"] - logps["ref", "chosen"])
            - (logps["pi", "rejected"] - logps["ref", "rejected"]))
   log_sigmoid = lambda x: -np.logaddexp(0.0, -x)
@@ -109,14 +111,17 @@ def _numpy_loss(net, policy, ref, batch, obj):
   else:
     eps = obj.label_smoothing
     loss = -(1 - eps) * log_sigmoid(obj.beta * delta) - eps * log_sigmoid(-obj.beta * delta)
+  loss = loss + obj.rpo_alpha * nll_chosen  # RPO: the chosen response's per-token NLL
   return loss.mean(), np.mean(delta > 0)
 
 
 @pytest.mark.parametrize("obj", [
     DPO(beta=0.1, max_len=L), DPO(beta=0.5, label_smoothing=0.2, max_len=L),
     DPO(beta=0.1, loss="ipo", max_len=L), DPO(beta=0.3, loss="ipo", length_normalize=True,
-                                              max_len=L)],
-    ids=["dpo", "cdpo", "ipo", "ipo_mean"])
+                                              max_len=L),
+    DPO(beta=0.1, max_len=L, rpo_alpha=0.7),
+    DPO(beta=0.1, max_len=L, rpo_alpha=1.0, length_normalize=True)],
+    ids=["dpo", "cdpo", "ipo", "ipo_mean", "rpo", "rpo_mean"])
 def test_loss_matches_float64_numpy(obj, tok, net, params):
   batch = _batch(obj, tok)
   sums = obj.loss_sums(net, params[0], batch, frozen={"reference": params[1]})
@@ -334,7 +339,8 @@ def test_bad_configs_and_inputs_are_user_errors(tok, params):
   for kwargs, match in (({"loss": "hinge"}, "DPO.loss"), ({"reference": "ema"}, "reference"),
                         ({"beta": 0.0}, "beta"), ({"label_smoothing": 0.5}, "label_smooth"),
                         ({"loss": "ipo", "label_smoothing": 0.1}, "IPO has no"),
-                        ({"precomputed_reference": "t.json"}, "needs DPO.max_len")):
+                        ({"precomputed_reference": "t.json"}, "needs DPO.max_len"),
+                        ({"rpo_alpha": -1.0}, "rpo_alpha=-1.0 must be >= 0")):
     with pytest.raises(UserError, match=match):
       DPO(**kwargs)
   obj = DPO(max_len=L)
@@ -434,8 +440,10 @@ def _numpy_encdec_logps(model, params, tok, records):
 @pytest.mark.parametrize("obj", [
     DPO(beta=0.1, max_len=L), DPO(beta=0.5, label_smoothing=0.2, max_len=L),
     DPO(beta=0.1, loss="ipo", max_len=L), DPO(beta=0.3, loss="ipo", length_normalize=True,
-                                              max_len=L)],
-    ids=["dpo", "cdpo", "ipo", "ipo_mean"])
+                                              max_len=L),
+    DPO(beta=0.1, max_len=L, rpo_alpha=0.7),
+    DPO(beta=0.1, max_len=L, rpo_alpha=1.0, length_normalize=True)],
+    ids=["dpo", "cdpo", "ipo", "ipo_mean", "rpo", "rpo_mean"])
 def test_encdec_loss_matches_float64_numpy(obj, tok, encdec):
   model, policy, ref = encdec
   pi, pi_ref = (_numpy_encdec_logps(model, p, tok, PAIRS) for p in (policy, ref))
@@ -449,6 +457,7 @@ def test_encdec_loss_matches_float64_numpy(obj, tok, encdec):
   else:
     eps, x = obj.label_smoothing, obj.beta * delta
     want = (1 - eps) * np.logaddexp(0, -x) + eps * np.logaddexp(0, x)
+  want = want + obj.rpo_alpha * -pi["chosen"][0] / pi["chosen"][1]  # RPO's chosen NLL
   sums = obj.loss_sums(model, policy, _encdec_batch(obj, tok), frozen={"reference": ref})
   got = obj.summarize(sums)
   assert float(sums["weight"]) == len(PAIRS)
