@@ -3,7 +3,8 @@ PPO): one update per rollout equals the plain gradient step of `loss_sums`; seve
 epochs x minibatches equal an update-by-update reference over the same experience (and
 PPO's clips then bind); gradient accumulation 1 x 8 equals 8 x 1; PPO's adaptive KL
 coefficient follows Ziegler et al.'s rule and is carried in `TrainState.objective`; the
-schedule counts train steps; 8 simulated devices (dp, fsdp, fsdp+tensor) match one."""
+schedule counts train steps; 8 simulated devices (dp, fsdp, fsdp+tensor) match one; under
+LoRA only the adapters train and the reward still rises."""
 
 import jax
 import jax.numpy as jnp
@@ -68,13 +69,13 @@ def _state(obj, params, tx):
 
 
 def _ppo(**kw):
-  return PPO(prompt_len=P, max_new_tokens=T, kl_coef=0.05, reward="token_count",
-             reward_kwargs={"token_id": 7}, **kw)
+  return PPO(**{"prompt_len": P, "max_new_tokens": T, "kl_coef": 0.05,
+                "reward": "token_count", "reward_kwargs": {"token_id": 7}, **kw})
 
 
 def _grpo(**kw):
-  return GRPO(prompt_len=P, max_new_tokens=T, num_generations=4, beta=0.05,
-              reward="token_count", reward_kwargs={"token_id": 7}, **kw)
+  return GRPO(**{"prompt_len": P, "max_new_tokens": T, "num_generations": 4, "beta": 0.05,
+                 "reward": "token_count", "reward_kwargs": {"token_id": 7}, **kw})
 
 
 def _close(a, b, atol):
@@ -246,3 +247,46 @@ def test_eight_devices_match_one(net, make):
     if make is _ppo:
       np.testing.assert_allclose(eight[1].objective["kl_coef"], one[1].objective["kl_coef"],
                                  rtol=1e-4)
+
+
+@pytest.mark.parametrize("make", [_ppo, _grpo])
+def test_lora_trains_only_the_adapters_and_raises_the_reward(make):
+  """Under LoRA (a PeftModel: rollouts, log-probs and PPO's value head all through the
+  interceptors) only the adapters (and PPO's new value head) change, the base stays
+  bitwise, and the toy reward of fixed-seed samples rises. The model's init_std is 0.3:
+  at the usual 0.02 the frozen tied embeddings bound every logit to about ±0.6, so no
+  adapter can make one token likely (full fine-tuning grows the embeddings instead)."""
+  from llmjax.objectives import rollout
+  from llmjax.peft import model as peft_lib
+  from llmjax.peft.lora import LoraConfig
+  cfg = presets.get_preset("tiny", vocab_size=V, embed_dim=32, num_heads=2, mlp_dim=64,
+                           dropout_rate=0.0, max_len=P + T, init_std=0.3)
+  configs = [LoraConfig(target="all_linear", rank=4, alpha=8.0)]
+  lora = peft_lib.PeftModel(Transformer(cfg), configs)
+  trainable = peft_lib.trainable_pattern(configs) + ("|value_head" if make is _ppo else "")
+  obj = make(num_generations=8, minibatches=2)
+  method = ppo.policy_and_values if make is _ppo else None
+  tokens = jnp.zeros((1, P + T), jnp.int32)
+  params = nn.meta.unbox(lora.init(jax.random.PRNGKey(0), tokens, method=method)["params"])
+  optimizer = OptimizerConfig(peak_lr=3e-2, warmup_steps=0, decay="constant",
+                              trainable=trainable)
+  tx, schedule = optimizer.make(10)
+  mask = optimizer.trainable_mask(params)
+  state = _state(obj, params, tx)
+  step = jax.jit(step_lib.make_train_step(lora, obj, tx, schedule, trainable=mask))
+  rows = jnp.repeat(_batch()["prompt"], 16, axis=0)
+  measure = jax.jit(lambda p: jnp.mean(obj.reward_fn(V)(*rollout.rollout(
+      lora, p, rows, jax.random.key(7), max_new_tokens=T)[:2])))
+  before = float(measure(params))
+  for _ in range(10):
+    state, metrics = step(state, _batch())
+    assert int(metrics["nonfinite"]) == 0
+  after = float(measure(state.params))
+  assert after > before + 2.0, (before, after)
+  flat = lambda tree: dict(jax.tree_util.tree_flatten_with_path(tree)[0])
+  start, end, trains = flat(params), flat(state.params), flat(mask)
+  assert any(trains.values()) and not all(trains.values())
+  for path, value in start.items():
+    if not trains[path]:
+      np.testing.assert_array_equal(end[path], value, err_msg=jax.tree_util.keystr(path))
+  assert all(not np.array_equal(end[p], start[p]) for p in start if trains[p])
