@@ -35,9 +35,11 @@ checkpoint), `TrainState.frozen['reference']`, as DPO's (llmjax/objectives/dpo.p
 
 NaN rewards. A row whose reward is not finite (a judge that failed) is dropped: its
 advantage is 0, it is left out of its group's mean and std, of `weight` and of every
-metric but `nan_rewards` (the fraction of completions with a non-finite reward). A
-batch where no reward is finite thus contributes a zero gradient (the optimizer's
-momentum still moves the parameters) and is visible as nan_rewards = 1.
+metric but `nan_rewards` (the fraction of completions with a non-finite reward). When
+no completion of an update has a finite reward, its loss is NaN on purpose: the trainer
+then drops the update (parameters and optimizer state unchanged) and halts or counts it
+as `TrainConfig.on_nonfinite` says, its message naming the failed rewards. A reward
+function that raises is a UserError naming it, before any update.
 
 Data: records with a `text` field (`shakespeare`, `local_text`); the prompt is the first
 `prompt_len` tokens ([bos] + the text's tokens); shorter texts are skipped. Packing:
@@ -62,6 +64,7 @@ import jax.numpy as jnp
 from llmjax.errors import UserError
 from llmjax.objectives.rollout import (  # noqa: F401 (rollout, completion_mask: re-exported)
   RolloutObjective,
+  all_rewards_failed,
   completion_logps,
   completion_mask,
   rollout,
@@ -136,7 +139,7 @@ class GRPO(RolloutObjective):
     finite = jnp.isfinite(rewards)
     ok = real & finite
     adv, std = group_advantages(rewards, ok, self.num_generations, self.eps)
-    experience = {"prompt": prompts, "completion": tokens, "mask": mask, "ok": ok,
+    experience = {"prompt": prompts, "completion": tokens, "mask": mask, "ok": ok, "real": real,
                   "advantage": adv}
     if self.epochs * self.minibatches > 1:
       experience["old_logps"] = completion_logps(model, params, prompts, tokens, mask,
@@ -166,8 +169,8 @@ class GRPO(RolloutObjective):
     length = jnp.sum(mask, axis=1).astype(jnp.float32)
     per_token_mean = lambda x: jnp.sum(jnp.where(mask, x, 0.0), axis=1) / length
     on = lambda x: jnp.sum(jnp.where(ok, x, 0.0))
-    return {"loss": on(per_token_mean(loss)), "kl": on(per_token_mean(kl)),
-            "weight": on(jnp.ones_like(length))}
+    return {"loss": all_rewards_failed(on(per_token_mean(loss)), ok, e["real"]),
+            "kl": on(per_token_mean(kl)), "weight": on(jnp.ones_like(length))}
 
   def summarize(self, sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     """Means over the scored completions; nan_rewards over all completions."""

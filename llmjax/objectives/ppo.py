@@ -57,7 +57,8 @@ the checkpoint beside the language model, which still loads and samples as one.
 Rewards come from the registry (a function of token ids) or, with `reward='model'` and
 `reward_model=WORKDIR`, from a trained reward model (llmjax/objectives/reward.py) held as
 `TrainState.frozen['reward_model']` and scoring prompt + completion at the completion's
-last token (`RolloutObjective.rewards`). NaN rewards drop their completion, as in GRPO:
+last token (`RolloutObjective.rewards`). NaN rewards drop their completion, as in GRPO
+(an update with no finite reward at all is dropped by the trainer, grpo.py):
 its tokens leave the loss, the whitening and `weight`; `nan_rewards` counts them.
 
 Data and packing as GRPO's: `DataConfig.feature_lengths = {'prompt': prompt_len}`;
@@ -81,7 +82,12 @@ import jax.numpy as jnp
 from llmjax.errors import UserError
 from llmjax.layers.linear import Einsum
 from llmjax.objectives.preference import token_logps
-from llmjax.objectives.rollout import RolloutObjective, completion_logps, rollout
+from llmjax.objectives.rollout import (
+  RolloutObjective,
+  all_rewards_failed,
+  completion_logps,
+  rollout,
+)
 from llmjax.sharding.axes import EMBED
 
 VALUE_HEAD = "value_head"
@@ -286,6 +292,7 @@ class PPO(RolloutObjective):
                 completions=jnp.sum(real.astype(jnp.float32)),
                 nan_rewards=jnp.sum((real & ~finite).astype(jnp.float32)))
     experience = {"prompt": prompts, "completion": tokens, "mask": mask, "valid": valid,
+                  "ok": ok, "real": real,
                   "old_logps": logp_old, "old_values": values, "advantage": adv,
                   "returns": returns}
     return experience, sums
@@ -300,7 +307,8 @@ class PPO(RolloutObjective):
     pg, clipped = policy_loss(logp, e["old_logps"], e["advantage"], self.clip_eps)
     vf = value_loss(values, e["old_values"], e["returns"], self.vf_clip)
     on = lambda x: jnp.sum(jnp.where(valid, x, 0.0))
-    return {"loss": on(pg + self.vf_coef * vf), "policy_loss": on(pg), "value_loss": on(vf),
+    loss = all_rewards_failed(on(pg + self.vf_coef * vf), e["ok"], e["real"])
+    return {"loss": loss, "policy_loss": on(pg), "value_loss": on(vf),
             "value": on(values), "clip_frac": on(clipped.astype(jnp.float32)),
             "weight": on(jnp.ones_like(pg))}
 

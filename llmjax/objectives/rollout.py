@@ -85,6 +85,13 @@ def rollout(model, params, prompts: jax.Array, rng: jax.Array, *, max_new_tokens
 
 
 
+def all_rewards_failed(loss, ok, real):
+  """`loss`, or NaN when the rows hold real completions and none has a finite reward: the
+  trainer's non-finite guard then drops the update instead of letting the optimizer's
+  momentum move the parameters on no signal."""
+  return jnp.where(jnp.any(real) & ~jnp.any(ok), jnp.nan, loss)
+
+
 def completion_logps(model, params, prompts, completions, mask, temperature: float = 1.0):
   """log π(completion token | prompt, earlier completion tokens) `[B, T]`, 0 off `mask`:
   one forward pass over prompt + completion, read at the completion's positions."""
@@ -225,7 +232,16 @@ class RolloutObjective(TokenObjective):
     where the reward model was trained to read; a completion cut at max_new_tokens is
     read at its last token)."""
     if self.reward != MODEL_REWARD:
-      return self.reward_fn(model.config.vocab_size)(tokens, mask).astype(jnp.float32)
+      score = self.reward_fn(model.config.vocab_size)
+      try:
+        return score(tokens, mask).astype(jnp.float32)
+      except UserError:
+        raise
+      except Exception as e:
+        raise UserError(f"{type(self).__name__}.reward={self.reward!r} raised "
+                        f"{type(e).__name__}: {e} while scoring completions (before any "
+                        "update): fix the reward function (llmjax/objectives/rewards.py "
+                        "shows the signature).") from e
     if not frozen or "reward_model" not in frozen:
       raise UserError(f"{type(self).__name__}.reward='{MODEL_REWARD}' reads "
                       "frozen['reward_model'], which is missing: build the train state with "

@@ -116,7 +116,10 @@ class StepLoop:
             f"non-finite loss or gradient at step {step} (loss={metrics['loss']}, grad_norm="
             f"{metrics['grad_norm']}); the update was not applied. Last good checkpoint: "
             f"{'step ' + str(last) if last is not None else 'none'} in {ckpt.directory}. "
-            "Lower the learning rate or set TrainConfig.on_nonfinite='skip'.")
+            + ("Every completion's reward was NaN (nan_rewards=1): the reward function "
+               "failed on all of them; fix it, or set TrainConfig.on_nonfinite='skip'."
+               if metrics.get("nan_rewards") == 1 else
+               "Lower the learning rate or set TrainConfig.on_nonfinite='skip'."))
     self.window.append(metrics)
 
   def _write_log(self, done):

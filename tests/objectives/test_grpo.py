@@ -177,9 +177,38 @@ def test_nan_rewards_are_dropped_and_counted(net, params, every, want):
   summary = obj.summarize(sums)
   assert float(summary["nan_rewards"]) == want and float(sums["completions"]) == 8
   assert float(sums["weight"]) == 8 * (1 - want)
-  assert all(np.isfinite(float(v)) for v in summary.values())
+  # No finite reward at all: the loss is NaN on purpose (the trainer drops the update).
+  assert np.isnan(float(summary["loss"])) == (want == 1.0)
+  assert all(np.isfinite(float(v)) for k, v in summary.items() if k != "loss")
   norms = [float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads)]
   assert all(np.isfinite(norms)) and (max(norms) == 0) == (want == 1.0)
+
+
+@rewards.register("test_raises")
+def _raises(tokens, mask, tables):
+  raise ZeroDivisionError("the judge divided by zero")
+
+
+def test_failed_rewards_leave_the_state_alone_or_name_the_reward(net, params):
+  """A train step whose every reward is NaN changes neither the parameters nor the
+  optimizer state and reports nonfinite; a reward that raises is a UserError naming it."""
+  tx, schedule = OptimizerConfig(peak_lr=1e-2, warmup_steps=0).make(10)
+  obj = GRPO(prompt_len=P, max_new_tokens=T, num_generations=4, beta=0.1,
+             reward="test_nan_rows", reward_kwargs={"every": 1})
+  state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                               opt_state=tx.init(params), frozen=obj.frozen_trees(params),
+                               rng=jax.random.key_data(jax.random.PRNGKey(0)))
+  step = jax.jit(step_lib.make_train_step(net, obj, tx, schedule))
+  new, metrics = step(state, {"prompt": _prompts(2)})
+  assert int(metrics["nonfinite"]) == 1 and float(metrics["nan_rewards"]) == 1
+  for a, b in zip(jax.tree.leaves((new.params, new.opt_state)),
+                  jax.tree.leaves((state.params, state.opt_state))):
+    np.testing.assert_array_equal(a, b)
+  bad = GRPO(prompt_len=P, max_new_tokens=T, num_generations=4, beta=0.0, reward="test_raises")
+  with pytest.raises(UserError, match=r"GRPO.reward='test_raises' raised ZeroDivisionError: "
+                     r"the judge divided by zero"):
+    jax.jit(step_lib.make_train_step(net, bad, tx, schedule))(
+        state.replace(frozen={}), {"prompt": _prompts(2)})
 
 
 def test_syllable_table_and_reward(tmp_path):
