@@ -14,7 +14,6 @@ import os
 
 import jax
 
-from llmjax.checkpoint import manager as ckpt_lib
 from llmjax.data import tokenizer as tokenizer_lib
 from llmjax.errors import UserError
 from llmjax.train import warm_start
@@ -56,18 +55,14 @@ def attach(objective, state, shardings, log=print):
   if not wanted(objective):
     return state
   source = warm_start.load(os.path.abspath(objective.reward_model))
-  ckpt = ckpt_lib.CheckpointManager(os.path.join(source.workdir, "checkpoints"),
-                                    async_save=False)
-  try:
-    saved, _ = ckpt.restore_params(source.step)
-  finally:
-    ckpt.close()
+  saved = warm_start.read_params(source)
   if "reward_head" not in saved:
     raise UserError(f"{type(objective).__name__}.reward_model={source.workdir} has no "
                     "reward_head: it is a language model, not a reward model. Train one with "
                     "runs/reward_model.gin from this run's starting checkpoint.")
   like = state.frozen["reward_model"]
-  params = warm_start.restore_params(source, like, shardings.frozen["reward_model"])
+  params = warm_start.restore_params(source, like, shardings.frozen["reward_model"],
+                                     params=saved)
   log(f"reward model: {source.workdir} (step {source.step}), "
       f"{sum(x.size for x in jax.tree.leaves(params)):,} parameters, frozen")
   return state.replace(frozen={**state.frozen, "reward_model": params})

@@ -108,16 +108,22 @@ def _graft(params, like, fresh, prefix=""):
   return out
 
 
-def restore_params(source: Source, like, shardings, fresh: str | None = None):
-  """The source's parameters, shaped and sharded like `like` (the fresh run's params);
-  leaves of `like` the source lacks and whose path matches regex `fresh` keep `like`'s;
-  weights `like` stores quantized (QLoRA) are quantized the same way."""
+def read_params(source: Source):
+  """The source's parameters at its step, as saved (host arrays)."""
   ckpt = ckpt_lib.CheckpointManager(os.path.join(source.workdir, "checkpoints"),
                                     async_save=False)
   try:
-    params, _ = ckpt.restore_params(source.step)
+    return ckpt.restore_params(source.step)[0]
   finally:
     ckpt.close()
+
+
+def restore_params(source: Source, like, shardings, fresh: str | None = None, params=None):
+  """The source's parameters (`params`, when already read with `read_params`), shaped
+  and sharded like `like` (the fresh run's params); leaves of `like` the source lacks and
+  whose path matches regex `fresh` keep `like`'s; weights `like` stores quantized
+  (QLoRA) are quantized the same way."""
+  params = read_params(source) if params is None else params
   params = qlora.quantize_like(Transformer(source.model_config),
                                jax.tree.map(np.asarray, params), like)
   bare = _strip(like, fresh)

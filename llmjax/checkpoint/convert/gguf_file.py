@@ -46,6 +46,14 @@ from llmjax.errors import UserError
 TYPES = ("f32", "f16", "q8_0", "q4_0")
 ARCHITECTURES = ("gpt2", "llama")
 BLOCK = 32  # the weights per q8_0 / q4_0 block
+# Hugging Face's names of a block's tensors -> llama.cpp's.
+GPT2_BLOCK = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
+              "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+LLAMA_BLOCK = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
+               "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+               "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+               "mlp.down_proj": "ffn_down"}
 
 
 def _gguf():
@@ -71,10 +79,8 @@ def gpt2_tensors(hf: dict, cfg) -> dict[str, np.ndarray]:
          "output_norm.weight": hf["transformer.ln_f.weight"],
          "output_norm.bias": hf["transformer.ln_f.bias"],
          "output.weight": hf.get("lm_head.weight", hf["transformer.wte.weight"])}
-  names = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
-           "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
   for i in range(cfg.num_layers):
-    for theirs, ours in names.items():
+    for theirs, ours in GPT2_BLOCK.items():
       for kind in ("weight", "bias"):
         t = hf[f"transformer.h.{i}.{theirs}.{kind}"]
         out[f"blk.{i}.{ours}.{kind}"] = t.T if t.ndim == 2 else t  # Conv1D: [in, out]
@@ -85,13 +91,9 @@ def llama_tensors(hf: dict, cfg) -> dict[str, np.ndarray]:
   out = {"token_embd.weight": hf["model.embed_tokens.weight"],
          "output_norm.weight": hf["model.norm.weight"],
          "output.weight": hf.get("lm_head.weight", hf["model.embed_tokens.weight"])}
-  names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
-           "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-           "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-           "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
   kv_heads = cfg.num_kv_heads or cfg.num_heads
   for i in range(cfg.num_layers):
-    for theirs, ours in names.items():
+    for theirs, ours in LLAMA_BLOCK.items():
       t = hf[f"model.layers.{i}.{theirs}.weight"]
       if ours == "attn_q":
         t = _interleave_rope_rows(t, cfg.num_heads)
@@ -197,10 +199,8 @@ def _hf_from_gpt2_tensors(g: dict, cfg) -> dict:
         "transformer.ln_f.bias": g["output_norm.bias"]}
   if not cfg.tie_embeddings:
     hf["lm_head.weight"] = g["output.weight"]
-  names = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
-           "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
   for i in range(cfg.num_layers):
-    for theirs, ours in names.items():
+    for theirs, ours in GPT2_BLOCK.items():
       for kind in ("weight", "bias"):
         t = g[f"blk.{i}.{ours}.{kind}"]
         hf[f"transformer.h.{i}.{theirs}.{kind}"] = t.T if t.ndim == 2 else t
@@ -212,13 +212,9 @@ def _hf_from_llama_tensors(g: dict, cfg) -> dict:
         "model.norm.weight": g["output_norm.weight"]}
   if not cfg.tie_embeddings:
     hf["lm_head.weight"] = g["output.weight"]
-  names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
-           "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-           "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-           "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
   kv_heads = cfg.num_kv_heads or cfg.num_heads
   for i in range(cfg.num_layers):
-    for theirs, ours in names.items():
+    for theirs, ours in LLAMA_BLOCK.items():
       t = g[f"blk.{i}.{ours}.weight"]
       if ours == "attn_q":
         t = _deinterleave_rope_rows(t, cfg.num_heads)
