@@ -31,7 +31,58 @@ prompt, and KL(π ‖ π_SFT) = E_{y~π}[log π(y|x) − log π_SFT(y|x)], the s
 estimated on those samples (nats per completion; 0 for SFT itself); and three prompts'
 greedy lines.
 
-Result: not run yet.
+Result (session 2026-12-07; 2-core Intel Xeon CPU, no accelerator; defaults above; the
+stages ran one after another, niced, beside other jobs and test runs, so the train
+seconds are only indicative). Starting point: the main job's run (4 x 256, 3.72M
+parameters, 500 steps), SFT 300 steps (eval loss 2.95 at step 200).
+
+Reward model (300 steps): 78.5% of 400 test pairs, 90.0% where the rejected line is the
+true one shuffled (target >= 85%: met), 66.0% where it is another scene's line.
+
+DPO (300 steps, β 0.1; implicit-reward accuracy on the validation pairs, 16 batches):
+
+| run | accuracy at 50 / 150 / 300 | margin at 300 | log p chosen at 50 / 300 (SFT: -73.14) | log p rejected at 300 |
+|---|---|---|---|---|
+| DPO | 78.2 / 80.9 / 81.3% (target >= 80%: met) | +0.997 | -76.46 / -81.15 | -99.48 |
+| DPO + RPO (α 1) | 78.2 / 77.8 / 80.9% | +0.464 | -72.47 / -71.30 | -84.30 |
+
+DPO lowers the chosen responses' own log-probability by 8 nats while it separates the
+pairs (the known complaint); RPO's NLL term keeps it at the SFT model's level (-71.3 vs
+-73.1) at the same held-out accuracy, with half the margin.
+
+Policies on 64 held-out prompts (RM: the reward model's score; syllables: −|syllables −
+10| of the first line; KL: nats per sampled completion, 4 samples per prompt):
+
+| policy | RM (greedy) | RM (sampled) | syllables (greedy) | syllables (sampled) | KL to SFT | greedy tokens | train s |
+|---|---|---|---|---|---|---|---|
+| SFT | -0.188 | -0.052 | -9.17 | -8.66 | 0.00 | 2.4 | 133 |
+| DPO | +0.007 | +0.021 | -8.77 | -8.25 | 1.26 | 2.8 | 406 |
+| DPO + RPO | -0.212 | -0.026 | -8.40 | -7.67 | 1.23 | 3.8 | 297 |
+| PPO (reward: RM) | +1.800 | +1.791 | -9.89 | -9.69 | 17.40 | 5.2 | 425 |
+| GRPO (reward: syllables) | -0.350 | -0.253 | -3.03 | -2.13 | 15.50 | 11.6 | 276 |
+| PPO, β 0.2 (adaptive, horizon 1000) | +0.435 | +0.437 | -9.71 | -9.19 | 2.82 | 1.9 | 360 |
+| GRPO, β 0.2 | -0.507 | -0.408 | -6.54 | -4.84 | 5.31 | 6.6 | 511 |
+
+Greedy lines of three held-out prompts (SFT / PPO / GRPO / PPO β 0.2 / GRPO β 0.2):
+  "...Enter QUINCE, SNUG, BOT"            '' / '**  \nWhat!' / 'BELATIOSTONGELATIO' / '\n' / '  POL'
+  "...Enter TITANIA, with her train_ **TIT" 'IUS' / '**  \nWhat.' / 'ours of Errus and
+                                          Camus and Cle' / 'IUS' / 'IUS and Cleopatra'
+  "...Enter ORLANDO, with a paper_ **ORLANDO**" 'O' / 'What.' / 'OCTAVIUSmen of Ends
+                                          Labours of Ends' / 'Come!' / 'O, Part 2'
+
+What it says. Both RL methods raise their own reward far above the SFT model's: PPO the
+reward model's score from -0.19 to +1.80, GRPO the syllable reward from -9.2 to -3.0
+(greedy). At the default KL weights (PPO β 0.05 with Ziegler's horizon of 10,000
+samples, which cannot adapt within 100 steps of 32; GRPO β 0.04) both drift 15-17 nats
+from the SFT model and HACK their rewards: PPO collapses onto a stock line ("What."),
+which the reward model, trained only to tell true next lines from shuffled or misplaced
+ones, scores high; GRPO writes invented many-vowelled words ("BELATIOSTONGELATIO") that
+the vowel-group syllable count takes for ten syllables. A stronger pull to the SFT model
+stops it: at β 0.2, PPO keeps a gain of +0.62 in RM score at 2.8 nats and GRPO +2.6
+syllable points at 5.3 nats, and their lines are the SFT model's kind again ("IUS and
+Cleopatra", "Come!"). DPO and RPO barely move these two rewards (neither optimizes
+them; KL 1.2-1.3). The SFT model (a 3.7M model fine-tuned on question answering) ends
+its continuations after 2-4 tokens, so the completions are short throughout.
 """
 
 import argparse
