@@ -34,7 +34,7 @@ greedy lines.
 Result (session 2026-12-07; 2-core Intel Xeon CPU, no accelerator; defaults above; the
 stages ran one after another, niced, beside other jobs and test runs, so the train
 seconds are only indicative). Starting point: the main job's run (4 x 256, 3.72M
-parameters, 500 steps), SFT 300 steps (eval loss 2.95 at step 200).
+parameters, 500 steps), SFT 300 steps (eval loss 2.844 at step 300).
 
 Reward model (300 steps): 78.5% of 400 test pairs, 90.0% where the rejected line is the
 true one shuffled (target >= 85%: met), 66.0% where it is another scene's line.
