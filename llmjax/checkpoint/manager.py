@@ -198,8 +198,11 @@ class CheckpointManager:
 
   def restore_params(self, step: int | None = None):
     """(params, meta) at `step` (default latest) on the default device, without needing the
-    optimizer or mesh that wrote them: for generation and evaluation. A step whose files
-    fail their checksums is a UserError (nothing damaged is loaded)."""
+    optimizer or mesh that wrote them: for generation, evaluation, export and warm starts.
+    A PPO run's value model (`value_head`, a separate `critic`) is left out: none of them
+    reads it, and a critic's LoRA adapters belong to no layer of the language model. A
+    step whose files fail their checksums is a UserError (nothing damaged is loaded)."""
+    from llmjax.objectives.ppo import VALUE_MODEL
     step = self._existing(step)
     try:
       self._verify(step)
@@ -208,7 +211,8 @@ class CheckpointManager:
                       "an older --step, or retrain.") from None
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-    return restored.state["params"], restored.meta
+    params = {k: v for k, v in restored.state["params"].items() if k not in VALUE_MODEL}
+    return params, restored.meta
 
   def wait(self):
     self._seal()

@@ -27,7 +27,9 @@ def run(args):
   from llmjax.commands import generate
   rt = result.runtime
   print(f"\n--- sample (prompt {rt.sample_prompt!r}, {rt.sample_tokens} tokens) ---")
-  model, params = result.model, result.state.params
+  from llmjax.objectives.ppo import VALUE_MODEL
+  model = result.model
+  params = {k: v for k, v in result.state.params.items() if k not in VALUE_MODEL}
   if hasattr(model, "merged"):  # a PeftModel: sample from the base with adapters folded in
     model, params = model.merged(params)
   generate.sample_and_print(model, params, result.tokenizer, rt.sample_prompt,

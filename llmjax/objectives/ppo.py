@@ -15,9 +15,10 @@ Each train step, for every prompt x of the batch (`B` prompts):
                  r_t = −β·(logp_old_t − ref_t)  + R on the completion's last token,
                β = `kl_coef`, ref_t the frozen reference's log-prob (the k1 estimate of
                KL(π_θ ‖ π_ref), summed over tokens, is the penalty of Ziegler et al.).
-  3. values    V_t = `value_head`(h_t), a scalar read from the policy's own hidden state
-               h_t at the position that predicts token t (the shared-trunk critic: one
-               forward pass gives logits and values; value gradients reach the trunk).
+  3. values    V_t = `value_head`(h_t), a scalar read from a hidden state h_t at the
+               position that predicts token t: the policy's own (`critic='shared'`: one
+               trunk gives logits and values, and value gradients reach it), or that of a
+               separate critic trunk (`critic='separate'`: VALUE MODEL below).
   4. GAE       (Schulman et al. 2016) with stop-gradient values, a reverse `lax.scan`:
                  δ_t = r_t + γ·V_{t+1} − V_t,  A_t = δ_t + γλ·A_{t+1},  R_t = A_t + V_t,
                V and A past the last token are 0: EOS, or the `max_new_tokens` cut,
@@ -48,11 +49,19 @@ KL the mean sequence KL of the step's n scored completions, starting from `kl_co
 `kl_coef`.
 
 The reference π_ref (`kl_coef > 0`) is a copy of the starting parameters (the
-`init_from` checkpoint) without the value head, `TrainState.frozen['reference']`. The
-value head `value_head` (kernel [D, 1], bias [1]) is this objective's own parameter
-(`new_params`): a warm start from an SFT or pretraining checkpoint keeps its
-initialization. It is made by `init_inputs`' method (`policy_and_values`), so it sits in
-the checkpoint beside the language model, which still loads and samples as one.
+`init_from` checkpoint) without the value head or critic, `TrainState.frozen['reference']`.
+
+VALUE MODEL. The value head `value_head` (kernel [D, 1], bias [1]) is this objective's
+own parameter (`new_params`): a warm start from an SFT or pretraining checkpoint keeps
+its initialization. It is made by `init_inputs`' method (`policy_and_values`), so it
+sits in the checkpoint beside the language model, which still loads and samples as one.
+With `critic='separate'` (InstructGPT's choice: a value model apart from the policy) a
+second trunk of the policy's config lives under `params['critic']`; a warm start copies
+the starting checkpoint into it (`warm_params`), and from then on the policy's loss
+trains only the policy and the value loss only the critic (twice the parameters and
+optimizer state, and a second forward pass per loss). Under LoRA (gin_configs/peft/
+lora.gin) the critic's layers get their own adapters: the policy's and the critic's
+adapters and the value head train (`trained_params`), both frozen bases stay bitwise.
 
 Rewards come from the registry (a function of token ids) or, with `reward='model'` and
 `reward_model=WORKDIR`, from a trained reward model (llmjax/objectives/reward.py) held as
@@ -91,32 +100,56 @@ from llmjax.objectives.rollout import (
 from llmjax.sharding.axes import EMBED
 
 VALUE_HEAD = "value_head"
+CRITIC = "critic"
+CRITICS = ("shared", "separate")
+VALUE_MODEL = (VALUE_HEAD, CRITIC)   # what a checkpoint's language-model readers leave out
 TOKEN_METRICS = ("policy_loss", "value_loss", "value", "clip_frac")
 COMPLETION_METRICS = ("reward", "kl", "score", "completion_length")
 
 
 # --- the shared-trunk critic ------------------------------------------------------------
 
-def policy_and_values(module, tokens):
+def policy_and_values(module, tokens, critic: str = "shared"):
   """`(logits [B, L, V], values f32 [B, L])` of a decoder-only `Transformer` (bound as
-  `module`; pass this function as `method=`): the LM head and `value_head` on the same
-  final hidden states. The head is created in a child scope of the module, since
-  `Transformer` makes submodules only in `setup` and its one compact method."""
+  `module`; pass this function as `method=`): the LM head on the final hidden states,
+  and `value_head` on the same states (`critic='shared'`) or on those of a second
+  trunk of the same config in the child scope `critic` (`critic='separate'`). Both are
+  created in child scopes of the module, since `Transformer` makes submodules only in
+  `setup` and its one compact method."""
   cfg = module.config
   hidden = module.decode_hidden(tokens)                                      # [B, L, D]
+  critic_hidden = hidden
+  if critic == "separate":
+    trunk = module.clone(parent=module.scope.push(CRITIC, reuse=True))
+    critic_hidden = trunk.decode_hidden(tokens)                              # [B, L, D]
   head = Einsum("BLD,DO->BLO", (cfg.embed_dim, 1), (EMBED, None), use_bias=True,
                 kernel_init=nn.initializers.normal(cfg.init_std), dtype=cfg.compute_dtype,
                 param_dtype=cfg.params_dtype,
                 parent=module.scope.push(VALUE_HEAD, reuse=True))
-  return module.logits(hidden), head(hidden)[..., 0].astype(jnp.float32)    # [B, L, 1] -> [B, L]
+  values = head(critic_hidden)[..., 0].astype(jnp.float32)                  # [B, L, 1] -> [B, L]
+  return module.logits(hidden), values
+
+
+def critic_from_policy(params):
+  """`params` with the separate critic's trunk (`params['critic']`) replaced by a copy of
+  the policy's own parameters (the leaves the critic has: a trunk without an untied LM
+  head has none there). A fresh run's critic thus starts as the starting checkpoint."""
+  def like(src, dst, path):
+    if not isinstance(dst, dict):
+      if src.shape != dst.shape:
+        raise UserError(f"the separate critic's {path} has shape {dst.shape}, the policy's "
+                        f"{src.shape}; the critic must be the policy's architecture.")
+      return src
+    return {k: like(src[k], v, f"{path}/{k}") for k, v in dst.items()}
+  return {**params, CRITIC: like(params, params[CRITIC], CRITIC)}
 
 
 def completion_logps_and_values(model, params, prompts, completions, mask,
-                                temperature: float = 1.0):
+                                temperature: float = 1.0, critic: str = "shared"):
   """`(logps [B, T], values [B, T])` of the completion tokens (0 off `mask`), one forward
   pass over prompt + completion; the value of token t is read where it is predicted."""
   tokens = jnp.concatenate([prompts, completions], axis=1)                  # [B, P + T]
-  logits, values = model.apply({"params": params}, tokens[:, :-1],
+  logits, values = model.apply({"params": params}, tokens[:, :-1], critic=critic,
                                method=policy_and_values)                    # [B, P+T-1, ...]
   start = prompts.shape[1] - 1
   logits = logits[:, start:].astype(jnp.float32) / temperature              # [B, T, V]
@@ -194,7 +227,8 @@ def adaptive_kl_update(beta, kl, target: float, horizon: float, n: float):
 
 @dataclasses.dataclass(frozen=True)
 class PPO(RolloutObjective):
-  """PPO with a shared-trunk value head and a KL-penalized reward (module docstring)."""
+  """PPO with a value head (shared trunk or separate critic) and a KL-penalized reward
+  (module docstring)."""
 
   num_generations: int = 1          # completions per prompt
   clip_eps: float = 0.2             # ε of the clipped ratio
@@ -206,9 +240,10 @@ class PPO(RolloutObjective):
   gamma: float = 1.0                # GAE's discount γ
   lam: float = 0.95                 # GAE's λ
   whiten_advantages: bool = True
+  critic: str = "shared"            # the value model: 'shared' trunk or a 'separate' one
 
-  # The value head: a warm start from a language model keeps its initialization.
-  new_params: ClassVar[str] = VALUE_HEAD
+  # Trained even when PEFT trains only adapters (a separate critic's adapters train too).
+  trained_params: ClassVar[str] = VALUE_HEAD
 
   def __post_init__(self):
     self._validate([("num_generations", self.num_generations >= 1, ">= 1"),
@@ -218,22 +253,35 @@ class PPO(RolloutObjective):
                     ("kl_coef", self.kl_coef >= 0, ">= 0 (0: no KL penalty)"),
                     ("gamma", 0 <= self.gamma <= 1, "in [0, 1], typically 1"),
                     ("lam", 0 <= self.lam <= 1, "in [0, 1], typically 0.95"),
-                    ("kl_horizon", self.kl_horizon > 0, "> 0")])
+                    ("kl_horizon", self.kl_horizon > 0, "> 0"),
+                    ("critic", self.critic in CRITICS, "'shared' or 'separate'")])
     if self.kl_target is not None and not (self.kl_target > 0 and self.kl_coef > 0):
       raise UserError(f"PPO.kl_target={self.kl_target!r} asks for the adaptive KL controller, "
                       f"which needs kl_target > 0 and a starting PPO.kl_coef > 0 (it is "
                       f"{self.kl_coef!r}): set both, or kl_target=None for a fixed β.")
 
+  @property
+  def new_params(self) -> str:
+    """What a warm start from a language model lacks (it keeps its init until
+    `warm_params`): the value head, and a separate critic's trunk."""
+    return VALUE_HEAD + ("|^/?critic/" if self.critic == "separate" else "")
+
   def init_inputs(self, lengths):
-    """Prompt + completion rows, through `policy_and_values` (so `value_head` is made)."""
-    return {**super().init_inputs(lengths), "method": policy_and_values}
+    """Prompt + completion rows, through `policy_and_values` (so `value_head`, and a
+    separate critic, are made)."""
+    return {**super().init_inputs(lengths), "method": policy_and_values,
+            "critic": self.critic}
+
+  def warm_params(self, params):
+    """A warm start's parameters: a separate critic's trunk copied from the policy's."""
+    return critic_from_policy(params) if self.critic == "separate" else params
 
   def frozen_trees(self, params):
-    """`{'reference': a copy of params without the value head}` (none when kl_coef = 0),
-    and the reward model when reward='model'."""
+    """`{'reference': a copy of params without the value head and critic}` (none when
+    kl_coef = 0), and the reward model when reward='model'."""
     trees = self.reward_model_tree()
     if self.kl_coef:
-      policy = {k: v for k, v in params.items() if k != VALUE_HEAD}
+      policy = {k: v for k, v in params.items() if k not in (VALUE_HEAD, CRITIC)}
       trees["reference"] = self.frozen_reference(policy)
     return trees
 
@@ -274,7 +322,7 @@ class PPO(RolloutObjective):
     ok = real & finite                                                       # [B*k]
     valid = mask & ok[:, None]                                               # [B*k, T]
     _, values = completion_logps_and_values(model, params, prompts, tokens, mask,
-                                            self.temperature)
+                                            self.temperature, self.critic)
     ref = logp_old
     if self.kl_coef:
       ref = completion_logps(model, jax.lax.stop_gradient(frozen["reference"]), prompts,
@@ -303,7 +351,7 @@ class PPO(RolloutObjective):
     del rng, frozen
     e, valid = experience, experience["valid"]
     logp, values = completion_logps_and_values(model, params, e["prompt"], e["completion"],
-                                               e["mask"], self.temperature)
+                                               e["mask"], self.temperature, self.critic)
     pg, clipped = policy_loss(logp, e["old_logps"], e["advantage"], self.clip_eps)
     vf = value_loss(values, e["old_values"], e["returns"], self.vf_clip)
     on = lambda x: jnp.sum(jnp.where(valid, x, 0.0))

@@ -21,6 +21,10 @@ objective. The trainer never branches on architecture or objective; a new object
                                    the network (a reward model's 'reward_head'): a
                                    warm start from a source without them keeps their
                                    initialization instead of failing
+  trained_params (optional)        a regex of parameters that train even when PEFT
+                                   trains only adapters (that reward head)
+  warm_params(params) (optional)   a fresh run's parameters after its warm start,
+                                   adjusted (PPO copies the policy into its critic)
 
 Rollout objectives (GRPO, PPO) add the experience path, which the train step takes
 when `make_experience` exists (llmjax/train/step.py):

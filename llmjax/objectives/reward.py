@@ -114,6 +114,8 @@ class RewardModel(TokenObjective):
   can_sample: ClassVar[bool] = False
   # Parameters a warm-start source (a language model) lacks: they keep their init.
   new_params: ClassVar[str] = "reward_head"
+  # ... and trains under PEFT beside the adapters (LoRA on a reward model).
+  trained_params: ClassVar[str] = "reward_head"
 
   def encode(self, prompt: str, response: str, tokenizer) -> dict[str, np.ndarray]:
     """One side's rows: `sequence` (decoder-only), `prompt` / `response` (encoder-decoder)."""

@@ -113,8 +113,9 @@ def train(workdir: str, *, model: TransformerConfig | None = None, data,
   """
   objective, config = objective or CausalLM(), config or TrainConfig()
   optimizer = optimizer or OptimizerConfig()
-  if peft and optimizer.trainable is None:
-    optimizer = dataclasses.replace(optimizer, trainable=peft_lib.trainable_pattern(peft))
+  if peft and optimizer.trainable is None:  # the adapters, and the objective's own head
+    patterns = (peft_lib.trainable_pattern(peft), getattr(objective, "trained_params", None))
+    optimizer = dataclasses.replace(optimizer, trainable=_any_of(patterns))
   peft_lib.check_data(peft, data)  # a soft prompt needs one document per row
   s = setup(os.path.abspath(workdir), model, data, tokenizer, optimizer, objective, config,
             operative_config, log, tuple(peft))
@@ -219,6 +220,8 @@ def _warm_start(state, shardings, source, objective, log, fresh=None):
   """A fresh run's parameters from `source`; the objective's frozen trees from them.
   Parameters the source lacks that match `fresh` (new adapters) keep their init."""
   params = warm_start.restore_params(source, state.params, shardings.params, fresh=fresh)
+  if hasattr(objective, "warm_params"):  # e.g. a PPO critic copied from the policy
+    params = jax.jit(objective.warm_params, out_shardings=shardings.params)(params)
   frozen = jax.jit(lambda p: nn.meta.unbox(objective.frozen_trees(p)),
                    out_shardings=shardings.frozen)(params)
   log(f"initialized parameters from {source.workdir} (step {source.step})")
@@ -227,9 +230,13 @@ def _warm_start(state, shardings, source, objective, log, fresh=None):
 
 def _fresh_pattern(trainable, objective) -> str | None:
   """Parameters a warm-start source may lack (they keep their init): the trained subset's
-  (new adapters) and the objective's own (`new_params`: a reward head)."""
-  patterns = [p for p in (trainable, getattr(objective, "new_params", None)) if p]
-  return "|".join(f"(?:{p})" for p in patterns) or None
+  (new adapters) and the objective's own (`new_params`: a reward head, a PPO critic)."""
+  return _any_of((trainable, getattr(objective, "new_params", None)))
+
+
+def _any_of(patterns) -> str | None:
+  """One regex matching any of `patterns` (None entries skipped; None if none)."""
+  return "|".join(f"(?:{p})" for p in patterns if p) or None
 
 
 def _trainable_or_none(optimizer, params):

@@ -203,6 +203,57 @@ def test_loss_sums_weight_tokens_and_drop_nan_rewards(net, params):
   assert float(jnp.max(jnp.abs(grads["value_head"]["kernel"]))) > 0
 
 
+# --- the separate critic ------------------------------------------------------------------
+
+def test_a_separate_critic_has_its_own_trunk_and_starts_as_the_policy(net, params):
+  init = jax.jit(lambda rng: net.init(rng, jnp.zeros((1, P + T), jnp.int32), critic="separate",
+                                      method=ppo.policy_and_values))
+  fresh = nn.meta.unbox(init(jax.random.PRNGKey(1))["params"])
+  policy = {k: v for k, v in fresh.items() if k not in ("value_head", "critic")}
+  assert jax.tree.structure(fresh["critic"]) == jax.tree.structure(policy)
+  separate = ppo.critic_from_policy(fresh)
+  for a, b in zip(jax.tree.leaves(separate["critic"]), jax.tree.leaves(policy)):
+    np.testing.assert_array_equal(a, b)
+  prompts = _prompts()
+  completions = jnp.asarray(np.random.default_rng(3).integers(5, V, (4, T)), jnp.int32)
+  mask = grpo.completion_mask(completions.at[1, 2].set(EOS), EOS)
+  run = lambda p, critic: ppo.completion_logps_and_values(net, p, prompts, completions, mask,
+                                                          critic=critic)
+  # Copied from the policy, the critic's values are the shared trunk's; a fresh critic's
+  # are not, and the policy's log-probs never depend on it.
+  shared = run({k: v for k, v in separate.items() if k != "critic"}, "shared")
+  for got, want in zip(run(separate, "separate"), shared):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  logp, values = run(fresh, "separate")
+  np.testing.assert_allclose(logp, shared[0], rtol=1e-5, atol=1e-6)
+  assert float(jnp.max(jnp.abs(values - shared[1]))) > 1e-3
+
+
+def test_with_a_separate_critic_each_loss_trains_only_its_own_model(net):
+  obj = PPO(prompt_len=P, max_new_tokens=T, num_generations=4, reward="token_count",
+            reward_kwargs={"token_id": 7}, kl_coef=0.1, critic="separate")
+  tokens = jnp.zeros((1, P + T), jnp.int32)
+  variables = net.init(jax.random.PRNGKey(2), **{**obj.init_inputs({"prompt": P}),
+                                                 "tokens": tokens})
+  params = obj.warm_params(nn.meta.unbox(variables["params"]))
+  frozen = obj.frozen_trees(params)
+  assert set(frozen["reference"]) == set(params) - {"value_head", "critic"}
+  experience, _ = jax.jit(lambda p: obj.make_experience(
+      net, p, {"prompt": _prompts(2)}, rng=jax.random.key(0), frozen=frozen))(params)
+  def grad_of(name):
+    return jax.jit(jax.grad(lambda q: obj.experience_sums(net, q, experience)[name]))(params)
+  grads = {name: grad_of(name) for name in ("policy_loss", "value_loss")}
+  norm = lambda tree: float(optax_norm(tree))
+  policy_part = lambda g: {k: v for k, v in g.items() if k not in ("value_head", "critic")}
+  assert norm(grads["policy_loss"]["critic"]) == 0 == norm(grads["policy_loss"]["value_head"])
+  assert norm(grads["value_loss"]["critic"]) > 0 and norm(grads["value_loss"]["value_head"]) > 0
+  assert norm(policy_part(grads["value_loss"])) == 0 < norm(policy_part(grads["policy_loss"]))
+
+
+def optax_norm(tree):
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
 # --- (f): the reward rises ---------------------------------------------------------------
 
 def test_a_short_run_on_token_count_raises_the_reward(net, params):
@@ -270,6 +321,54 @@ def test_debug_run_creates_the_value_head_and_keeps_the_reference_frozen(
   assert any(not np.array_equal(trained[k], start[k]) for k in start)  # the policy moved
 
 
+@pytest.mark.slow
+def test_debug_run_with_lora_and_a_separate_critic(tmp_path, data_dir, fixture_run):
+  """`llmjax train` with peft/lora.gin and PPO.critic='separate': the critic starts as the
+  source checkpoint (its base is frozen under LoRA, so it still equals the source after
+  training), the policy's and the critic's adapters and the value head train, and the
+  reference holds neither critic nor head."""
+  workdir = str(tmp_path / "ppo_critic")
+  bindings = [f"DataConfig.data_dir={data_dir!r}", f"TrainConfig.init_from={fixture_run!r}",
+              "TrainConfig.num_steps=2", "TrainConfig.checkpoint_every=1",
+              "TrainConfig.eval_every=100", "TrainConfig.eval_batches=0",
+              "PPO.critic='separate'", "LoraConfig.dropout=0.0"]
+  argv = ["train", "--gin_file=runs/ppo_debug.gin", "--gin_file=peft/lora.gin",
+          f"--workdir={workdir}"]   # the end-of-run sample: the language model alone
+  assert cli.main(argv + [f"--gin_param={p}" for p in bindings]) == 0
+  source = runs.param_leaves(
+      ckpt_lib.CheckpointManager(os.path.join(fixture_run, "checkpoints")).read()[0]["params"])
+  ckpt = ckpt_lib.CheckpointManager(os.path.join(workdir, "checkpoints"))
+  state, first = ckpt.read(2)[0], runs.param_leaves(ckpt.read(1)[0]["params"])
+  trained, ref = runs.param_leaves(state["params"]), runs.param_leaves(state["frozen"]["reference"])
+  head = [k for k in trained if k.startswith("['value_head']")]
+  assert head and all(not np.array_equal(trained[k], first[k]) for k in head)  # it trains
+  critic = {k[len("['critic']"):]: v for k, v in trained.items() if k.startswith("['critic']")}
+  policy = {k: v for k, v in trained.items()
+            if not k.startswith(("['critic']", "['value_head']"))}
+  adapters = {k for k in policy if "lora_" in k}
+  assert adapters and {k for k in critic if "lora_" in k} == adapters
+  assert ref.keys() == policy.keys() and set(critic) <= set(policy)
+  for key, value in source.items():          # both bases: the source, bitwise
+    np.testing.assert_array_equal(policy[key], value, err_msg=key)
+    if key in critic:
+      np.testing.assert_array_equal(critic[key], value, err_msg=f"critic {key}")
+  assert {k for k in critic if "lora_" not in k} and all(
+      k in source for k in critic if "lora_" not in k)
+  lora_b = [k for k in adapters if "lora_b" in k]  # zero at init: moved iff trained
+  assert all(np.any(policy[k] != 0) and np.any(critic[k] != 0) for k in lora_b)
+  assert not np.array_equal(critic[lora_b[0]], policy[lora_b[0]])   # trained apart
+  train = [r for r in metrics_lib.read_metrics(workdir) if "loss" in r]
+  assert train and all(np.isfinite(r["value_loss"]) for r in train)
+  # The export holds the language model alone (LoRA folded in), as the source's does.
+  from safetensors.numpy import load_file
+  for run in (workdir, fixture_run):
+    assert cli.main(["convert", f"--workdir={run}", f"--to_hf={run}_hf"]) == 0
+  ours, theirs = (load_file(f"{run}_hf/model.safetensors") for run in (workdir, fixture_run))
+  assert ours.keys() == theirs.keys()
+  changed = [k for k in ours if not np.array_equal(ours[k], theirs[k])]
+  assert changed and all("attn" in k for k in changed), changed   # LoRA: q, v only
+
+
 # --- (g): bad inputs, and the gin files ------------------------------------------------
 
 def test_bad_inputs_are_user_errors(net, params):
@@ -277,6 +376,8 @@ def test_bad_inputs_are_user_errors(net, params):
     PPO(reward="sillables")
   with pytest.raises(UserError, match=r"PPO.reward='token_count'.*token_id"):
     PPO(reward="token_count")
+  with pytest.raises(UserError, match="PPO.critic.*'shared' or 'separate'"):
+    PPO(reward="token_count", reward_kwargs={"token_id": 3}, critic="own")
   with pytest.raises(UserError, match="PPO.lam"):
     PPO(reward="token_count", reward_kwargs={"token_id": 3}, lam=1.5)
   obj = PPO(prompt_len=P, max_new_tokens=T + 1, reward="token_count",

@@ -212,10 +212,10 @@ def test_schedule_counts_train_steps_not_updates():
 
 def _sharded(net, obj, params, mesh, rule_set, steps=2):
   tx, schedule = _tx()
-  method = ppo.policy_and_values if isinstance(obj, PPO) else None
+  kw = {"method": ppo.policy_and_values, "critic": obj.critic} if isinstance(obj, PPO) else {}
   tokens = jnp.zeros((1, P + T), jnp.int32)
   state, shardings = state_lib.init_train_state(
-      lambda rng: net.init({"params": rng}, tokens, method=method)["params"], tx, mesh,
+      lambda rng: net.init({"params": rng}, tokens, **kw)["params"], tx, mesh,
       rule_set, 0, obj.frozen_trees, obj.initial_state)
   rules = rules_lib.get_rules(rule_set)
   batch_sharding = partition.batch_sharding(mesh, rules)
@@ -231,20 +231,26 @@ def _sharded(net, obj, params, mesh, rule_set, steps=2):
   return metrics, state
 
 
+def _ppo_separate(**kw):
+  return _ppo(critic="separate", **kw)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("make", [_ppo, _grpo])
+@pytest.mark.parametrize("make", [_ppo, _ppo_separate, _grpo])
 def test_eight_devices_match_one(net, make):
   """The same rollouts (the sampler's random bits do not depend on the sharding), losses
-  and parameters on one device and on 8 with dp, fsdp and fsdp+tensor."""
-  obj = make(minibatches=2, **({"kl_target": 0.5} if make is _ppo else {}))
+  and parameters on one device and on 8 with dp, fsdp and fsdp+tensor (a separate PPO
+  critic: on fsdp+tensor, which uses every mesh axis)."""
+  obj = make(minibatches=2, **({"kl_target": 0.5} if make is not _grpo else {}))
   one = _sharded(net, obj, None, mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1]), "dp")
-  for rule_set, shape in (("dp", (8, 1, 1)), ("fsdp", (1, 8, 1)), ("fsdp_tp", (2, 2, 2))):
+  meshes = (("dp", (8, 1, 1)), ("fsdp", (1, 8, 1)), ("fsdp_tp", (2, 2, 2)))
+  for rule_set, shape in meshes[2:] if make is _ppo_separate else meshes:  # all three axes
     eight = _sharded(net, obj, None, mesh_lib.make_mesh(*shape), rule_set)
     for a, b in zip(one[0], eight[0]):
       for key in ("loss", "reward", "completion_length"):
         np.testing.assert_allclose(b[key], a[key], rtol=2e-4, err_msg=f"{rule_set} {key}")
     _close(eight[1].params, one[1].params, 2e-4)
-    if make is _ppo:
+    if make is not _grpo:
       np.testing.assert_allclose(eight[1].objective["kl_coef"], one[1].objective["kl_coef"],
                                  rtol=1e-4)
 

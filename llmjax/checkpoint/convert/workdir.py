@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from llmjax.checkpoint import manager as ckpt_lib
-from llmjax.checkpoint.convert import export_hf, import_hf, infer_model_type
+from llmjax.checkpoint.convert import expected_shapes, export_hf, import_hf, infer_model_type
 from llmjax.errors import UserError
 from llmjax.models.config import TransformerConfig
 
@@ -122,6 +122,7 @@ def workdir_to_hf(workdir: str, hf_dir: str, *, step: int | None = None,
   from llmjax.peft import model as peft_model
   _require_float(meta, workdir)
   peft_model.require_mergeable(meta)  # bottleneck adapters, soft prompts: no HF format
+  params = language_model_params(cfg, params, log)
   params = peft_model.merged_params(Transformer(cfg), params, meta)  # adapters folded in
   model_type = model_type or meta.get("hf_model_type") or infer_model_type(cfg)
   extra, ids = _tokenizer_files(workdir, meta, cfg)
@@ -152,7 +153,8 @@ def workdir_to_gguf(workdir: str, path: str, *, gguf_type: str = "f32",
   _require_float(meta, workdir, "--to_gguf")
   gguf_file.check_exportable(cfg)
   peft_model.require_mergeable(meta)
-  params = peft_model.merged_params(Transformer(cfg), params, meta)
+  params = peft_model.merged_params(Transformer(cfg), language_model_params(cfg, params, log),
+                                    meta)
   if not meta.get("tokenizer"):
     raise UserError(f"the checkpoint in {workdir} has no SentencePiece tokenizer to put in "
                     "the GGUF file (an imported Hugging Face tokenizer cannot go there).")
@@ -162,6 +164,18 @@ def workdir_to_gguf(workdir: str, path: str, *, gguf_type: str = "f32",
   log(f"wrote {path}: {len(written)} tensors ({', '.join(kinds)}), "
       f"{os.path.getsize(path):,} bytes")
   return written
+
+
+def language_model_params(cfg: TransformerConfig, params, log=print):
+  """`params` without the top-level trees an objective added beside the language model
+  (PPO's `value_head` and separate `critic`, a reward model's `reward_head`), which no
+  language-model format holds; says what it leaves out."""
+  keys = {path.split("/")[0] for path in expected_shapes(cfg)}
+  extra = sorted(set(params) - keys)
+  if extra:
+    log(f"left out {extra}: the training objective's parameters (a value head, a critic, "
+        "a reward head), not the language model's")
+  return {k: v for k, v in params.items() if k in keys}
 
 
 def _require_float(meta: dict, workdir: str, flag: str = "--to_hf") -> None:
