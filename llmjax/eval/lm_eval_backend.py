@@ -16,10 +16,11 @@ class implements the three request types on jitted forward passes:
 Requests are sorted longest first and batched in rows padded to a few fixed lengths (one
 compile per length bucket); with several devices each batch is split over a 'data' mesh
 axis, so a sharded evaluation computes what one device does. When requests share their
-contexts (a multiple-choice question asks one per choice), each context is run once into
-a KV cache and only the continuations are run per request (`share_contexts=auto`, the
-default, does so when contexts repeat; lm-eval's `hf` backend shares only single-token
-continuations).
+contexts (a multiple-choice question asks one per choice), each context is run once, its
+continuations after it in the same row under a mask that lets each see the context and
+itself only, and several such questions are packed into one row (`share_contexts=auto`,
+the default, does so when contexts repeat; lm-eval's `hf` backend shares only
+single-token continuations).
 """
 
 import jax
@@ -41,15 +42,6 @@ def _bucket(n: int) -> int:
   return max(16, 1 << (max(n, 1) - 1).bit_length())
 
 
-def _cont_width(extra: int) -> int:
-  """Continuation tokens run as input, padded to 0, 4, 8, 12, 16, 24, 32, 48, 64, ...:
-  few shapes, little padding."""
-  if extra <= 0:
-    return 0
-  step = max(4, (1 << (extra - 1).bit_length()) // 4)
-  return -(-extra // step) * step
-
-
 def _scorer(model, mesh):
   """jit: (tokens [B, L], targets [B, L]) -> (log p(targets) [B, L], argmax == target)."""
   def score(params, tokens, targets):
@@ -63,52 +55,57 @@ def _scorer(model, mesh):
   return jax.jit(score, in_shardings=(None, rows, rows))
 
 
-def _cont_scorers(model, mesh):
-  """Two jitted halves of scoring continuations that share contexts:
+def _tree_logits(module, tokens, positions, groups, branches, rows, cols):
+  """Method of a decoder-only `Transformer` (`model.apply(..., method=_tree_logits)`):
+  logits `[N, V]` at positions `(rows [N], cols [N])` of rows packing several questions.
 
-  prefill(params, tokens [U, C], valid, positions, slots) -> (last logits [U, V], cache):
-    the contexts (left-padded) fill a KV cache of C + slots positions once;
-  extend(params, last, cache, last_positions [U], owner [R], cont [R, K + 1])
-    -> (log p [R, K + 1], greedy hit): each request takes its context's cache row
-    (`owner`) and its first K continuation tokens extend it in one call
-    (`Transformer.decode_cached`): the context's last logits predict continuation token 0,
-    the extension's the rest. Padding after a continuation is never attended by its real
-    tokens (causal), so it needs no mask.
-  Requests are extended in length-sorted sub-batches, so one long choice does not pad
-  every other to its length.
-  """
-  from llmjax.decode import cache as cache_lib
-  from llmjax.decode import generate as gen
-  from llmjax.models.transformer import Transformer
+  Each row holds questions one after another (`groups [B, L]`: 1, 2, ... per question, 0
+  for padding), each its context (`branches` 0) followed by the inputs of its
+  continuations (`branches` 1, 2, ...), `positions` restarting per question and every
+  continuation's continuing from its context's end. A token attends causally within its
+  own question to the context and to its own continuation only: what scoring each
+  continuation after its context alone computes, with the context run once."""
+  cfg = module.config
+  same = groups[:, None, :, None] == groups[:, None, None, :]                    # [B, 1, L, L]
+  visible = (branches[:, None, None, :] == 0) | (
+      branches[:, None, :, None] == branches[:, None, None, :])
+  mask = same & visible
+  if cfg.sliding_window:  # by position: a continuation's context ends just before it
+    mask &= (positions[:, None, :, None] - positions[:, None, None, :]) < cfg.sliding_window
+  x = module.embed_tokens(tokens, positions, True)
+  hidden = module.decoder(x, mask, positions, None, None, True)                 # [B, L, D]
+  return module.logits(hidden[rows, cols][None])[0]                             # [N, V]
 
-  cfg = model.config if hasattr(model, "config") else model.base.config
 
-  def prefill(params, tokens, valid, positions, slots):
-    net, p = gen.decoding_model(model, params)
-    return gen.prefill(net, p, tokens, valid, positions, tokens.shape[1] + slots)
-
-  def extend(params, last, cache, last_positions, owner, cont):
-    net, p = gen.decoding_model(model, params)
-    extra = cont.shape[1] - 1
-    logits = last[owner][:, None]                                         # [R, 1, V]
-    if extra:
-      cache = cache_lib.reorder(cache, owner)
-      pos = last_positions[owner][:, None] + 1 + jnp.arange(extra)        # [R, K]
-      if cfg.position == "learned":  # padding columns may run past the table
-        pos = jnp.minimum(pos, cfg.max_len - 1)
-      more, _ = net.apply({"params": p}, cont[:, :-1], pos, cache,
-                          method=Transformer.decode_cached)
-      logits = jnp.concatenate([logits, more], axis=1)                    # [R, K + 1, V]
-    logits = logits.astype(jnp.float32)
+def _tree_scorer(model, mesh):
+  """jit: packed question rows (`_tree_logits`) and the predicted positions' targets
+  `[N]` -> (log p(target) [N], argmax == target [N])."""
+  def score(params, tokens, positions, groups, branches, rows, cols, targets):
+    logits = model.apply({"params": params}, tokens, positions, groups, branches, rows, cols,
+                         method=_tree_logits).astype(jnp.float32)              # [N, V]
     log_probs = jax.nn.log_softmax(logits, axis=-1)
-    picked = jnp.take_along_axis(log_probs, cont[..., None], axis=-1)[..., 0]
-    return picked, jnp.argmax(logits, axis=-1) == cont
-
+    picked = jnp.take_along_axis(log_probs, targets[:, None], axis=-1)[:, 0]
+    return picked, jnp.argmax(logits, axis=-1) == targets
   if mesh is None:
-    return (jax.jit(prefill, static_argnums=4), jax.jit(extend))
-  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  return (jax.jit(prefill, static_argnums=4, in_shardings=(None, rows, rows, rows)),
-          jax.jit(extend, in_shardings=(None, None, None, None, rows, rows)))
+    return jax.jit(score)
+  row = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  return jax.jit(score, in_shardings=(None, row, row, row, row, None, None, None))
+
+
+def _pack(sizes, width):
+  """Questions of `sizes` tokens (sorted largest first) into rows of `width`: each row
+  takes the largest question left, then the smallest ones while they fit. Returns
+  `[[question index, ...] per row]`."""
+  out, lo, hi = [], 0, len(sizes) - 1
+  while lo <= hi:
+    row, room = [lo], width - sizes[lo]
+    lo += 1
+    while lo <= hi and sizes[hi] <= room:
+      row.append(hi)
+      room -= sizes[hi]
+      hi -= 1
+    out.append(row)
+  return out
 
 
 @register_model("llmjax")
@@ -153,7 +150,7 @@ class LlmjaxLM(TemplateLM):
                                 axis_types=(jax.sharding.AxisType.Auto,)) if n > 1 else None)
     self._rows = self.batch_size if n == 1 else -(-self.batch_size // n) * n
     self._score = _scorer(model, self._mesh)
-    self._prefill, self._extend = _cont_scorers(model, self._mesh)
+    self._tree = _tree_scorer(model, self._mesh)
     self._encoded = {}
     self.share_contexts = str(share_contexts).lower()
     if self.share_contexts not in ("auto", "true", "false"):
@@ -252,50 +249,70 @@ class LlmjaxLM(TemplateLM):
     return out
 
   def _score_shared(self, rows):
-    """Requests that share a context (a multiple-choice question's choices): the context
-    is run once into a KV cache, and each continuation is scored from its copy."""
+    """Requests that share a context (a multiple-choice question's choices): each
+    context is run once, its continuations after it in the same row, several questions
+    per row (`_tree_logits`)."""
     groups = {}
     for i, (inp, _, n) in enumerate(rows):
       groups.setdefault(tuple(inp[:len(inp) - n + 1]), []).append(i)
-    per_context = -(-len(rows) // len(groups))
-    reqs = self._rows * per_context
+    cap = self.max_length  # a longer question is split (its context copied): rows fit it
+    questions = []           # (context, [request index])
+    for context, members in groups.items():
+      part, size = [], len(context)
+      for i in sorted(members, key=lambda i: rows[i][2]):
+        if part and size + rows[i][2] - 1 > cap:
+          questions.append((context, part))
+          part, size = [], len(context)
+        part.append(i)
+        size += rows[i][2] - 1
+      questions.append((context, part))
+    size = lambda q: len(q[0]) + sum(rows[i][2] - 1 for i in q[1])
+    questions.sort(key=size, reverse=True)
+    sizes = [size(q) for q in questions]
+    width = min(self.max_length, _bucket(max(sizes[0], 128)))  # >= every question
+    packed = _pack(sizes, width)
     out = [None] * len(rows)
-    chunk = []                                    # [(context, request index)]
-    for context in sorted(groups, key=len, reverse=True):
-      for i in groups[context]:
-        if len(chunk) == reqs or (len({c for c, _ in chunk} | {context}) > self._rows):
-          self._shared_chunk(rows, chunk, out)
-          chunk = []
-        chunk.append((context, i))
-    if chunk:
-      self._shared_chunk(rows, chunk, out)
+    for start in range(0, len(packed), self._rows):
+      self._tree_chunk(rows, [[questions[q] for q in row]
+                              for row in packed[start:start + self._rows]], width, out)
     return out
 
-  def _shared_chunk(self, rows, chunk, out):
-    from llmjax.decode import cache as cache_lib
-
-    contexts = list(dict.fromkeys(c for c, _ in chunk))
-    contexts += contexts[:1] * (self._rows - len(contexts))
-    width = min(_bucket(len(contexts[0])), self.max_length)
-    tokens, valid, positions = cache_lib.left_pad([list(c) for c in contexts], 0, width)
-    index = {c: k for k, c in enumerate(contexts[:len(set(contexts))])}
-    chunk = sorted(chunk, key=lambda item: rows[item[1]][2])   # by continuation length
-    slots = _cont_width(rows[chunk[-1][1]][2] - 1)
-    last, cache = self._prefill(self.params, tokens, valid, positions, slots)
-    last_positions = positions[:, -1]
-    size = 2 * self._rows  # requests per extension: fewer, fuller calls
-    for start in range(0, len(chunk), size):
-      part = chunk[start:start + size]
-      owner = np.zeros(size, np.int32)
-      cont = np.zeros((size, _cont_width(rows[part[-1][1]][2] - 1) + 1), np.int32)
-      for j, (context, i) in enumerate(part):    # the last column: a target only
-        owner[j] = index[context]
-        cont[j, :rows[i][2]] = rows[i][1][-rows[i][2]:]
-      picked, hits = (np.asarray(x) for x in self._extend(
-          self.params, last, cache, last_positions, owner, cont))
-      for j, (_, i) in enumerate(part):
-        n = rows[i][2]
-        out[i] = (float(picked[j, :n].astype(np.float64).sum()), bool(hits[j, :n].all()))
+  def _tree_chunk(self, rows, chunk, width, out):
+    """One call: `chunk` (rows of questions) laid out for `_tree_logits`, scored."""
+    shape = (self._rows, width)
+    tokens, positions = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+    groups, branches = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+    where = []               # (request, row, [column predicting each target])
+    for r, row in enumerate(chunk):
+      col = 0
+      for g, (context, members) in enumerate(row, start=1):
+        c = len(context)
+        tokens[r, col:col + c], positions[r, col:col + c] = context, np.arange(c)
+        groups[r, col:col + c] = g
+        last, col = col + c - 1, col + c
+        for b, i in enumerate(members, start=1):
+          inp, _, n = rows[i]
+          tokens[r, col:col + n - 1] = inp[len(inp) - n + 1:]
+          positions[r, col:col + n - 1] = np.arange(c, c + n - 1)
+          groups[r, col:col + n - 1], branches[r, col:col + n - 1] = g, b
+          where.append((i, r, [last] + list(range(col, col + n - 1))))
+          col += n - 1
+    count = sum(len(cols) for *_, cols in where)
+    n_pad = _bucket(count)
+    flat_rows, flat_cols = np.zeros(n_pad, np.int32), np.zeros(n_pad, np.int32)
+    targets = np.zeros(n_pad, np.int32)
+    k = 0
+    for i, r, cols in where:
+      flat_rows[k:k + len(cols)], flat_cols[k:k + len(cols)] = r, cols
+      targets[k:k + len(cols)] = rows[i][1][-rows[i][2]:]
+      k += len(cols)
+    picked, hits = (np.asarray(x) for x in self._tree(
+        self.params, tokens, positions, groups, branches, flat_rows, flat_cols, targets))
+    k = 0
+    for i, _, cols in where:
+      n = len(cols)
+      out[i] = (float(picked[k:k + n].astype(np.float64).sum()), bool(hits[k:k + n].all()))
+      k += n
 
   def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
     windows, owners = [], []

@@ -25,7 +25,8 @@ LOGLIKELIHOOD = [("ROMEO: But soft", " what light"), ("To be", ", or not to be")
 # Multiple-choice style: contexts repeated with several continuations (one token, several,
 # and one whose request is long enough to be truncated).
 CHOICES = [(c, k) for c in ("Who speaks this line?\nAnswer:", "O " * 70, "x")
-           for k in (" Romeo", " the Nurse of Verona", "!", " JULIET and ROMEO")]
+           for k in (" Romeo", " the Nurse of Verona", "!", " JULIET and ROMEO")] + [
+               ("Q:", " a"), ("Q:", " b")]
 ROLLING = ["Now is the winter of our discontent, made glorious summer " * 3, "short", "x"]
 
 
@@ -80,23 +81,46 @@ def test_results_do_not_depend_on_batch_order_or_devices(exported):
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_shared_contexts_score_as_the_hf_backend_and_the_unshared_path(exported, preset):
-  """The KV-cache path for repeated contexts gives what a whole forward pass gives (the
-  `hf` backend's, and this backend's own with share_contexts=false), on 1 and 8 devices."""
+  """Repeated contexts run once with their continuations in one row, several questions
+  per row (and a question longer than the context split in two), give what a whole
+  forward pass per request gives (the `hf` backend's, and this backend's own with
+  share_contexts=false), on 1 and 8 devices."""
   from lm_eval.models.huggingface import HFLM
 
   wd, hf_dir = exported[preset]
   reqs = _requests("loglikelihood", CHOICES)
-  shared = LlmjaxLM(workdir=wd, batch_size=2, devices=1)
+  shared = LlmjaxLM(workdir=wd, batch_size=2, devices=1, share_contexts="true")
+  layout = []   # questions per row, as `_tree_chunk` receives them
+  chunk = shared._tree_chunk
+  shared._tree_chunk = lambda rows, rows_of, *a: (layout.extend(rows_of), chunk(rows, rows_of, *a))
+  shared.loglikelihood(reqs)
+  contexts = [context for row in layout for context, _ in row]
+  assert max(map(len, layout)) >= 2                     # packed
+  assert len(contexts) > len(set(contexts))             # the 70-token question: split
+  assert sorted(i for row in layout for _, members in row for i in members) == list(
+      range(len(reqs)))
+  shared.truncated = 0
   whole = LlmjaxLM(workdir=wd, batch_size=2, devices=1, share_contexts="false")
   sharded = LlmjaxLM(workdir=wd, batch_size=3, devices=8, share_contexts="true")
   hf = HFLM(pretrained=hf_dir, device="cpu", batch_size=4, max_length=shared.max_length)
   ours, theirs = shared.loglikelihood(reqs), hf.loglikelihood(reqs)
-  assert shared.truncated == 4 and len({r.args[0] for r in reqs}) == 3
+  assert shared.truncated == 4 and len({r.args[0] for r in reqs}) == 4
   for a, b, c, d in zip(ours, theirs, whole.loglikelihood(reqs),
                         sharded.loglikelihood(reqs[::-1])[::-1]):
     assert a[0] == pytest.approx(b[0], abs=1e-4) and a[1] == b[1]
     assert a[0] == pytest.approx(c[0], abs=2e-5) and a[1] == c[1]
     assert a[0] == pytest.approx(d[0], abs=2e-5) and a[1] == d[1]
+
+
+def test_packing_fills_rows_largest_first_then_smallest():
+  from llmjax.eval.lm_eval_backend import _pack
+  sizes = [60, 30, 20, 10, 5]
+  assert _pack(sizes, 64) == [[0], [1, 4, 3], [2]]
+  rng = np.random.default_rng(0)
+  sizes = sorted(rng.integers(1, 65, 200).tolist(), reverse=True)
+  rows = _pack(sizes, 64)
+  assert sorted(i for row in rows for i in row) == list(range(200))
+  assert all(sum(sizes[i] for i in row) <= 64 for row in rows)
 
 
 class _Bytes:
