@@ -94,7 +94,7 @@ import numpy as np
 
 PROMPT_LEN, NEW_TOKENS = 32, 64
 DPO_BETA = 0.1  # runs/dpo.gin's
-POLICIES = ("sft", "dpo", "dpo_rpo", "ppo", "grpo", "ppo_kl", "grpo_kl")
+POLICIES = ("sft", "dpo", "dpo_rpo", "ppo", "grpo", "ppo_kl", "grpo_kl", "ppo_critic")
 
 
 def parse_args():
@@ -111,7 +111,7 @@ def parse_args():
   p.add_argument("--strong_kl", type=float, default=0.2, help="β of the *_kl runs")
   p.add_argument("--prompts", type=int, default=64)
   p.add_argument("--samples", type=int, default=4)
-  p.add_argument("--stages", default="sft,reward,dpo,ppo,grpo,ppo_kl,grpo_kl")
+  p.add_argument("--stages", default="sft,reward,dpo,ppo,grpo,ppo_kl,grpo_kl,ppo_critic")
   p.add_argument("--data_dir", default=None)
   return p.parse_args()
 
@@ -178,11 +178,16 @@ def stages(args, log=print) -> dict:
   # The same with a stronger pull to the SFT model (what stops the reward hacking seen
   # at the default KL weights): PPO's β from 0.2, adapting towards 6 nats over a
   # horizon short enough to act within the run; GRPO's β 0.2.
+  ppo_kl = rl + ["PPO.reward = 'model'", "PPO.reward_kwargs = {}",
+                  f"PPO.reward_model = {dirs['reward']!r}", f"PPO.kl_coef = {args.strong_kl}",
+                  "PPO.kl_horizon = 1000"]
   if "ppo_kl" in wanted:
-    seconds["ppo_kl"] = train("PPO, strong KL", ["runs/ppo.gin"], rl + [
-        "PPO.reward = 'model'", "PPO.reward_kwargs = {}",
-        f"PPO.reward_model = {dirs['reward']!r}", f"PPO.kl_coef = {args.strong_kl}",
-        "PPO.kl_horizon = 1000"], dirs["ppo_kl"], args.data_dir, log)
+    seconds["ppo_kl"] = train("PPO, strong KL", ["runs/ppo.gin"], ppo_kl, dirs["ppo_kl"],
+                              args.data_dir, log)
+  if "ppo_critic" in wanted:  # the same, its value model a separate copy of SFT
+    seconds["ppo_critic"] = train("PPO, strong KL, separate critic", ["runs/ppo.gin"],
+                                  ppo_kl + ["PPO.critic = 'separate'"], dirs["ppo_critic"],
+                                  args.data_dir, log)
   if "grpo_kl" in wanted:
     seconds["grpo_kl"] = train("GRPO, strong KL", ["runs/grpo.gin"],
                                rl + reward + [f"GRPO.beta = {args.strong_kl}"],

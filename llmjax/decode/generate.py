@@ -8,7 +8,10 @@ are `pad_id`); the loop ends when every row has stopped or `max_new_tokens` is r
 Streaming and stop strings need the host: when `on_tokens` or `stop_strings` is given,
 each step calls back (`jax.experimental.io_callback`, ordered) with the new tokens, and
 the host answers which rows hit a stop string. The callback target is looked up by an
-id passed as data, so the compiled loop is cached across calls.
+id passed as data, so the compiled loop is cached across calls. A stop string of one
+ASCII character other than a space (lm-eval's "\n") cannot span two tokens, so it is
+checked on the device instead, as a mask of the tokens whose text holds it
+(`device_stops`), and needs no callback.
 
 encoder_decoder models: pass `encoder_inputs`; they are encoded once, the cross-attention
 keys/values cached, and decoding starts from `decoder_start_id` (T5: the pad id 0).
@@ -97,7 +100,8 @@ LOOP_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 @functools.partial(jax.jit, static_argnames=("model", "sampling", "max_new_tokens", "listen"),
                    compiler_options=LOOP_COMPILER_OPTIONS)
 def _generate(model, params, tokens, valid, positions, rng, eos_id, pad_id, listener_id,
-              encoded=None, encoder_valid=None, *, sampling, max_new_tokens, listen):
+              encoded=None, encoder_valid=None, stop_mask=None, *, sampling, max_new_tokens,
+              listen):
   batch, vocab = tokens.shape[0], model.config.vocab_size
   model, params = decoding_model(model, params)
   logits, cache = prefill(model, params, tokens, valid, positions,
@@ -112,6 +116,8 @@ def _generate(model, params, tokens, valid, positions, rng, eos_id, pad_id, list
     if seen is not None:
       seen = seen.at[jnp.arange(batch), token].set(True)
     stop = token == eos_id
+    if stop_mask is not None:
+      stop |= stop_mask[token]
     if listen:
       stop |= io_callback(_dispatch, jax.ShapeDtypeStruct((batch,), bool), listener_id,
                           token, ordered=True)
@@ -159,6 +165,25 @@ def _listener(on_tokens, stop_strings, detokenize, batch):
   return listen
 
 
+@functools.lru_cache(maxsize=8)
+def device_stops(stop_strings: tuple, detokenize, vocab_size: int):
+  """`(mask [V] bool or None, the stop strings left to the host)`: each stop string of
+  one ASCII character but a space becomes the tokens whose own text holds it (such a
+  character never spans two tokens, so a row's text holds it exactly when one of its
+  tokens does)."""
+  local = [s for s in stop_strings if len(s) == 1 and s.isascii() and s != " "]
+  if not local:
+    return None, stop_strings
+  mask = np.zeros(vocab_size, bool)
+  for token in range(vocab_size):
+    try:
+      text = detokenize([token])
+    except (IndexError, ValueError, KeyError):  # an id past the tokenizer's pieces
+      text = ""
+    mask[token] = any(s in text for s in local)
+  return mask, tuple(s for s in stop_strings if s not in local)
+
+
 def truncate_at_stop(text: str, stop_strings) -> str:
   """`text` up to (excluding) the earliest stop string."""
   cut = min((text.find(s) for s in stop_strings if s in text), default=len(text))
@@ -203,15 +228,18 @@ def generate(model: Transformer, params, prompts: list[list[int]], *, max_new_to
                     "the prompt or lower max_new_tokens.")
   longest = max(len(p) for p in prompts)
   tokens, valid, positions = cache_lib.left_pad(prompts, pad_id, max(pad_to or 0, longest))
-  listen = bool(on_tokens is not None or stop_strings)
+  stop_mask, host_stops = (device_stops(tuple(stop_strings), detokenize, cfg.vocab_size)
+                           if stop_strings and on_tokens is None  # streaming: the host
+                           else (None, tuple(stop_strings)))
+  listen = bool(on_tokens is not None or host_stops)
   listener_id = next(_NEXT_ID)
   if listen:
-    _LISTENERS[listener_id] = _listener(on_tokens, stop_strings, detokenize, len(prompts))
+    _LISTENERS[listener_id] = _listener(on_tokens, host_stops, detokenize, len(prompts))
   try:
     out, lengths = _generate(model, params, tokens, valid, positions, jax.random.key(seed),
                              -1 if eos_id is None else eos_id, pad_id, listener_id, encoded,
-                             encoder_valid, sampling=sampling, max_new_tokens=max_new_tokens,
-                             listen=listen)
+                             encoder_valid, stop_mask, sampling=sampling,
+                             max_new_tokens=max_new_tokens, listen=listen)
     out, lengths = np.asarray(out), np.asarray(lengths)
   finally:
     _LISTENERS.pop(listener_id, None)

@@ -137,6 +137,9 @@ class LlmjaxLM(TemplateLM):
     if cfg.arch != "decoder_only":
       raise UserError(f"the llmjax lm-eval backend scores decoder-only models; this one is "
                       f"{cfg.arch} (use `llmjax eval` for its perplexity).")
+    if hasattr(model, "clone"):  # a Transformer: unscanned once, not per generate call
+      from llmjax.decode.generate import decoding_model
+      model, params = decoding_model(model, params)
     self.model, self.params, self.tok = model, params, tokenizer
     self._max_length = int(max_length or cfg.max_len)
     if cfg.position == "learned" and self._max_length > cfg.max_len:
@@ -357,12 +360,13 @@ class LlmjaxLM(TemplateLM):
         chunk = items[start:start + self.batch_size]
         keep = max(1, self.max_length - new)  # left-truncate so prompt + new fits
         prompts = [(self.tok_encode(c) or [self.prefix_token_id])[-keep:] for _, c in chunk]
-        prompts += prompts[:1] * (self.batch_size - len(prompts))  # one batch shape
+        rows = min(self.batch_size, 1 << (len(prompts) - 1).bit_length())  # few shapes
+        prompts += prompts[:1] * (rows - len(prompts))
         out = gen.generate(self.model, self.params, prompts, max_new_tokens=new,
                            sampling=SamplingConfig(temperature=temperature),
                            eos_id=self.eot_token_id, stop_strings=until,
                            detokenize=self.tok_decode,
-                           pad_to=min(-(-max(map(len, prompts)) // 8) * 8, keep))
+                           pad_to=min(-(-max(map(len, prompts)) // 4) * 4, keep))
         for (i, _), text in zip(chunk, out.texts):
           results[i] = text
     return results

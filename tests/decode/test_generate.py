@@ -121,6 +121,25 @@ def test_streaming_and_stop_strings():
   assert [a[1] for _, a in streamed[:3]] == [True, True, False]
 
 
+def test_one_character_stop_strings_stop_on_the_device_as_on_the_host():
+  """A one-character stop string becomes a token mask checked in the loop (no callback);
+  rows stop and their texts are cut exactly where the host's check (forced by streaming)
+  stops them."""
+  model, params = _model("tiny")
+  free = _greedy("tiny").tokens
+  newline = int(free[1, 1])      # the token that writes the stop character
+  detok = lambda ids: "".join("x\n" if i == newline else f"<{i}>" for i in ids)
+  mask, rest = gen.device_stops(("\n", "ab"), detok, model.config.vocab_size)
+  assert rest == ("ab",) and np.flatnonzero(mask).tolist() == [newline]
+  run = lambda **kw: gen.generate(model, params, PROMPTS, max_new_tokens=NEW, sampling=GREEDY,
+                                  detokenize=detok, stop_strings=["\n"], **kw)
+  device, host = run(), run(on_tokens=lambda t, active: None)
+  assert device.lengths[1] == 2 and device.texts[1] == f"<{free[1, 0]}>x"
+  np.testing.assert_array_equal(device.lengths, host.lengths)
+  np.testing.assert_array_equal(device.tokens, host.tokens)
+  assert device.texts == host.texts
+
+
 def test_encoder_decoder_greedy_equals_full_forward():
   model, params = _model("t5-tiny")
   source = [3, 9, 27, 81, 50]
