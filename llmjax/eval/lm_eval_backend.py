@@ -12,7 +12,9 @@ class implements the three request types on jitted forward passes:
 - `loglikelihood_rolling`: lm-eval's disjoint rolling windows (a prefix token, then windows
   of max_length predictions, one token of context carried over), summed;
 - `generate_until`: the KV-cache generator (`decode/generate.py`), greedy unless the task
-  asks for sampling, stopped at the task's stop strings or `max_gen_toks`.
+  asks for sampling, stopped at the task's stop strings (one-character ones such as
+  "\n" on the device, longer ones by a host callback) or `max_gen_toks`; batches of
+  `batch_size` prompts (the last one padded to a power of two rows).
 Requests are sorted longest first and batched in rows padded to a few fixed lengths (one
 compile per length bucket); with several devices each batch is split over a 'data' mesh
 axis, so a sharded evaluation computes what one device does. When requests share their
