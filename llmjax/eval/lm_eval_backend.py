@@ -143,7 +143,8 @@ class LlmjaxLM(TemplateLM):
       from llmjax.decode.generate import decoding_model
       model, params = decoding_model(model, params)
     self.model, self.params, self.tok = model, params, tokenizer
-    self._max_length = int(max_length or cfg.max_len)
+    prompt = getattr(model, "soft_prompt", 0)  # prompt tuning: k positions are taken
+    self._max_length = int(max_length or cfg.max_len - prompt)
     if cfg.position == "learned" and self._max_length > cfg.max_len:
       raise UserError(f"max_length={self._max_length} exceeds the model's learned position "
                       f"table ({cfg.max_len}); pass max_length<={cfg.max_len}.")
@@ -208,6 +209,8 @@ class LlmjaxLM(TemplateLM):
     saved = sum(map(len, contexts)) + sum(n for *_, n in rows)
     shared = self.share_contexts == "true" or (
         self.share_contexts == "auto" and saved <= 0.75 * sum(len(r[0]) for r in rows))
+    if getattr(self.model, "soft_prompt", 0):  # it goes before each row, not question
+      shared = False
     return self._score_shared(rows) if shared else self._score_whole(rows)
 
   def _truncated(self, requests) -> list[tuple[list[int], list[int], int]]:

@@ -116,6 +116,11 @@ class PeftModel:
     return self.base.config
 
   @property
+  def soft_prompt(self) -> int:
+    """The length of the soft prompt every row gets before it (prompt tuning; 0: none)."""
+    return sum(c.length for c in self.configs if isinstance(c, prompt_lib.PromptTuningConfig))
+
+  @property
   def network(self):
     """What the interceptors wrap: the base `Transformer`, or a QLoRA base computed from
     its quantized arrays (`QuantizedBase`, whose interceptor is entered inside theirs)."""

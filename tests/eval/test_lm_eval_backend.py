@@ -112,6 +112,27 @@ def test_shared_contexts_score_as_the_hf_backend_and_the_unshared_path(exported,
     assert a[0] == pytest.approx(d[0], abs=2e-5) and a[1] == d[1]
 
 
+def test_a_soft_prompt_model_scores_whole_rows(exported):
+  """A prompt-tuned model's soft prompt goes before each row, so its requests are never
+  packed: share_contexts=true gives what one whole row per request gives."""
+  from flax import linen as nn
+  from flax import traverse_util
+
+  from llmjax.checkpoint.workdir import load_workdir
+  from llmjax.peft.model import PeftModel
+  from llmjax.peft.prompt_tuning import PromptTuningConfig
+  base, params, tok = load_workdir(exported["tiny"][0])
+  model = PeftModel(base, [PromptTuningConfig(length=3)])
+  full = nn.meta.unbox(model.init(jax.random.PRNGKey(0), np.zeros((1, 8), np.int32))["params"])
+  flat = traverse_util.flatten_dict
+  full = traverse_util.unflatten_dict({**flat(full), **flat(params)})  # trained base, new prompt
+  run = lambda share: LlmjaxLM(model=model, params=full, tokenizer=tok, batch_size=2,
+                               devices=1, share_contexts=share).loglikelihood(
+                                   _requests("loglikelihood", CHOICES[:8]))
+  for a, b in zip(run("true"), run("false")):
+    assert a[0] == pytest.approx(b[0], abs=2e-5) and a[1] == b[1]
+
+
 def test_packing_fills_rows_largest_first_then_smallest():
   from llmjax.eval.lm_eval_backend import _pack
   sizes = [60, 30, 20, 10, 5]
