@@ -75,8 +75,11 @@ def test_debug_run_raises_reward_accuracy_and_keeps_the_reference(tmp_path, data
                     f"DPO.precomputed_reference={table!r}", "TrainConfig.stop_at_step=10",
                     f"DataConfig.feature_lengths={{{lengths}}}")
   for want, got in zip(train[:2], cached):
-    for key in ("loss", "reward_accuracy", "reward_margin", "grad_norm"):
+    for key in ("loss", "reward_margin", "grad_norm"):
       np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    # Near policy = reference every margin is ~0, so a pair whose margin is at rounding
+    # level may land on either side: the accuracies agree up to one pair.
+    assert abs(got["reward_accuracy"] - want["reward_accuracy"]) <= 1.0 / want["pairs"] + 1e-6
 
 
 def test_a_reference_with_another_tokenizer_or_vocabulary_is_refused(fixture_run, tmp_path):
