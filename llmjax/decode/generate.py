@@ -15,6 +15,11 @@ checked on the device instead, as a mask of the tokens whose text holds it
 
 encoder_decoder models: pass `encoder_inputs`; they are encoded once, the cross-attention
 keys/values cached, and decoding starts from `decoder_start_id` (T5: the pad id 0).
+
+`share_prefix`: the tokens every prompt begins with (a few-shot prompt, a task's
+instruction) are prefilled once, in one row, and that cache is copied to every row
+before the rest of each prompt is prefilled after it (left-padded between the two; the
+padding is masked and positions run on from the prefix, so the result is the same).
 """
 
 import dataclasses
@@ -80,10 +85,21 @@ def decoding_model(model: Transformer, params):
   return model, unstack_layers(params) if cfg.scan_layers else params
 
 
-def prefill(model, params, tokens, valid, positions, length, encoded=None, encoder_valid=None):
-  """A cache of `length` slots holding the left-padded prompt; `(last logits [B, V], cache)`."""
-  cache = cache_lib.init_cache(model.config, tokens.shape[0], length,
-                               None if encoded is None else encoded.shape[1])
+def prefill(model, params, tokens, valid, positions, length, encoded=None, encoder_valid=None,
+            prefix=None):
+  """A cache of `length` slots holding the left-padded prompt; `(last logits [B, V], cache)`.
+
+  `prefix [1, P]`: tokens every row's prompt starts with (`tokens` being the rest, their
+  positions counted from P): prefilled once, in one row, into P more slots ahead.
+  """
+  if prefix is None:
+    cache = cache_lib.init_cache(model.config, tokens.shape[0], length,
+                                 None if encoded is None else encoded.shape[1])
+  else:
+    cache = cache_lib.init_cache(model.config, 1, prefix.shape[1] + length)
+    _, cache = model.apply({"params": params}, prefix, jnp.arange(prefix.shape[1])[None],
+                           cache, last_only=True, method=Transformer.decode_cached)
+    cache = cache_lib.repeat_rows(cache, tokens.shape[0])
   if encoded is not None:
     cache["encoder_valid"] = encoder_valid
   logits, cache = model.apply({"params": params}, tokens, positions, cache, valid, encoded,
@@ -100,15 +116,17 @@ LOOP_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 @functools.partial(jax.jit, static_argnames=("model", "sampling", "max_new_tokens", "listen"),
                    compiler_options=LOOP_COMPILER_OPTIONS)
 def _generate(model, params, tokens, valid, positions, rng, eos_id, pad_id, listener_id,
-              encoded=None, encoder_valid=None, stop_mask=None, *, sampling, max_new_tokens,
-              listen):
+              encoded=None, encoder_valid=None, stop_mask=None, prefix=None, *, sampling,
+              max_new_tokens, listen):
   batch, vocab = tokens.shape[0], model.config.vocab_size
   model, params = decoding_model(model, params)
   logits, cache = prefill(model, params, tokens, valid, positions,
-                          tokens.shape[1] + max_new_tokens, encoded, encoder_valid)
+                          tokens.shape[1] + max_new_tokens, encoded, encoder_valid, prefix)
   seen = None
   if sampling.repetition_penalty != 1.0:
     seen = jnp.zeros((batch, vocab), bool).at[jnp.arange(batch)[:, None], tokens].set(valid)
+    if prefix is not None:
+      seen = seen.at[:, prefix[0]].set(True)
 
   def pick(i, logits, seen, done):
     token = sample(logits, sampling, jax.random.fold_in(rng, i), seen)
@@ -184,6 +202,23 @@ def device_stops(stop_strings: tuple, detokenize, vocab_size: int):
   return mask, tuple(s for s in stop_strings if s not in local)
 
 
+def shared_prefix_length(prompts: list[list[int]]) -> int:
+  """How many leading tokens all `prompts` have in common, leaving each at least one."""
+  limit = min(len(p) for p in prompts) - 1
+  n = 0
+  while n < limit and all(p[n] == prompts[0][n] for p in prompts):
+    n += 1
+  return n
+
+
+def _can_share_prefix(cfg) -> bool:
+  """Padding between the prefix and the rest leaves slot distances unequal to position
+  distances: fine for absolute positions and RoPE, not for a sliding window or T5's
+  relative bias, which read slot distances."""
+  return (cfg.arch == "decoder_only" and not cfg.sliding_window
+          and cfg.position != "t5_relative")
+
+
 def truncate_at_stop(text: str, stop_strings) -> str:
   """`text` up to (excluding) the earliest stop string."""
   cut = min((text.find(s) for s in stop_strings if s in text), default=len(text))
@@ -194,7 +229,8 @@ def generate(model: Transformer, params, prompts: list[list[int]], *, max_new_to
              sampling: SamplingConfig | None = None, seed: int = 0, eos_id=None,
              pad_id: int = 0, stop_strings=(), detokenize=None, on_tokens=None,
              encoder_inputs: list[list[int]] | None = None,
-             decoder_start_id: int = 0, pad_to: int | None = None) -> GenerateOutput:
+             decoder_start_id: int = 0, pad_multiple: int = 1,
+             share_prefix: bool = False) -> GenerateOutput:
   """Continues each prompt (a list of token ids) by up to `max_new_tokens` tokens.
 
   Args:
@@ -207,8 +243,11 @@ def generate(model: Transformer, params, prompts: list[list[int]], *, max_new_to
     on_tokens: streaming, `on_tokens(tokens [B], active [B])` after every step.
     encoder_inputs: encoder_decoder models: one token list per row; `prompts` may then
       be None (each row starts from `decoder_start_id`).
-    pad_to: left-pad the prompts to this length (>= the longest): callers with prompts of
-      many lengths pad to a few buckets, and the loop compiles once per bucket.
+    pad_multiple: left-pad the prompts to a multiple of this length: callers with prompts
+      of many lengths pad to a few buckets, and the loop compiles once per bucket.
+    share_prefix: prefill the tokens all prompts start with once (decoder-only models
+      without a sliding window or T5 bias; see the module docstring); the bucket is then
+      the rest's length.
   """
   cfg, sampling = model.config, sampling or SamplingConfig()
   encoded = encoder_valid = None
@@ -226,8 +265,17 @@ def generate(model: Transformer, params, prompts: list[list[int]], *, max_new_to
     raise UserError(f"prompt length + max_new_tokens = {total} must be <= max_len="
                     f"{cfg.max_len} (learned positions) and max_new_tokens >= 1; shorten "
                     "the prompt or lower max_new_tokens.")
+  prefix, shared = None, 0
+  if share_prefix and len(prompts) > 1 and _can_share_prefix(cfg):
+    shared = shared_prefix_length(prompts)
+    if shared:
+      prefix = np.asarray([prompts[0][:shared]], np.int32)
+      prompts = [p[shared:] for p in prompts]
   longest = max(len(p) for p in prompts)
-  tokens, valid, positions = cache_lib.left_pad(prompts, pad_id, max(pad_to or 0, longest))
+  room = cfg.max_len - max_new_tokens - shared - getattr(model, "soft_prompt", 0)
+  length = max(longest, min(-(-longest // pad_multiple) * pad_multiple, room))
+  tokens, valid, positions = cache_lib.left_pad(prompts, pad_id, length)
+  positions = positions + shared
   stop_mask, host_stops = (device_stops(tuple(stop_strings), detokenize, cfg.vocab_size)
                            if stop_strings and on_tokens is None  # streaming: the host
                            else (None, tuple(stop_strings)))
@@ -238,7 +286,7 @@ def generate(model: Transformer, params, prompts: list[list[int]], *, max_new_to
   try:
     out, lengths = _generate(model, params, tokens, valid, positions, jax.random.key(seed),
                              -1 if eos_id is None else eos_id, pad_id, listener_id, encoded,
-                             encoder_valid, stop_mask, sampling=sampling,
+                             encoder_valid, stop_mask, prefix, sampling=sampling,
                              max_new_tokens=max_new_tokens, listen=listen)
     out, lengths = np.asarray(out), np.asarray(lengths)
   finally:

@@ -13,8 +13,10 @@ class implements the three request types on jitted forward passes:
   of max_length predictions, one token of context carried over), summed;
 - `generate_until`: the KV-cache generator (`decode/generate.py`), greedy unless the task
   asks for sampling, stopped at the task's stop strings (one-character ones such as
-  "\n" on the device, longer ones by a host callback) or `max_gen_toks`; batches of
-  `batch_size` prompts (the last one padded to a power of two rows).
+  "\n" on the device, longer ones by a host callback) or `max_gen_toks`; the requests
+  split into batches of equal size, at most `batch_size`; the tokens a batch's prompts
+  start with (a few-shot prefix, a task's instruction) are prefilled once per batch,
+  not once per row (`share_contexts` other than false).
 Requests are sorted longest first and batched in rows padded to a few fixed lengths (one
 compile per length bucket); with several devices each batch is split over a 'data' mesh
 axis, so a sharded evaluation computes what one device does. When requests share their
@@ -361,17 +363,19 @@ class LlmjaxLM(TemplateLM):
       groups.setdefault((tuple(until), new, temperature), []).append((i, context))
     for (until, new, temperature), items in groups.items():
       items.sort(key=lambda item: -len(self.tok_encode(item[1])))
-      for start in range(0, len(items), self.batch_size):
-        chunk = items[start:start + self.batch_size]
+      # Batches of equal size (42 requests at batch 16: 14+14+14, not 16+16+10 padded to
+      # 16 rows), so no batch computes filler rows and one shape serves the group.
+      rows = -(-len(items) // -(-len(items) // self.batch_size))
+      for start in range(0, len(items), rows):
+        chunk = items[start:start + rows]
         keep = max(1, self.max_length - new)  # left-truncate so prompt + new fits
         prompts = [(self.tok_encode(c) or [self.prefix_token_id])[-keep:] for _, c in chunk]
-        rows = min(self.batch_size, 1 << (len(prompts) - 1).bit_length())  # few shapes
         prompts += prompts[:1] * (rows - len(prompts))
         out = gen.generate(self.model, self.params, prompts, max_new_tokens=new,
                            sampling=SamplingConfig(temperature=temperature),
                            eos_id=self.eot_token_id, stop_strings=until,
-                           detokenize=self.tok_decode,
-                           pad_to=min(-(-max(map(len, prompts)) // 4) * 4, keep))
+                           detokenize=self.tok_decode, pad_multiple=4,
+                           share_prefix=self.share_contexts != "false")
         for (i, _), text in zip(chunk, out.texts):
           results[i] = text
     return results
