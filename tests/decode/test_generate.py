@@ -172,3 +172,78 @@ def test_decoding_loop_updates_the_cache_in_place():
            if (" copy(" in line or "transpose(" in line)
            and any(f"= {s}" in line for s in cache_shapes)]
   assert bodies and any("dynamic-update-slice" in c for c in bodies) and not moved, moved
+
+
+SHARED = [[5, 17, 99, 3, 42, 8, 61], [5, 17, 99, 7], [5, 17, 99, 3, 12, 30], [5, 17, 99, 3, 42]]
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-llama"])
+@pytest.mark.parametrize("sampling", [GREEDY, SamplingConfig(temperature=0.0,
+                                                             repetition_penalty=1.3)])
+def test_shared_prefix_is_prefilled_once_with_the_same_result(name, sampling):
+  """The common prefix (3 tokens here) prefilled in one row and copied, the rest after it:
+  the same tokens as prefilling every whole prompt, learned positions and RoPE alike,
+  the repetition penalty seeing the prefix's tokens too; and each row as greedy alone."""
+  model, params = _model(name)
+  assert gen.shared_prefix_length(SHARED) == 3
+  assert gen.shared_prefix_length([[1, 2], [1, 2]]) == 1    # each keeps one token
+  run = lambda share: gen.generate(model, params, SHARED, max_new_tokens=NEW,
+                                   sampling=sampling, share_prefix=share, pad_multiple=4)
+  shared, whole = run(True), run(False)
+  np.testing.assert_array_equal(shared.tokens, whole.tokens)
+  if sampling is GREEDY:
+    for row, prompt in enumerate(SHARED):
+      assert list(shared.tokens[row]) == _naive_greedy(model, params, prompt, NEW)
+
+
+def test_shared_prefix_is_not_used_where_slots_must_be_positions(monkeypatch):
+  """A sliding window reads slot distances, which the padding between prefix and rest
+  would stretch: such a model prefills whole prompts."""
+  model, params = _model("tiny-llama")
+  model = model.clone(config=model.config.replace(sliding_window=3))
+  seen = []
+  real = gen._generate
+  monkeypatch.setattr(gen, "_generate", lambda *a, **k: seen.append(a[12]) or real(*a, **k))
+  out = gen.generate(model, params, SHARED, max_new_tokens=NEW, sampling=GREEDY,
+                     share_prefix=True)
+  assert seen == [None]
+  for row, prompt in enumerate(SHARED):
+    assert list(out.tokens[row]) == _naive_greedy(model, params, prompt, NEW)
+
+
+def test_greedy_batches_narrow_to_their_unfinished_rows():
+  """8 rows, most stopping at once: the loop gathers the 2 still going into a batch of 2
+  and finishes with those. Tokens and lengths equal the unnarrowed loop's (streaming
+  keeps every row) and each row's greedy continuation alone."""
+  model, params = _model("tiny")
+  prompts = [[5 + r, 17, 99 - r, 3][: 2 + r % 3] for r in range(8)]
+  free = gen.generate(model, params, prompts, max_new_tokens=NEW, sampling=GREEDY)
+  def spared(token):  # the rows that never produce `token`, and the last stop among the rest
+    rows = [r for r in range(8) if token not in free.tokens[r]]
+    stops = [list(free.tokens[r]).index(token) for r in range(8) if r not in rows]
+    return rows, max(stops, default=NEW)
+  # an EOS that stops all rows but one or two, early enough for narrow steps to follow
+  eos = next(int(t) for t in np.unique(free.tokens)
+             if 1 <= len(spared(t)[0]) <= 2 and spared(t)[1] < NEW - 2)
+  kept = spared(eos)[0]
+  run = lambda **kw: gen.generate(model, params, prompts, max_new_tokens=NEW, sampling=GREEDY,
+                                  eos_id=eos, **kw)
+  narrow, wide = run(), run(on_tokens=lambda tokens, active: None)
+  np.testing.assert_array_equal(narrow.tokens, wide.tokens)
+  np.testing.assert_array_equal(narrow.lengths, wide.lengths)
+  assert all(narrow.lengths[r] == NEW for r in kept) and min(narrow.lengths) <= 2
+  for row in kept:
+    assert list(narrow.tokens[row]) == _naive_greedy(model, params, prompts[row], NEW)
+  tokens, valid, positions = gen.cache_lib.left_pad(prompts)
+  hlo = gen._generate.lower(model, params, tokens, valid, positions, jax.random.key(0), eos,
+                            0, 0, sampling=GREEDY, max_new_tokens=NEW, listen=False)
+  hlo = hlo.compile().as_text()
+  assert len(_loop_bodies(hlo)) == 2                  # the wide loop, then the narrow one
+  cfg, length = model.config, tokens.shape[1] + NEW
+  k, h = cfg.num_kv_heads, cfg.head_dim
+  narrow_cache = [f"f32[2,{k},{length},{h}]", f"f32[2,{k},{h},{length}]"]
+  moved = [line for c in _loop_bodies(hlo) for line in c.splitlines()
+           if (" copy(" in line or "transpose(" in line) and
+           any(f"= {s}" in line for s in narrow_cache + [s.replace("[2,", "[8,")
+                                                         for s in narrow_cache])]
+  assert not moved, moved                             # both loops update caches in place
