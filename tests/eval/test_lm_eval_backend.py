@@ -16,6 +16,7 @@ pytest.importorskip("accelerate")  # lm-eval's hf backend needs it
 from lm_eval.api.instance import Instance
 
 from llmjax import cli
+from llmjax.decode import generate as gen_lib
 from llmjax.eval.lm_eval_backend import LlmjaxLM
 from llmjax.testing.runs import debug_train
 
@@ -131,6 +132,19 @@ def test_a_soft_prompt_model_scores_whole_rows(exported):
                                    _requests("loglikelihood", CHOICES[:8]))
   for a, b in zip(run("true"), run("false")):
     assert a[0] == pytest.approx(b[0], abs=2e-5) and a[1] == b[1]
+  # generation: the soft prompt goes before the shared prefix, prefilled once per batch
+  gen = [(f"Who speaks this line? {c}", {"until": ["\n"], "max_gen_toks": 6})
+         for c in ("ROMEO:", "To be", "O", "Now is the")]
+  sharing = LlmjaxLM(model=model, params=full, tokenizer=tok, batch_size=4, devices=1)
+  prefilled = []
+  prefill = gen_lib.prefill
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(gen_lib, "prefill", lambda *a: prefilled.append(a[-1]) or prefill(*a))
+    texts = sharing.generate_until(_requests("generate_until", gen))
+  assert prefilled[0].shape[1] >= 5        # BOS and the question's tokens
+  assert texts == LlmjaxLM(model=model, params=full, tokenizer=tok, batch_size=4, devices=1,
+                           share_contexts="false").generate_until(
+                               _requests("generate_until", gen))
 
 
 def test_packing_fills_rows_largest_first_then_smallest():
