@@ -98,15 +98,17 @@ def _docs(task, split, data_dir, limit):
 
 
 def prepare(out_dir: str, data_dir: str | None = None, limit: int | None = 500,
-            tasks=TASKS) -> str:
+            tasks=TASKS, docs_from: str = "test") -> str:
   """Writes every task's YAML and JSON lines (test: up to `limit` docs, spread over the
   split; validation: few-shot examples) into `out_dir`; returns it (lm-eval's
-  --include_path)."""
+  --include_path). `docs_from`: the data split the test docs are drawn from ('train':
+  more of them, e.g. for throughput; never for scores of a model trained on it)."""
   os.makedirs(out_dir, exist_ok=True)
   for task in tasks:
     files = {}
     for split in ("test", "validation"):
-      docs = _docs(task, split, data_dir, limit if split == "test" else 50)
+      docs = (_docs(task, docs_from, data_dir, limit) if split == "test"
+              else _docs(task, split, data_dir, 50))
       files[split] = os.path.abspath(os.path.join(out_dir, f"{task}.{split}.jsonl"))
       with open(files[split], "w", encoding="utf-8") as f:
         f.writelines(json.dumps(d) + "\n" for d in docs)

@@ -190,3 +190,18 @@ def test_an_encoder_only_run_is_refused_before_any_work(tmp_path, data_dir, caps
   err = capsys.readouterr().err
   assert code == 2 and "decoder-only" in err and "encoder_only" in err
   assert "Drop --tasks" in err and not os.path.exists(tmp_path / "r.json")
+
+
+def test_prepare_draws_test_docs_from_another_split_on_request(data_dir, tmp_path):
+  """docs_from='train' (benchmarks: more documents) writes train-split numbers as the test
+  file, none of them the test split's; few-shot examples stay validation's."""
+  read = lambda folder, split: [json.loads(line) for line in open(
+      os.path.join(folder, f"num2words_en_fr.{split}.jsonl"))]
+  test = task_lib.prepare(str(tmp_path / "test"), data_dir=data_dir, limit=None,
+                          tasks=["num2words_en_fr"])
+  train = task_lib.prepare(str(tmp_path / "train"), data_dir=data_dir, limit=100,
+                           tasks=["num2words_en_fr"], docs_from="train")
+  held_out = {d["en"] for d in read(test, "test")}
+  drawn = [d["en"] for d in read(train, "test")]
+  assert len(drawn) == 100 > len(held_out) and not held_out & set(drawn)
+  assert read(train, "validation") == read(test, "validation")
