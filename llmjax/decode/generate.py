@@ -244,6 +244,35 @@ def _can_share_prefix(cfg) -> bool:
           and cfg.position != "t5_relative")
 
 
+def _check(cfg, prompts, max_new_tokens, stop_strings, detokenize):
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise UserError("every prompt must have at least one token (e.g. BOS); got an empty one.")
+  if stop_strings and detokenize is None:
+    raise UserError("stop_strings need detokenize (a function from token ids to text).")
+  total = max(len(p) for p in prompts) + max_new_tokens
+  if max_new_tokens < 1 or (cfg.position == "learned" and total > cfg.max_len):
+    raise UserError(f"prompt length + max_new_tokens = {total} must be <= max_len="
+                    f"{cfg.max_len} (learned positions) and max_new_tokens >= 1; shorten "
+                    "the prompt or lower max_new_tokens.")
+
+
+def _layout(model, prompts, pad_id, pad_multiple, share_prefix, max_new_tokens):
+  """`(prefix [1, P] or None, (tokens, valid, positions))`: the shared prefix split off
+  (`share_prefix`), the rest left-padded to a multiple of `pad_multiple` (as long as the
+  position table leaves room), positions running on from the prefix."""
+  cfg, prefix, shared = model.config, None, 0
+  if share_prefix and len(prompts) > 1 and _can_share_prefix(cfg):
+    shared = shared_prefix_length(prompts)
+    if shared:
+      prefix = np.asarray([prompts[0][:shared]], np.int32)
+      prompts = [p[shared:] for p in prompts]
+  longest = max(len(p) for p in prompts)
+  room = cfg.max_len - max_new_tokens - shared - getattr(model, "soft_prompt", 0)
+  length = max(longest, min(-(-longest // pad_multiple) * pad_multiple, room))
+  tokens, valid, positions = cache_lib.left_pad(prompts, pad_id, length)
+  return prefix, (tokens, valid, positions + shared)
+
+
 def truncate_at_stop(text: str, stop_strings) -> str:
   """`text` up to (excluding) the earliest stop string."""
   cut = min((text.find(s) for s in stop_strings if s in text), default=len(text))
@@ -281,26 +310,9 @@ def generate(model: Transformer, params, prompts: list[list[int]], *, max_new_to
       raise UserError("an encoder_decoder model needs encoder_inputs (the source tokens).")
     encoded, encoder_valid = encode_inputs(model, params, encoder_inputs, pad_id)
     prompts = prompts or [[decoder_start_id]] * len(encoder_inputs)
-  if not prompts or any(len(p) == 0 for p in prompts):
-    raise UserError("every prompt must have at least one token (e.g. BOS); got an empty one.")
-  if stop_strings and detokenize is None:
-    raise UserError("stop_strings need detokenize (a function from token ids to text).")
-  total = max(len(p) for p in prompts) + max_new_tokens
-  if max_new_tokens < 1 or (cfg.position == "learned" and total > cfg.max_len):
-    raise UserError(f"prompt length + max_new_tokens = {total} must be <= max_len="
-                    f"{cfg.max_len} (learned positions) and max_new_tokens >= 1; shorten "
-                    "the prompt or lower max_new_tokens.")
-  prefix, shared = None, 0
-  if share_prefix and len(prompts) > 1 and _can_share_prefix(cfg):
-    shared = shared_prefix_length(prompts)
-    if shared:
-      prefix = np.asarray([prompts[0][:shared]], np.int32)
-      prompts = [p[shared:] for p in prompts]
-  longest = max(len(p) for p in prompts)
-  room = cfg.max_len - max_new_tokens - shared - getattr(model, "soft_prompt", 0)
-  length = max(longest, min(-(-longest // pad_multiple) * pad_multiple, room))
-  tokens, valid, positions = cache_lib.left_pad(prompts, pad_id, length)
-  positions = positions + shared
+  _check(cfg, prompts, max_new_tokens, stop_strings, detokenize)
+  prefix, (tokens, valid, positions) = _layout(model, prompts, pad_id, pad_multiple,
+                                               share_prefix, max_new_tokens)
   stop_mask, host_stops = (device_stops(tuple(stop_strings), detokenize, cfg.vocab_size)
                            if stop_strings and on_tokens is None  # streaming: the host
                            else (None, tuple(stop_strings)))

@@ -195,8 +195,9 @@ def test_an_encoder_only_run_is_refused_before_any_work(tmp_path, data_dir, caps
 def test_prepare_draws_test_docs_from_another_split_on_request(data_dir, tmp_path):
   """docs_from='train' (benchmarks: more documents) writes train-split numbers as the test
   file, none of them the test split's; few-shot examples stay validation's."""
-  read = lambda folder, split: [json.loads(line) for line in open(
-      os.path.join(folder, f"num2words_en_fr.{split}.jsonl"))]
+  def read(folder, split):
+    with open(os.path.join(folder, f"num2words_en_fr.{split}.jsonl")) as f:
+      return [json.loads(line) for line in f]
   test = task_lib.prepare(str(tmp_path / "test"), data_dir=data_dir, limit=None,
                           tasks=["num2words_en_fr"])
   train = task_lib.prepare(str(tmp_path / "train"), data_dir=data_dir, limit=100,
