@@ -18,6 +18,14 @@ worker process each, interleaved round-robin (benchmarks/common.py):
 It prints tokens/s per round, the per-round ratios to the PyTorch peer of the same
 precision, and per method the trainable parameters and optimizer-state bytes. Figures:
 benchmarks/README.md, "LoRA fine-tuning vs peft".
+
+It then prints the step's GEMM floor (`--no_floor` skips it): every dense matrix product
+a LoRA step must do (`step_gemms`: the blocks' projections forward, their input
+gradients backward, the tied head both ways; attention's score products, the adapters
+and all elementwise work left out), each timed alone in both workers' own libraries
+(XLA and torch, both operand layouts, best of 3) and the faster taken. No implementation
+of the step on this CPU can beat that sum while its GEMMs run no faster than either
+library's, so `peer seconds / floor` is the highest ratio any implementation could reach.
 """
 
 import argparse
@@ -63,7 +71,8 @@ class _Timed:
 class LlmjaxLora(_Timed):
   """llmjax's own train step on a `PeftModel`, jitted with donation."""
 
-  def __init__(self, shape="gpt2-lora", dtype="float32", seed=0, data_seed=1234, lr=1e-3):
+  def __init__(self, shape="gpt2-lora", dtype="float32", seed=0, data_seed=1234, lr=1e-3,
+               attention_impl=None):
     _register_shapes()
     import jax
     import jax.numpy as jnp
@@ -77,7 +86,8 @@ class LlmjaxLora(_Timed):
     from llmjax.train.state import TrainState
 
     self.seq_len, self.batch_size = SHAPES[shape][3:]
-    cfg = tvt.llmjax_config(shape, dtype=dtype)
+    overrides = {"attention_impl": attention_impl} if attention_impl else None
+    cfg = tvt.llmjax_config(shape, dtype=dtype, overrides=overrides)
     self.data, self.data_seed = common.corpus(cfg.vocab_size), data_seed
     lora = [LoraConfig(target="attention_qv", rank=RANK, alpha=2.0 * RANK)]
     net = PeftModel(Transformer(cfg), lora)
@@ -168,8 +178,108 @@ class PeftLora(_Timed):
     return index  # the batch is built inside the timed step, as train_vs_torch does
 
 
-def make_workers(impls, shape, threads):
-  specs = {"llmjax": ("LlmjaxLora", {}), "llmjax-bf16": ("LlmjaxLora", {"dtype": "bfloat16"}),
+def step_gemms(shape: str) -> list[tuple[int, int, int, int, int, float]]:
+  """`(count, M, K, N, batch, share)` of the matrix products one LoRA step (adapters on q
+  and v, the base frozen) cannot avoid, `share` of each product's FLOPs counted:
+  per block the fused q/k/v, output and two MLP projections forward and their input
+  gradients backward (the first block's q/k/v input gradient is not needed: the
+  embeddings are frozen), the tied head forward and backward, and attention's two score
+  products forward and four backward per head (the first block's key gradient is not
+  needed), at half their FLOPs: the causal mask lets a kernel skip the upper triangle."""
+  layers, heads, d, seq_len, batch = SHAPES[shape]
+  t, v, bh, hd = seq_len * batch, tvt.VOCAB.get(shape, 50257), batch * heads, d // heads
+  dense = [(layers, t, d, 3 * d), (layers, t, d, d), (layers, t, d, 4 * d),
+           (layers, t, 4 * d, d), (1, t, d, v),
+           (layers - 1, t, 3 * d, d), (layers, t, d, d), (layers, t, 4 * d, d),
+           (layers, t, d, 4 * d), (1, t, v, d)]
+  # q k^T and dO V^T are [S, hd] x [hd, S]; P V, P^T dO, dS K and dS^T Q are [S, S] x [S, hd]
+  scores = [(2 * layers, seq_len, hd, seq_len), (4 * layers - 1, seq_len, seq_len, hd)]
+  return [(*g, 1, 1.0) for g in dense] + [(*g, bh, 0.5) for g in scores]
+
+
+def gemm_seconds(backend: str, gemms, repeats: int = 3) -> list[float]:
+  """Best time of each product alone in `backend` ('jax' | 'torch'), float32, over both
+  layouts of the right operand ([K, N] and [N, K] transposed), times its `share`."""
+  rng = np.random.default_rng(0)
+  best = []
+  for _, m, k, n, batch, share in gemms:
+    a = rng.standard_normal((batch, m, k), np.float32)
+    b = rng.standard_normal((batch, k, n), np.float32)
+    bt = np.ascontiguousarray(np.swapaxes(b, 1, 2))
+    if backend == "jax":
+      import jax
+      runs = [(jax.jit(lambda x, y: x @ y), b),
+              (jax.jit(lambda x, y: x @ y.swapaxes(1, 2)), bt)]
+      sync, convert = jax.block_until_ready, jax.numpy.asarray
+    else:
+      import torch
+      runs = [(torch.bmm, b), (lambda x, y: torch.bmm(x, y.transpose(1, 2)), bt)]
+      sync, convert = (lambda x: x), torch.from_numpy
+    times = []
+    for fn, right in runs:
+      x, y = convert(a), convert(right)
+      sync(fn(x, y))
+      for _ in range(repeats):
+        t0 = time.perf_counter()
+        sync(fn(x, y))
+        times.append(time.perf_counter() - t0)
+    best.append(share * min(times))
+  return best
+
+
+class GemmTimer:
+  """A worker that times `step_gemms` in one library (`gemm_seconds`)."""
+
+  def __init__(self, backend="jax", shape="gpt2-lora"):
+    _register_shapes()
+    self.backend, self.gemms = backend, step_gemms(shape)
+
+  def info(self):
+    return {}
+
+  def run(self, start, n):
+    del start, n
+    return gemm_seconds(self.backend, self.gemms), []
+
+
+def gemm_floor(shape: str, threads: int) -> dict:
+  """Times the step's GEMMs in a jax and a torch worker: per product the faster, and the
+  floor (their sum with counts) in seconds per step."""
+  gemms, times = step_gemms(shape), {}
+  for backend in ("jax", "torch"):
+    w = common.Worker(f"gemm-{backend}", FACTORY + "GemmTimer",
+                      {"backend": backend, "shape": shape}, threads=threads)
+    try:
+      w.start()
+      times[backend] = w.call("run", 0, 0)[0]
+    finally:
+      w.stop()
+  rows = [(g, tj, tt) for g, tj, tt in zip(gemms, times["jax"], times["torch"])]
+  return {"rows": rows, "floor": sum(g[0] * min(tj, tt) for g, tj, tt in rows)}
+
+
+def report_floor(floor: dict, results: dict, tokens_per_step: int):
+  print("\nGEMM floor of one step (float32; GFLOP/s of each product alone):")
+  table = [[(f"{c} x {f'{b} x ' if b > 1 else ''}[{m},{k}]x[{k},{n}]"
+             f"{' (half)' if share < 1 else ''}"), 2e-9 * b * share * m * k * n / tj,
+            2e-9 * b * share * m * k * n / tt, c * min(tj, tt)]
+           for (c, m, k, n, b, share), tj, tt in floor["rows"]]
+  common.print_table(table, ["product", "XLA GFLOP/s", "torch GFLOP/s", "s/step (faster)"])
+  print(f"floor: {floor['floor']:.2f} s/step")
+  for name in ("peft", "llmjax"):
+    if name in results:
+      step_s = tokens_per_step / float(np.median(results[name]))
+      print(f"{name}: {step_s:.2f} s/step = {step_s / floor['floor']:.2f} x the floor")
+  if "peft" in results:
+    peer_s = tokens_per_step / float(np.median(results["peft"]))
+    print(f"highest ratio to peft any implementation could reach here: "
+          f"{peer_s / floor['floor']:.2f}x")
+
+
+def make_workers(impls, shape, threads, attention_impl=None):
+  impl = {"attention_impl": attention_impl} if attention_impl else {}
+  specs = {"llmjax": ("LlmjaxLora", impl),
+           "llmjax-bf16": ("LlmjaxLora", {"dtype": "bfloat16", **impl}),
            "peft": ("PeftLora", {"threads": threads}),
            "peft-bf16": ("PeftLora", {"dtype": "bfloat16", "threads": threads})}
   return [common.Worker(name, FACTORY + specs[name][0], {"shape": shape, **specs[name][1]},
@@ -184,11 +294,18 @@ def main():
   parser.add_argument("--threads", type=int, default=2)
   parser.add_argument("--shape", default="gpt2-lora", choices=sorted(SHAPES))
   parser.add_argument("--impls", default="llmjax,llmjax-bf16,peft,peft-bf16")
+  parser.add_argument("--attention_impl", default=None,
+                      help="llmjax's attention (default: train_vs_torch.FAST_ATTENTION)")
+  parser.add_argument("--no_floor", action="store_true", help="skip the GEMM floor")
+  parser.add_argument("--floor_only", action="store_true", help="only the GEMM floor")
   args = parser.parse_args()
   print(f"cpu: {common.cpu_info()}", flush=True)
   _register_shapes()
   common.corpus(50257)
-  workers = make_workers(args.impls, args.shape, args.threads)
+  if args.floor_only:
+    _, _, _, seq_len, batch = SHAPES[args.shape]
+    return report_floor(gemm_floor(args.shape, args.threads), {}, batch * seq_len)
+  workers = make_workers(args.impls, args.shape, args.threads, args.attention_impl)
   info = {}
   try:
     for w in workers:
@@ -202,6 +319,8 @@ def main():
     for w in workers:
       w.stop()
   report(info, results)
+  if not args.no_floor:
+    report_floor(gemm_floor(args.shape, args.threads), results, batch * seq_len)
 
 
 def report(info, results):
