@@ -1,6 +1,10 @@
-"""Test-wide set-up: 8 simulated CPU devices (for sharding tests) and a quiet, offline TFDS."""
+"""Test-wide set-up: 8 simulated CPU devices (for sharding tests), a quiet, offline TFDS,
+and one persistent XLA compilation cache for the session."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -8,6 +12,13 @@ import pytest
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")  # never reach for GCS metadata in tests
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Many tests run the same programs in fresh processes (CLI runs, sweeps, kill-and-resume,
+# two-process multi-host, notebook kernels, benchmark workers); they inherit this cache,
+# so a program that took over a second to compile is compiled once per session.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="llmjax-tests-xla-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
