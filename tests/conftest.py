@@ -19,6 +19,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _cache = tempfile.mkdtemp(prefix="llmjax-tests-xla-")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+# Under pytest-xdist (scripts/test.sh runs two workers) each worker builds TFDS datasets
+# that a test leaves at the default location (the benchmarks' corpus) in its own folder.
+if os.environ.get("PYTEST_XDIST_WORKER") and "TFDS_DATA_DIR" not in os.environ:
+  _tfds = tempfile.mkdtemp(prefix="llmjax-tests-tfds-")
+  os.environ["TFDS_DATA_DIR"] = _tfds
+  atexit.register(shutil.rmtree, _tfds, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
