@@ -19,10 +19,10 @@ It prints tokens/s per round, the per-round ratios to the PyTorch peer of the sa
 precision, and per method the trainable parameters and optimizer-state bytes. Figures:
 benchmarks/README.md, "LoRA fine-tuning vs peft".
 
-It then prints the step's GEMM floor (`--no_floor` skips it): every dense matrix product
-a LoRA step must do (`step_gemms`: the blocks' projections forward, their input
-gradients backward, the tied head both ways; attention's score products, the adapters
-and all elementwise work left out), each timed alone in both workers' own libraries
+It then prints the step's GEMM floor (`--no_floor` skips it; `--floor_only` prints only
+it): every matrix product a LoRA step must do (`step_gemms`: the blocks' projections
+forward, their input gradients backward, the tied head both ways, attention's score
+products at half their FLOPs; the adapters and all elementwise work left out), each timed alone in both workers' own libraries
 (XLA and torch, both operand layouts, best of 3) and the faster taken. No implementation
 of the step on this CPU can beat that sum while its GEMMs run no faster than either
 library's, so `peer seconds / floor` is the highest ratio any implementation could reach.
