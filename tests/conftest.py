@@ -12,19 +12,24 @@ import pytest
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")  # never reach for GCS metadata in tests
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _temporary_env_dir(name: str, prefix: str):
+  """Points `name` at a fresh temporary folder (removed at exit) unless it is set."""
+  if name not in os.environ:
+    path = tempfile.mkdtemp(prefix=prefix)
+    os.environ[name] = path
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+
+
 # Many tests run the same programs in fresh processes (CLI runs, sweeps, kill-and-resume,
 # two-process multi-host, notebook kernels, benchmark workers); they inherit this cache,
 # so a program that took over a second to compile is compiled once per session.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  _cache = tempfile.mkdtemp(prefix="llmjax-tests-xla-")
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
-  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+_temporary_env_dir("JAX_COMPILATION_CACHE_DIR", "llmjax-tests-xla-")
 # Under pytest-xdist (scripts/test.sh runs two workers) each worker builds TFDS datasets
 # that a test leaves at the default location (the benchmarks' corpus) in its own folder.
-if os.environ.get("PYTEST_XDIST_WORKER") and "TFDS_DATA_DIR" not in os.environ:
-  _tfds = tempfile.mkdtemp(prefix="llmjax-tests-tfds-")
-  os.environ["TFDS_DATA_DIR"] = _tfds
-  atexit.register(shutil.rmtree, _tfds, ignore_errors=True)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+  _temporary_env_dir("TFDS_DATA_DIR", "llmjax-tests-tfds-")
 
 
 @pytest.fixture(scope="module")
