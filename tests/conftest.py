@@ -13,23 +13,21 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")  # never reach for GCS metadata in tests
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-
-def _temporary_env_dir(name: str, prefix: str):
-  """Points `name` at a fresh temporary folder (removed at exit) unless it is set."""
-  if name not in os.environ:
-    path = tempfile.mkdtemp(prefix=prefix)
-    os.environ[name] = path
-    atexit.register(shutil.rmtree, path, ignore_errors=True)
-
-
+# One temporary folder for the session, made and removed (at exit) by the controlling
+# process; pytest-xdist workers and every subprocess inherit it through the environment.
+if "LLMJAX_TESTS_TMP" not in os.environ:
+  os.environ["LLMJAX_TESTS_TMP"] = tempfile.mkdtemp(prefix="llmjax-tests-")
+  atexit.register(shutil.rmtree, os.environ["LLMJAX_TESTS_TMP"], ignore_errors=True)
 # Many tests run the same programs in fresh processes (CLI runs, sweeps, kill-and-resume,
-# two-process multi-host, notebook kernels, benchmark workers); they inherit this cache,
+# two-process multi-host, notebook kernels, benchmark workers); they share this cache,
 # so a program that took over a second to compile is compiled once per session.
-_temporary_env_dir("JAX_COMPILATION_CACHE_DIR", "llmjax-tests-xla-")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(os.environ["LLMJAX_TESTS_TMP"], "xla"))
 # Under pytest-xdist (scripts/test.sh runs two workers) each worker builds TFDS datasets
 # that a test leaves at the default location (the benchmarks' corpus) in its own folder.
 if os.environ.get("PYTEST_XDIST_WORKER"):
-  _temporary_env_dir("TFDS_DATA_DIR", "llmjax-tests-tfds-")
+  os.environ.setdefault("TFDS_DATA_DIR", os.path.join(
+      os.environ["LLMJAX_TESTS_TMP"], "tfds-" + os.environ["PYTEST_XDIST_WORKER"]))
 
 
 @pytest.fixture(scope="module")
